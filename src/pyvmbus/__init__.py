@@ -1,0 +1,45 @@
+"""pyvmbus: drive a Hyper-V VMBus channel from Linux userspace through uio_hv_generic."""
+
+from __future__ import annotations
+
+from .errors import (
+    AlreadyBound,
+    ChannelClosed,
+    DeviceNotFound,
+    DeviceRescinded,
+    DriverNotLoaded,
+    GuardRailRefused,
+    HostCrashed,
+    HostError,
+    InvalidGuid,
+    NotPermitted,
+    RingCorrupt,
+    RingFull,
+    Timeout,
+    UsageError,
+    VmbusError,
+)
+from .guid import Guid, parse_guid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyBound",
+    "ChannelClosed",
+    "DeviceNotFound",
+    "DeviceRescinded",
+    "DriverNotLoaded",
+    "GuardRailRefused",
+    "Guid",
+    "HostCrashed",
+    "HostError",
+    "InvalidGuid",
+    "NotPermitted",
+    "RingCorrupt",
+    "RingFull",
+    "Timeout",
+    "UsageError",
+    "VmbusError",
+    "__version__",
+    "parse_guid",
+]

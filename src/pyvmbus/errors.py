@@ -1,0 +1,173 @@
+"""The pyvmbus exception tree.
+
+One root, :class:`VmbusError`. Faults the host caused (a malformed ring, a rescinded
+device, a crashed host) derive from :class:`HostError`; faults of the caller or the
+system set-up (a GUID typo, no root, a missing driver) derive from :class:`UsageError`.
+Every exception keeps its inputs as attributes and prints a message that says what was
+wrong and, where there is one, what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyBound",
+    "ChannelClosed",
+    "DeviceNotFound",
+    "DeviceRescinded",
+    "DriverNotLoaded",
+    "GuardRailRefused",
+    "HostCrashed",
+    "HostError",
+    "InvalidGuid",
+    "NotPermitted",
+    "RingCorrupt",
+    "RingFull",
+    "Timeout",
+    "UsageError",
+    "VmbusError",
+]
+
+
+class VmbusError(Exception):
+    """Root of every error pyvmbus raises on purpose."""
+
+
+class HostError(VmbusError):
+    """The host (or its mock) did something the protocol does not allow, or went away."""
+
+
+class UsageError(VmbusError):
+    """The caller or the system set-up is at fault: fix the input or the environment."""
+
+
+class RingCorrupt(HostError):
+    """A ring header or packet descriptor holds a value the protocol forbids.
+
+    Nothing was consumed: the ring is left exactly as it was found, so the caller can
+    dump it for a bug report.
+    """
+
+    def __init__(self, field: str, value: int, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"ring corrupt: {field}={value:#x} ({value}): {reason}")
+
+
+class RingFull(VmbusError):
+    """A packet does not fit in the free space of the outbound ring (nothing was written).
+
+    Not a fault: the writer should wait for the reader (see ``pending_send_size``).
+    """
+
+    def __init__(self, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(
+            f"ring full: packet needs {needed} bytes, {available} free "
+            "(one byte always stays free so that full and empty differ)"
+        )
+
+
+class InvalidGuid(UsageError, ValueError):
+    """A string is not a GUID (typo, wrong length, bad hex digit)."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"not a GUID: {text!r}: {reason}")
+
+
+class DeviceNotFound(UsageError, LookupError):
+    """No VMBus device matches the GUID or name given."""
+
+    def __init__(self, query: str, nearest: tuple[str, ...] = (), where: str = "") -> None:
+        self.query = query
+        self.nearest = nearest
+        self.where = where
+        msg = f"no VMBus device {query!r}"
+        if where:
+            msg += f" under {where}"
+        if nearest:
+            msg += "; nearest: " + ", ".join(nearest)
+        else:
+            msg += " (run 'vmbus list' to see the devices)"
+        super().__init__(msg)
+
+
+class NotPermitted(UsageError, PermissionError):
+    """The operation needs privileges this process does not have."""
+
+    def __init__(self, path: str, action: str) -> None:
+        self.path = path
+        self.action = action
+        super().__init__(
+            f"permission denied: cannot {action} {path}: run as root, or install "
+            "udev/90-pyvmbus.rules and join the vmbus group"
+        )
+
+
+class DriverNotLoaded(UsageError):
+    """The uio_hv_generic driver is not loaded (or another driver named is missing)."""
+
+    def __init__(self, driver: str, path: str) -> None:
+        self.driver = driver
+        self.path = path
+        super().__init__(f"driver {driver} is not loaded ({path} missing): run 'modprobe {driver}'")
+
+
+class AlreadyBound(UsageError):
+    """The device is already bound to the driver asked for."""
+
+    def __init__(self, guid: str, driver: str) -> None:
+        self.guid = guid
+        self.driver = driver
+        super().__init__(f"device {guid} is already bound to {driver}")
+
+
+class GuardRailRefused(UsageError):
+    """Binding would take away something the system depends on (a mounted disk, the route)."""
+
+    def __init__(self, guid: str, why: str) -> None:
+        self.guid = guid
+        self.why = why
+        super().__init__(f"refusing to rebind {guid}: {why} (use --force / force=True to override)")
+
+
+class Timeout(VmbusError, TimeoutError):
+    """Something did not happen within the time allowed."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        self.what = what
+        self.seconds = seconds
+        super().__init__(f"timed out after {seconds:g} s waiting for {what}")
+
+
+class DeviceRescinded(HostError):
+    """The host took the device away (uio read/write returned EIO, or the node vanished)."""
+
+    def __init__(self, device: str, detail: str = "") -> None:
+        self.device = device
+        self.detail = detail
+        msg = f"device {device} was rescinded by the host"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg + "; rediscover it once the host offers it again")
+
+
+class HostCrashed(HostError):
+    """The host side stopped answering for good (the mock host process died)."""
+
+    def __init__(self, device: str, detail: str = "") -> None:
+        self.device = device
+        self.detail = detail
+        super().__init__(f"host of {device} is gone" + (f": {detail}" if detail else ""))
+
+
+class ChannelClosed(VmbusError):
+    """The channel closed while the operation waited, or was not enabled."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        self.device = device
+        self.reason = reason
+        super().__init__(f"channel {device} is closed ({reason})")

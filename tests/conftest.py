@@ -1,0 +1,22 @@
+"""Shared pytest configuration: skip real-hardware tests where there is no Hyper-V."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _on_hyperv() -> bool:
+    return Path("/sys/bus/vmbus/devices").is_dir() and any(Path("/sys/bus/vmbus/devices").iterdir())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    hyperv = _on_hyperv()
+    root = os.geteuid() == 0
+    for item in items:
+        if "hyperv" in item.keywords and not hyperv:
+            item.add_marker(pytest.mark.skip(reason="needs a Hyper-V guest (no /sys/bus/vmbus)"))
+        if "root" in item.keywords and not (root and hyperv):
+            item.add_marker(pytest.mark.skip(reason="needs root on a Hyper-V guest"))

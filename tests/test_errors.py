@@ -1,0 +1,50 @@
+"""The error tree: one root, host faults apart from caller faults, readable messages."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+
+import pyvmbus
+from pyvmbus import errors
+
+
+def test_tree() -> None:
+    assert issubclass(errors.RingCorrupt, errors.HostError)
+    assert issubclass(errors.DeviceRescinded, errors.HostError)
+    assert issubclass(errors.DeviceNotFound, errors.UsageError)
+    assert issubclass(errors.NotPermitted, errors.UsageError)
+    assert issubclass(errors.NotPermitted, PermissionError)
+    assert issubclass(errors.Timeout, TimeoutError)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.VmbusError)
+
+
+def test_messages_carry_inputs() -> None:
+    e = errors.RingCorrupt("len8", 0, "a packet cannot be empty")
+    assert (e.field, e.value) == ("len8", 0)
+    assert "len8=0x0" in str(e)
+    nf = errors.DeviceNotFound("abc", nearest=("abcd-1",))
+    assert "nearest: abcd-1" in str(nf)
+    assert "modprobe uio_hv_generic" in str(errors.DriverNotLoaded("uio_hv_generic", "/x"))
+    assert "--force" in str(errors.GuardRailRefused("g", "mounted /"))
+
+
+def test_every_exception_named_in_a_docstring_exists() -> None:
+    """A docstring that says ``raises :class:`X``` (or names an error) must name a real class."""
+    known = {n for n in dir(errors) if isinstance(getattr(errors, n), type)}
+    known |= {"ValueError", "KeyError", "IndexError", "OSError", "TimeoutError", "ImportError"}
+    pattern = re.compile(r":class:`~?(?:pyvmbus\.)?(?:errors\.)?(\w+(?:Error|Corrupt|Full|Found|"
+                         r"Permitted|Loaded|Bound|Refused|Rescinded|Crashed|Closed|Unavailable|Guid|Timeout))`")
+    missing = []
+    for mod_info in pkgutil.walk_packages(pyvmbus.__path__, "pyvmbus."):
+        if mod_info.name.startswith("pyvmbus._"):
+            continue
+        mod = importlib.import_module(mod_info.name)
+        for obj in [mod, *vars(mod).values()]:
+            doc = getattr(obj, "__doc__", None) or ""
+            for name in pattern.findall(doc):
+                if name not in known and not hasattr(mod, name):
+                    missing.append((mod_info.name, name))
+    assert not missing
