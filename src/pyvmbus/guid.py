@@ -54,7 +54,7 @@ def parse_guid(text: str) -> Guid:
         raise InvalidGuid(
             text, f"expected 5 dash-separated groups of 8-4-4-4-12 hex digits, got {len(parts)}"
         )
-    for i, (part, want) in enumerate(zip(parts, _GROUPS)):
+    for i, (part, want) in enumerate(zip(parts, _GROUPS, strict=True)):
         if len(part) != want:
             raise InvalidGuid(text, f"group {i + 1} has {len(part)} digits, expected {want}")
         if not _HEX.fullmatch(part):
