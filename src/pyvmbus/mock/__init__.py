@@ -1,0 +1,1 @@
+"""Mock VMBus: fake sysfs root, mock kernel and mock host (see MockVmbus)."""

@@ -1,0 +1,128 @@
+"""How each uio_hv_generic generation behaves (SPEC.md sections 1-3 and 8).
+
+The mock kernel consults one :class:`KernelGeneration` for every decision where real
+kernels differ: who masks the inbound interrupt and when, what a 4-byte write does, how
+big the rings are, what sysfs shows, and what a rescind leaves behind. A client that is
+only right on one generation must fail against the others: that is what the mock is for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..classes import DEFAULT_RING_SIZE, DeviceClass
+
+__all__ = ["DEFAULT_GENERATION", "GENERATIONS", "KernelGeneration", "generation"]
+
+PAGE_SIZE = 4096
+HV_RING_HEADER = PAGE_SIZE  # sizeof(struct hv_ring_buffer) == PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class KernelGeneration:
+    """One row of SPEC section 8, plus the sysfs and sizing facts of sections 1 and 3."""
+
+    name: str
+    description: str
+    refuses_unmonitored: bool
+    """Probe fails with -ENOTSUPP for a channel without a monitor id (<= 6.9, 6.6 LTS)."""
+    masks_on_interrupt: bool
+    """hv_uio_channel_cb stores interrupt_mask = 1 in the interrupting channel's ring."""
+    masks_on_open: bool
+    """open() / subchannel creation leave interrupt_mask = 1 (else the header is untouched: 0)."""
+    write_covers_subchannels: bool
+    """A 4-byte write sets mask = !value on the primary and every subchannel (else primary only)."""
+    write_touches_mask: bool
+    """False for OpenHCL's no_mask=1: a write never changes any mask."""
+    signal_on_unmask: bool
+    """A write of a nonzero value makes the kernel signal the host (vmbus_setevent)."""
+    signal_subchannels: bool
+    """signal_on_unmask also applies to non-monitored subchannels (d062463 and later)."""
+    per_class_ring_size: bool
+    """6.10+: ring size from the class's pref_ring_size (else always 2 MiB)."""
+    page_aligned_ring: bool
+    """0315fef2: ring_size = VMBUS_RING_SIZE(pref) (adds the header page below 8 headers)."""
+    unregister_on_rescind: bool
+    """Newest: the device (and /dev/uioN) disappears on rescind; old: only reads fail with EIO."""
+    hide_monitor_attrs: bool
+    """Newest: monitor_id and *_monitor_* files are hidden for non-monitored channels."""
+    fixed_ring_file_size: bool
+    """Old: the ring bin file claims 2 * 2 MiB whatever the ring is; new: its real size."""
+    subchannel_interrupt_crash: bool = False
+    """b15b7 without d062463 (e.g. Debian 6.12.57): a subchannel interrupt oopses the kernel."""
+
+    def ring_size(self, cls: DeviceClass, subchannel: bool = False) -> int:
+        """Bytes per direction (header page included) that probe would allocate."""
+        if subchannel or not self.per_class_ring_size:
+            return DEFAULT_RING_SIZE
+        size = cls.ring_size
+        if self.page_aligned_ring:
+            size = vmbus_ring_size(size)
+        return size
+
+
+def vmbus_ring_size(payload: int) -> int:
+    """VMBUS_RING_SIZE(p) = PAGE_ALIGN(p + (p >= 8 * header ? 0 : header)) (include/linux/hyperv.h)."""
+    size = payload + (0 if payload >= 8 * HV_RING_HEADER else HV_RING_HEADER)
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+GENERATIONS: dict[str, KernelGeneration] = {
+    g.name: g
+    for g in (
+        KernelGeneration(
+            "5.15", "<= 6.9: kernel masks on interrupt and open; primary-only writes; monitored only",
+            refuses_unmonitored=True, masks_on_interrupt=True, masks_on_open=True,
+            write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=False,
+            signal_subchannels=False, per_class_ring_size=False, page_aligned_ring=False,
+            unregister_on_rescind=False, hide_monitor_attrs=False, fixed_ring_file_size=True,
+        ),
+        KernelGeneration(
+            "6.10", "6.10 up to d062463: a write of 1 also signals a non-monitored primary",
+            refuses_unmonitored=False, masks_on_interrupt=True, masks_on_open=True,
+            write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=True,
+            signal_subchannels=False, per_class_ring_size=True, page_aligned_ring=False,
+            unregister_on_rescind=False, hide_monitor_attrs=False, fixed_ring_file_size=True,
+        ),
+        KernelGeneration(
+            "6.15", "d062463 (~6.15-6.17): writes cover every channel; each non-monitored one is signalled",
+            refuses_unmonitored=False, masks_on_interrupt=True, masks_on_open=True,
+            write_covers_subchannels=True, write_touches_mask=True, signal_on_unmask=True,
+            signal_subchannels=True, per_class_ring_size=True, page_aligned_ring=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=False,
+        ),
+        KernelGeneration(
+            "6.18", "newest (b15b7): the kernel never touches the mask; userspace owns it",
+            refuses_unmonitored=False, masks_on_interrupt=False, masks_on_open=False,
+            write_covers_subchannels=True, write_touches_mask=True, signal_on_unmask=True,
+            signal_subchannels=True, per_class_ring_size=True, page_aligned_ring=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=False,
+        ),
+        KernelGeneration(
+            "6.6-lts", "5.4-6.6 LTS after the Dec 2025 backport: no kernel masking, no host signal",
+            refuses_unmonitored=True, masks_on_interrupt=False, masks_on_open=False,
+            write_covers_subchannels=True, write_touches_mask=True, signal_on_unmask=False,
+            signal_subchannels=False, per_class_ring_size=False, page_aligned_ring=False,
+            unregister_on_rescind=False, hide_monitor_attrs=False, fixed_ring_file_size=True,
+        ),
+        KernelGeneration(
+            "openhcl", "OpenHCL no_mask=1: writes never mask; 1 signals a non-monitored primary",
+            refuses_unmonitored=False, masks_on_interrupt=False, masks_on_open=False,
+            write_covers_subchannels=False, write_touches_mask=False, signal_on_unmask=True,
+            signal_subchannels=False, per_class_ring_size=True, page_aligned_ring=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=False,
+        ),
+    )
+}
+
+DEFAULT_GENERATION = "6.18"
+
+
+def generation(name: str) -> KernelGeneration:
+    """The generation called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return GENERATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown kernel generation {name!r}; known: {', '.join(GENERATIONS)}"
+        ) from None
