@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .errors import (
     AlreadyBound,
+    BindFailed,
     ChannelClosed,
     DeviceNotFound,
     DeviceRescinded,
@@ -12,6 +13,7 @@ from .errors import (
     HostCrashed,
     HostError,
     InvalidGuid,
+    InvalidState,
     NotPermitted,
     RingCorrupt,
     RingFull,
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyBound",
+    "BindFailed",
     "ChannelClosed",
     "DeviceNotFound",
     "DeviceRescinded",
@@ -34,6 +37,7 @@ __all__ = [
     "HostCrashed",
     "HostError",
     "InvalidGuid",
+    "InvalidState",
     "NotPermitted",
     "RingCorrupt",
     "RingFull",

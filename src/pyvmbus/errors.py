@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyBound",
+    "BindFailed",
     "ChannelClosed",
     "DeviceNotFound",
     "DeviceRescinded",
@@ -19,6 +20,7 @@ __all__ = [
     "HostCrashed",
     "HostError",
     "InvalidGuid",
+    "InvalidState",
     "NotPermitted",
     "RingCorrupt",
     "RingFull",
@@ -125,6 +127,16 @@ class AlreadyBound(UsageError):
         super().__init__(f"device {guid} is already bound to {driver}")
 
 
+class BindFailed(UsageError):
+    """The kernel refused to bind (or give back) a device: a store() or a probe failed."""
+
+    def __init__(self, guid: str, driver: str, detail: str) -> None:
+        self.guid = guid
+        self.driver = driver
+        self.detail = detail
+        super().__init__(f"binding {guid} to {driver} failed: {detail}")
+
+
 class GuardRailRefused(UsageError):
     """Binding would take away something the system depends on (a mounted disk, the route)."""
 
@@ -155,13 +167,29 @@ class DeviceRescinded(HostError):
         super().__init__(msg + "; rediscover it once the host offers it again")
 
 
-class HostCrashed(HostError):
-    """The host side stopped answering for good (the mock host process died)."""
+class HostCrashed(DeviceRescinded):
+    """The host side stopped answering for good (the mock host process died).
+
+    A kind of :class:`DeviceRescinded` (the device is gone either way), so code that
+    handles a rescind handles this too; ``isinstance`` tells the two apart.
+    """
 
     def __init__(self, device: str, detail: str = "") -> None:
         self.device = device
         self.detail = detail
-        super().__init__(f"host of {device} is gone" + (f": {detail}" if detail else ""))
+        HostError.__init__(self, f"host of {device} is gone" + (f": {detail}" if detail else ""))
+
+
+class InvalidState(UsageError):
+    """The channel's state does not allow the operation (enable twice; wait inside on_started)."""
+
+    def __init__(self, device: str, state: str, action: str, hint: str = "") -> None:
+        self.device = device
+        self.state = state
+        self.action = action
+        self.hint = hint
+        msg = f"channel {device}: cannot {action} in state {state}"
+        super().__init__(msg + (f": {hint}" if hint else ""))
 
 
 class ChannelClosed(VmbusError):

@@ -1,0 +1,203 @@
+"""The asyncio face of :class:`~pyvmbus.channel.Channel`, with no extra threads.
+
+The event loop itself is the dispatcher: ``loop.add_reader`` on the uio fd runs one
+non-blocking dispatch cycle whenever the kernel (or the mock kernel) reports an event,
+and completions, packets and "room in the ring" reach coroutines through futures::
+
+    async with channel.enabled():                 # enable(dispatch="asyncio") ... disable()
+        reply = await channel.request(b"ping")    # send + await the completion
+        async for packet in channel.packets():    # every packet on_packet would get
+            ...
+
+The same lifecycle callbacks run, on the loop's thread. A synchronous call that waits
+(``send_request`` in on_post_started) still works: it drives the dispatch on the loop's
+thread while it blocks. Use the channel from the loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .channel import Channel, _Request
+from .errors import ChannelClosed, Timeout
+from .lifecycle import ChannelState
+from .packet import Packet, PacketType
+
+__all__ = ["disable", "enable", "packets", "request", "send"]
+
+
+async def enable(channel: Channel, dispatch: str = "asyncio") -> None:
+    """Enable ``channel`` with the running loop as its dispatcher (see :meth:`Channel.enable`)."""
+    channel.enable(dispatch=dispatch)
+
+
+async def disable(channel: Channel) -> None:
+    """Disable ``channel`` (the teardown runs on the loop's thread, on_closed included)."""
+    channel.disable()
+
+
+def _resolver(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]], None]:
+    """Run a future-completing callable on ``loop``: inline on its thread, else thread-safe."""
+    loop_thread = threading.get_ident()
+
+    def run(fn: Callable[[], None]) -> None:
+        if threading.get_ident() == loop_thread:
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
+
+    return run
+
+
+def _schedule_signal(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+    """Signal once per loop turn: every packet written in this turn rides on one signal.
+
+    Deferring is safe: the host reads everything published when it is signalled, and a
+    write only asks for a signal when the ring was empty before it (so the later writes
+    of the turn do not ask). Without it, a host that drains at once makes every send of
+    a pipelined workload signal (measured: one signal per request, 64 deep).
+    """
+    if channel._signal_due and not channel._flush_scheduled:
+        channel._flush_scheduled = True
+
+        def flush() -> None:
+            channel._flush_scheduled = False
+            channel._flush_signal()
+
+        loop.call_soon(flush)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def send(channel: Channel, payload: Any, completion_requested: bool = False, *,
+               packet_type: int = PacketType.DATA_INBAND, transaction_id: int | None = None,
+               timeout: float | None = None) -> int:
+    """``await`` form of :meth:`Channel.send`: a full ring is waited for without blocking the loop.
+
+    Sets pending_send_size and awaits the dispatcher's next cycle (the host's interrupt
+    when it has read enough) until the packet fits or ``timeout`` (default
+    ``channel.send_timeout``): :class:`Timeout`. :class:`ChannelClosed` if it closes.
+    """
+    tx = channel._tx
+    if tx is None or not channel._lc.policy.may_send:
+        raise channel._not_open("send")
+    txid = channel._new_txid() if transaction_id is None else transaction_id
+    flags = 1 if completion_requested else 0
+    loop = asyncio.get_running_loop()
+    needed = channel._write(tx, payload, packet_type, flags, txid, 0, defer=True)
+    if not needed:
+        _schedule_signal(channel, loop)
+        return txid
+    disp = channel._disp
+    if disp is None:
+        raise channel._not_open("send")
+    channel._flush_signal()  # a full ring the host was never told about stays full
+    t = channel.send_timeout if timeout is None else timeout
+    deadline = time.monotonic() + t
+    resolve = _resolver(loop)
+    with channel._blocked(tx):
+        while True:
+            needed = channel._write(tx, payload, packet_type, flags, txid, needed)
+            if not needed:
+                return txid
+            if disp.stopping:
+                raise channel._not_open("send")
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def hook(fut: asyncio.Future[None] = fut) -> None:
+                resolve(lambda: _settle(fut))
+
+            disp._cycle_hooks.append(hook)
+            try:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"room for {needed} bytes in the TX ring of {channel.name}", t)
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except asyncio.TimeoutError:
+                    raise Timeout(f"room for {needed} bytes in the TX ring of {channel.name} "
+                                  "(the host is not reading it)", t) from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    disp._cycle_hooks.remove(hook)
+
+
+async def request(channel: Channel, payload: Any, timeout: float | None = None) -> bytes:
+    """``await`` form of :meth:`Channel.send_request`: the completion's payload.
+
+    On timeout (default ``channel.request_timeout``) the request is cancelled, a late
+    completion is dropped and counted, and :class:`Timeout` is raised;
+    :class:`ChannelClosed` if the channel closes first.
+    """
+    policy = channel._lc.policy
+    if not policy.may_wait:
+        raise channel._not_open("send a request on")
+    t = channel.request_timeout if timeout is None else timeout
+    loop = asyncio.get_running_loop()
+    resolve = _resolver(loop)
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def done(req: _Request) -> None:
+        resolve(lambda: _settle(fut))
+
+    req = _Request(channel._new_txid(), done)
+    channel._pending[req.txid] = req
+    try:
+        await send(channel, payload, True, transaction_id=req.txid, timeout=t)
+    except BaseException:
+        with channel._req_lock:
+            channel._pending.pop(req.txid, None)
+        raise
+    channel.counters.requests += 1
+    if not req.done:
+        # A timer instead of asyncio.wait_for: no extra task per request.
+        timer = loop.call_later(t, _settle, fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            channel._cancel(req)
+            raise
+        finally:
+            timer.cancel()
+    if not req.done and channel._cancel(req):
+        raise Timeout(f"the completion of request {req.txid} on channel {channel.name}", t)
+    if req.error is not None:
+        raise req.error
+    return req.payload
+
+
+async def packets(channel: Channel) -> AsyncIterator[Packet]:
+    """Every packet on_packet would get, in order, until the channel closes.
+
+    Ends when the channel is disabled; raises :class:`ChannelClosed` when it closes for
+    another reason (a rescind, a dead host, a corrupt ring).
+    """
+    loop = asyncio.get_running_loop()
+    resolve = _resolver(loop)
+    queue: asyncio.Queue[Packet | None] = asyncio.Queue()
+
+    def sink(pkt: Packet | None) -> None:
+        resolve(lambda: queue.put_nowait(pkt))
+
+    if channel.state in (ChannelState.DISABLED, ChannelState.CLOSING):
+        return
+    channel._sinks = [*channel._sinks, sink]
+    try:
+        while True:
+            pkt = await queue.get()
+            if pkt is None:
+                reason = channel.close_reason or "closed"
+                if reason != "disabled":
+                    raise ChannelClosed(channel.name, reason)
+                return
+            yield pkt
+    finally:
+        channel._sinks = [s for s in channel._sinks if s is not sink]

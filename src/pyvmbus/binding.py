@@ -1,0 +1,647 @@
+"""Bind a VMBus device to uio_hv_generic and give it back, with guard rails.
+
+Everything goes through sysfs file writes under ``root``, so the same code binds a real
+device and a mock one (the mock kernel reacts to the same writes, asynchronously, which
+is why every change is followed by a wait with a timeout).
+
+Method (SPEC section 2): where the bus has ``driver_override`` (kernels >= 4.18) write
+``uio_hv_generic`` there, unbind the current driver and write the GUID to
+``drivers_probe``: only this device is affected. Without it, fall back to the documented
+``new_id`` (the class GUID; the kernel then also attaches every *unbound* device of that
+class) + ``unbind`` + ``bind``. Before anything changes, the previous driver is written
+to ``root/run/pyvmbus/<guid>.json`` so :func:`restore` can put it back.
+
+Binding a device that is already bound to uio_hv_generic raises :class:`AlreadyBound`
+(it does not quietly return the node: the caller may hold stale assumptions about who
+bound it and with which override; :attr:`VmbusDevice.uio_name` gives the node).
+
+Guard rails, refused unless ``force=True`` (:class:`GuardRailRefused` says why):
+
+- storage (ide, scsi, fc): a disk behind the device (``root/sys/block/*/device``
+  resolves into the device's directory) whose disk, partition or holder (device mapper)
+  is mounted (``root/proc/self/mountinfo``, matched by major:minor and by source name)
+  or used as swap (``root/proc/swaps``);
+- network: an interface of the device (``<device>/net/<ifname>``) holds the IPv4 or IPv6
+  default route (``root/proc/net/route``, ``root/proc/net/ipv6_route``), or carries the
+  SSH session. The SSH check takes the local address from ``SSH_CONNECTION`` and finds
+  its interface with ``ip -j addr`` when ``root`` is ``/``, else from the connected
+  (gateway-less) route whose subnet holds it (``proc/net/route``) or from
+  ``proc/net/if_inet6`` for IPv6; when no interface can be found and the device's
+  interface is the only one in ``root/sys/class/net`` (besides ``lo``), it is refused too.
+
+Permissions are checked before the first write: on the real root the process must be
+root, and every file to be written must pass ``os.access(path, W_OK)``
+(:class:`NotPermitted` names the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import (
+    AlreadyBound,
+    BindFailed,
+    DeviceRescinded,
+    DriverNotLoaded,
+    GuardRailRefused,
+    NotPermitted,
+    Timeout,
+)
+from .guid import Guid
+from .sysfs import UIO_DRIVER, Sysfs, VmbusDevice, read_attr
+
+__all__ = [
+    "BindRecord",
+    "bind",
+    "guard_rails",
+    "read_record",
+    "record_path",
+    "restore",
+    "unbind",
+    "wait_for_uio",
+]
+
+_ENOTSUPP = 524
+_RTF_UP = 0x0001
+_RTF_REJECT = 0x0200
+_POLL_MIN, _POLL_MAX = 0.002, 0.05
+
+
+# -- the record of what a device had before --------------------------------------------------
+@dataclass(frozen=True)
+class BindRecord:
+    """What :func:`bind` changed, kept in ``root/run/pyvmbus/<guid>.json`` for :func:`restore`."""
+
+    guid: str
+    previous_driver: str | None
+    method: str
+    """``driver_override`` or ``new_id``."""
+    new_id: str | None
+    """The class GUID written to uio_hv_generic's new_id (removed again on restore)."""
+    created: float
+
+
+def record_path(root: str | os.PathLike[str], guid: str) -> Path:
+    return Path(root) / "run" / "pyvmbus" / f"{guid}.json"
+
+
+def read_record(root: str | os.PathLike[str], guid: str) -> BindRecord | None:
+    """The saved record of a device, or None (never bound by pyvmbus, or restored)."""
+    try:
+        data = json.loads(record_path(root, guid).read_text())
+        return BindRecord(**{k: data.get(k) for k in BindRecord.__dataclass_fields__})
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _save_record(root: Path, rec: BindRecord) -> None:
+    path = record_path(root, rec.guid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# -- writes and permissions ----------------------------------------------------------------------
+def _is_real_root(root: Path) -> bool:
+    return os.path.realpath(root) == "/"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_access(root: Path, guid: Guid, action: str, paths: list[Path]) -> None:
+    """Refuse before the first write: root on a real system, W_OK on every file."""
+    if _is_real_root(root) and os.geteuid() != 0:
+        raise NotPermitted(str(paths[0]), f"{action} {guid} (driver binding needs root): write")
+    for p in [*paths, _nearest_existing(record_path(root, guid).parent)]:
+        if not os.access(p, os.W_OK):
+            raise NotPermitted(str(p), f"{action} {guid}: write")
+
+
+def _require(path: Path, driver: str) -> None:
+    if not path.exists():
+        raise DriverNotLoaded(driver, str(path))
+
+
+def _write(path: Path, text: str, guid: Guid, action: str) -> int:
+    """Write ``text`` in one write(); return 0 or the errno the kernel's store() returned."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    except PermissionError:
+        raise NotPermitted(str(path), f"{action} {guid}: write") from None
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        os.write(fd, text.encode())
+    except PermissionError:
+        raise NotPermitted(str(path), f"{action} {guid}: write") from None
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        os.close(fd)
+    return 0
+
+
+def _strerror(code: int) -> str:
+    if code == _ENOTSUPP:
+        return "error 524 (ENOTSUPP): uio_hv_generic on kernels <= 6.9 only takes channels with a monitor id"
+    return f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``cond`` with a growing delay until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    delay = _POLL_MIN
+    while True:
+        if cond():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, _POLL_MAX)
+
+
+# -- bind / unbind / restore ----------------------------------------------------------------------
+def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeout: float = 10.0) -> str:
+    """Bind a device to uio_hv_generic and return its uio node name (``uio0``).
+
+    ``guid``: an instance GUID (any spelling), unique prefix or class name (see
+    :meth:`Sysfs.device`). Raises :class:`DriverNotLoaded`, :class:`AlreadyBound`,
+    :class:`GuardRailRefused` (unless ``force``), :class:`NotPermitted` before any
+    write; :class:`BindFailed` when the kernel refuses and :class:`Timeout` when the
+    node does not appear, in both cases after putting the previous driver back.
+    """
+    rootp = Path(root)
+    fs = Sysfs(rootp)
+    dev = fs.device(guid)
+    g = dev.guid
+    uio_dir = fs.drivers_dir / UIO_DRIVER
+    if not fs.driver_loaded(UIO_DRIVER):
+        raise DriverNotLoaded(UIO_DRIVER, str(uio_dir))
+    current = dev.driver
+    if current == UIO_DRIVER:
+        raise AlreadyBound(g, UIO_DRIVER)
+    if not force:
+        reasons = guard_rails(rootp, g)
+        if reasons:
+            raise GuardRailRefused(g, "; ".join(reasons))
+    bus = rootp / "sys" / "bus" / "vmbus"
+    unbind_path = fs.drivers_dir / current / "unbind" if current else None
+    method = "driver_override" if dev.has_driver_override else "new_id"
+    class_guid = dev.class_guid
+    if method == "driver_override":
+        writes = [(dev.path / "driver_override", UIO_DRIVER + "\n")]
+        final = (bus / "drivers_probe", str(g))
+    else:
+        writes = [(uio_dir / "new_id", str(class_guid))]
+        final = (uio_dir / "bind", str(g))
+    if unbind_path is not None:
+        _require(unbind_path, current or "")
+        writes.append((unbind_path, str(g)))
+    writes.append(final)
+    for path, _ in writes:
+        _require(path, UIO_DRIVER if path.parent == uio_dir else "hv_vmbus")
+    _check_access(rootp, g, "bind", [p for p, _ in writes])
+
+    old = read_record(rootp, g)
+    previous = old.previous_driver if old is not None and current is None else current
+    _save_record(rootp, BindRecord(str(g), previous, method,
+                                   str(class_guid) if method == "new_id" else None, time.time()))
+    try:
+        for path, text in writes:
+            err = _write(path, text, g, "bind")
+            if err == 0:
+                continue
+            if path == unbind_path and err == errno.ENODEV:
+                continue  # no longer bound to that driver: nothing to release
+            if path.name == "new_id" and err == errno.EEXIST:
+                continue  # the class is a dynamic id already
+            if path.name == "bind" and err in (errno.EBUSY, errno.ENODEV) and dev.driver == UIO_DRIVER:
+                continue  # new_id's driver_attach bound it already
+            if not dev.exists():
+                raise DeviceRescinded(g, f"it vanished while being bound ({path.name}: {_strerror(err)})")
+            raise BindFailed(g, UIO_DRIVER, f"writing {text.strip()!r} to {path} gave {_strerror(err)}; "
+                             "see dmesg")
+        return wait_for_uio(rootp, g, timeout)
+    except (BindFailed, Timeout) as exc:
+        note = _roll_back(rootp, g, previous, min(timeout, 5.0))
+        if isinstance(exc, Timeout):
+            raise Timeout(f"{exc.what}; {note}", exc.seconds) from None
+        raise BindFailed(g, UIO_DRIVER, f"{exc.detail}; {note}") from None
+
+
+def _roll_back(root: Path, guid: Guid, previous: str | None, timeout: float) -> str:
+    try:
+        restore(root, guid, timeout=timeout)
+    except Exception as exc:  # the original error matters more; say what is left to do
+        what = previous or "the previous state"
+        return f"putting back {what} failed too ({exc}); run 'vmbus restore {guid}'"
+    return f"{previous} was bound again" if previous else "the device was left unbound as before"
+
+
+def unbind(root: str | os.PathLike[str], guid: str, *, force: bool = False,
+           timeout: float = 10.0) -> str | None:
+    """Release the device from its driver; return that driver's name (None if unbound).
+
+    driver_override stays as it is, so nothing rebinds the device behind your back. The
+    guard rails apply when the driver is not uio_hv_generic (unbinding hv_netvsc takes the
+    interface down just as binding does); the driver is remembered for :func:`restore`.
+    """
+    rootp = Path(root)
+    fs = Sysfs(rootp)
+    dev = fs.device(guid)
+    g = dev.guid
+    current = dev.driver
+    if current is None:
+        return None
+    if current != UIO_DRIVER and not force:
+        reasons = guard_rails(rootp, g)
+        if reasons:
+            raise GuardRailRefused(g, "; ".join(reasons))
+    path = fs.drivers_dir / current / "unbind"
+    _require(path, current)
+    _check_access(rootp, g, "unbind", [path])
+    if current != UIO_DRIVER and read_record(rootp, g) is None:
+        _save_record(rootp, BindRecord(str(g), current, "unbind", None, time.time()))
+    err = _write(path, str(g), g, "unbind")
+    if err not in (0, errno.ENODEV):
+        raise BindFailed(g, current, f"writing to {path} gave {_strerror(err)}")
+    if not _wait(lambda: not dev.exists() or dev.driver != current, timeout):
+        raise Timeout(f"{g} to be released by {current} (its 'driver' link still points there)", timeout)
+    return current
+
+
+def restore(root: str | os.PathLike[str], guid: str, *, timeout: float = 10.0) -> str | None:
+    """Undo :func:`bind`: unbind from uio_hv_generic, clear driver_override, bind the driver
+    remembered in ``root/run/pyvmbus/<guid>.json`` (or let the kernel probe), drop the
+    record. Returns the driver bound afterwards (None if none).
+
+    Without a record (bound by hand) the device gets whatever driver the kernel picks.
+    A device that some other driver holds now keeps it; only the override is cleared.
+    """
+    rootp = Path(root)
+    fs = Sysfs(rootp)
+    dev = fs.device(guid)
+    g = dev.guid
+    rec = read_record(rootp, g)
+    previous = rec.previous_driver if rec is not None else None
+    current = dev.driver
+    bus = rootp / "sys" / "bus" / "vmbus"
+    writes: list[tuple[Path, str]] = []
+    if current == UIO_DRIVER:
+        writes.append((fs.drivers_dir / UIO_DRIVER / "unbind", str(g)))
+    if dev.has_driver_override and dev.driver_override is not None:
+        writes.append((dev.path / "driver_override", "\n"))
+    if rec is not None and rec.new_id and fs.driver_loaded(UIO_DRIVER):
+        writes.append((fs.drivers_dir / UIO_DRIVER / "remove_id", rec.new_id))
+    target: str | None = None
+    if current in (None, UIO_DRIVER):
+        if previous is not None and fs.driver_loaded(previous):
+            target = previous
+            writes.append((fs.drivers_dir / previous / "bind", str(g)))
+        else:
+            writes.append((bus / "drivers_probe", str(g)))
+    for path, _ in writes:
+        _require(path, path.parent.name if path.parent.parent == fs.drivers_dir else "hv_vmbus")
+    if writes:
+        _check_access(rootp, g, "restore", [p for p, _ in writes])
+    for path, text in writes:
+        err = _write(path, text, g, "restore")
+        if err == 0 or path.name in ("unbind", "remove_id"):
+            continue  # not bound / id already gone: the state we want anyway
+        if path.name == "bind" and err in (errno.EBUSY, errno.ENODEV) and dev.driver == target:
+            continue
+        if not dev.exists():
+            raise DeviceRescinded(g, f"it vanished while being restored ({path.name}: {_strerror(err)})")
+        raise BindFailed(g, target or "its previous driver",
+                         f"writing {text.strip()!r} to {path} gave {_strerror(err)}; see dmesg")
+    if target is not None:
+        ok = _wait(lambda: not dev.exists() or dev.driver == target, timeout)
+        what = f"{g} to be bound to {target} again"
+    else:
+        ok = _wait(lambda: not dev.exists() or dev.driver != UIO_DRIVER, timeout)
+        what = f"{g} to be released by {UIO_DRIVER}"
+    if not ok:
+        raise Timeout(f"{what} (see dmesg; the record stays in {record_path(rootp, g)})", timeout)
+    with contextlib.suppress(FileNotFoundError):
+        record_path(rootp, g).unlink()
+    return dev.driver if dev.exists() else None
+
+
+# -- waiting for the node ------------------------------------------------------------------------
+def wait_for_uio(root: str | os.PathLike[str], guid: str, timeout: float = 10.0) -> str:
+    """Wait until the device is bound to uio_hv_generic with its node registered; its name.
+
+    Done means: ``<device>/uio/uioN`` exists, ``root/dev/uioN`` exists and the ``driver``
+    link names uio_hv_generic. On the real root with udev running, a pyudev monitor
+    (uio and vmbus events) wakes the wait; otherwise (the mock, containers) it polls
+    with a delay growing from 2 to 50 ms. Raises :class:`Timeout` naming what is missing,
+    :class:`DeviceRescinded` if the device vanishes meanwhile.
+    """
+    rootp = Path(root)
+    fs = Sysfs(rootp)
+    dev = fs.device(guid)
+    found: list[str] = []
+
+    def ready() -> bool:
+        name = dev.uio_name  # DeviceRescinded when the device is gone
+        if name is None or not (rootp / "dev" / name).exists() or dev.driver != UIO_DRIVER:
+            return False
+        found.append(name)
+        return True
+
+    if _wait_udev(ready, timeout) if _use_udev(rootp) else _wait(ready, timeout):
+        return found[-1]
+    name = dev.uio_name
+    missing = (f"{dev.path}/uio/uioN" if name is None
+               else f"{rootp / 'dev' / name}" if not (rootp / "dev" / name).exists()
+               else f"the driver link (now {dev.driver})")
+    raise Timeout(
+        f"{dev.guid} to come up under uio_hv_generic ({missing} missing); the probe may have failed: "
+        "see dmesg (kernels <= 6.9 refuse channels without a monitor id)" + _mock_log_tail(rootp, dev.guid),
+        timeout,
+    )
+
+
+def _mock_log_tail(root: Path, guid: Guid) -> str:
+    """The mock kernel's last log lines about the device (its dmesg), when the root is a mock's."""
+    try:
+        lines = (root / "run" / "mock" / "kernel.log").read_text().splitlines()
+    except OSError:
+        return ""
+    mine = [line for line in lines if guid in line][-3:]
+    return "; mock kernel log: " + " | ".join(mine) if mine else ""
+
+
+def _use_udev(root: Path) -> bool:
+    return _is_real_root(root) and os.path.exists("/run/udev/control")
+
+
+def _wait_udev(ready: Callable[[], bool], timeout: float) -> bool:
+    try:
+        import pyudev
+
+        monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+        monitor.filter_by("uio")
+        monitor.filter_by("vmbus")
+        monitor.start()
+    except Exception:  # no libudev, no netlink socket: polling works everywhere
+        return _wait(ready, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        if ready():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        monitor.poll(timeout=min(left, 0.25))  # any event, or a quarter second, re-checks
+
+
+# -- guard rails ----------------------------------------------------------------------------------
+def guard_rails(root: str | os.PathLike[str], guid: str) -> list[str]:
+    """Why taking this device from its driver would hurt the running system ([] = safe)."""
+    rootp = Path(root)
+    dev = Sysfs(rootp).device(guid)
+    reasons: list[str] = []
+    cls = dev.device_class
+    if cls.storage:
+        reasons += _storage_in_use(rootp, dev)
+    if cls.network or dev.net_interfaces:
+        reasons += _network_in_use(rootp, dev)
+    return reasons
+
+
+def _resolve(root: Path, path: Path) -> Path | None:
+    """realpath inside ``root``: absolute link targets are taken as relative to the root."""
+    base = os.path.abspath(root)
+    try:
+        parts = list(Path(os.path.abspath(path)).relative_to(base).parts)
+    except ValueError:
+        return None
+    cur = base
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if cur != base:
+                cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = base
+                parts = list(Path(target).parts[1:]) + parts
+            else:
+                parts = list(Path(target).parts) + parts
+            continue
+        if not os.path.lexists(nxt):
+            return None
+        cur = nxt
+    return Path(cur)
+
+
+def _disks_of(root: Path, dev: VmbusDevice) -> list[tuple[str, Path]]:
+    """(name, real block dir) of every disk whose ``device`` link leads into the device."""
+    dev_real = _resolve(root, dev.path)
+    out = []
+    try:
+        entries = sorted((root / "sys" / "block").iterdir())
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        target = _resolve(root, entry / "device")
+        if target is None:
+            continue
+        inside = dev_real is not None and (target == dev_real or dev_real in target.parents)
+        if inside or dev.guid in target.parts:
+            real = _resolve(root, entry)
+            if real is not None:
+                out.append((entry.name, real))
+    return out
+
+
+def _block_names(root: Path, disk: str, path: Path) -> Iterator[tuple[str, Path]]:
+    """The disk, its partitions and (recursively) their holders such as dm-0: (name, dir)."""
+    seen: set[str] = set()
+    todo = [(disk, path)]
+    while todo:
+        name, p = todo.pop()
+        if name in seen or len(seen) > 256:
+            continue
+        seen.add(name)
+        yield name, p
+        with contextlib.suppress(OSError):
+            for sub in p.iterdir():
+                if (sub / "partition").exists():
+                    todo.append((sub.name, sub))
+        with contextlib.suppress(OSError):
+            for holder in (p / "holders").iterdir():
+                real = _resolve(root, root / "sys" / "block" / holder.name)
+                if real is not None:
+                    todo.append((holder.name, real))
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _mounts(root: Path) -> list[tuple[str, str, str, str]]:
+    """(major:minor, mount point, fstype, source) of every line of proc/self/mountinfo."""
+    out = []
+    text = read_attr(root / "proc" / "self" / "mountinfo") or ""
+    for line in text.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        after = line.split(" - ", 1)[1].split()
+        out.append((fields[2], _unescape(fields[4]), after[0] if after else "?",
+                    _unescape(after[1]) if len(after) > 1 else ""))
+    return out
+
+
+def _storage_in_use(root: Path, dev: VmbusDevice) -> list[str]:
+    reasons = []
+    mounts = _mounts(root)
+    swaps = [line.split()[0] for line in (read_attr(root / "proc" / "swaps") or "").splitlines()[1:]
+             if line.split()]
+    for disk, path in _disks_of(root, dev):
+        by_num: dict[str, str] = {}
+        by_name: dict[str, str] = {}
+        for name, p in _block_names(root, disk, path):
+            by_name[name] = name
+            num = read_attr(p / "dev")
+            if num:
+                by_num[num] = name
+            dm = read_attr(p / "dm" / "name")
+            if dm:
+                by_name[f"mapper/{dm}"] = name
+        uses = []
+        for majmin, point, fstype, source in mounts:
+            hit = by_num.get(majmin) or (by_name.get(source[5:]) if source.startswith("/dev/") else None)
+            if hit:
+                uses.append(f"{hit} is mounted on {point} ({fstype})")
+        uses += [f"{s[5:]} is in use as swap" for s in swaps if s.startswith("/dev/") and s[5:] in by_name]
+        if uses:
+            reasons.append(f"its disk {disk} is in use: {', '.join(uses)}; unmount it (swapoff) first")
+    return reasons
+
+
+def _hex_to_ipv4(text: str) -> ipaddress.IPv4Address:
+    """/proc/net/route prints a __be32 as a host-order %08X."""
+    return ipaddress.IPv4Address(int(text, 16).to_bytes(4, sys.byteorder))
+
+
+def _routes(root: Path) -> list[tuple[str, ipaddress.IPv4Address, ipaddress.IPv4Address, int, int]]:
+    """(iface, destination, mask, flags, gateway as int) of proc/net/route."""
+    out = []
+    for line in (read_attr(root / "proc" / "net" / "route") or "").splitlines()[1:]:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        try:
+            out.append((f[0], _hex_to_ipv4(f[1]), _hex_to_ipv4(f[7]), int(f[3], 16), int(f[2], 16)))
+        except ValueError:
+            continue
+    return out
+
+
+def _default_route_ifaces(root: Path) -> set[str]:
+    zero = ipaddress.IPv4Address(0)
+    out = {i for i, dst, mask, flags, _ in _routes(root) if dst == zero and mask == zero and flags & _RTF_UP}
+    for line in (read_attr(root / "proc" / "net" / "ipv6_route") or "").splitlines():
+        f = line.split()
+        if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00":
+            flags = int(f[8], 16)
+            if flags & _RTF_UP and not flags & _RTF_REJECT and f[9] != "lo":
+                out.add(f[9])
+    return out
+
+
+def _iface_of_address(root: Path, text: str) -> str | None:
+    """The interface that owns local address ``text`` (see the module docstring for how)."""
+    try:
+        addr = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if _is_real_root(root):
+        try:
+            res = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=3,
+                                 check=True)
+            for link in json.loads(res.stdout):
+                for info in link.get("addr_info", ()):
+                    if ipaddress.ip_address(info.get("local", "::")) == addr:
+                        return str(link.get("ifname"))
+        except (OSError, subprocess.SubprocessError, ValueError, TypeError):
+            pass
+    if isinstance(addr, ipaddress.IPv4Address):
+        best: tuple[int, str] | None = None
+        for iface, dst, mask, _, gateway in _routes(root):
+            bits = bin(int(mask)).count("1")
+            on_link = gateway == 0 and bits and int(addr) & int(mask) == int(dst)
+            if on_link and (best is None or bits > best[0]):
+                best = (bits, iface)
+        return best[1] if best else None
+    for line in (read_attr(root / "proc" / "net" / "if_inet6") or "").splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[0] == addr.packed.hex():
+            return f[5]
+    return None
+
+
+def _network_in_use(root: Path, dev: VmbusDevice) -> list[str]:
+    ifaces = dev.net_interfaces
+    if not ifaces:
+        return []
+    reasons = []
+    default = _default_route_ifaces(root)
+    reasons += [f"its interface {i} holds the default route; move the route to another interface first"
+                for i in ifaces if i in default]
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    if len(ssh) >= 4:
+        local = ssh[2]
+        owner = _iface_of_address(root, local)
+        if owner in ifaces:
+            reasons.append(f"its interface {owner} carries this SSH session (local address {local}); "
+                           "connect through another interface or the console")
+        elif owner is None:
+            try:
+                others = {e.name for e in (root / "sys" / "class" / "net").iterdir()} - {"lo", *ifaces}
+            except OSError:
+                others = set()
+            if not others:
+                reasons.append(f"its interface {', '.join(ifaces)} is the only one, so it must carry this "
+                               f"SSH session (local address {local}); use the console")
+    return reasons

@@ -1,0 +1,36 @@
+"""Hyper-V integration services (heartbeat, shutdown, time sync, file copy) as sans-I/O code.
+
+Each service turns one received IC message into the answer to send (or None) and queues its
+side effects; a runner moves the bytes over a :class:`pyvmbus.Channel` (or a mock host model
+in-process) and calls ``run_pending()`` after each send. See :mod:`pyvmbus.ic.framework`.
+"""
+
+from __future__ import annotations
+
+from .fcopy import FcopyEvent, FcopyService
+from .framework import IcService, NegotiateResult, ServiceStats, prep_negotiate_response
+from .heartbeat import HeartbeatService
+from .shutdown import ShutdownAction, ShutdownRequest, ShutdownService, shutdown_status
+from .timesync import TimeSample, TimesyncService
+
+__all__ = [
+    "SERVICES",
+    "FcopyEvent",
+    "FcopyService",
+    "HeartbeatService",
+    "IcService",
+    "NegotiateResult",
+    "ServiceStats",
+    "ShutdownAction",
+    "ShutdownRequest",
+    "ShutdownService",
+    "TimeSample",
+    "TimesyncService",
+    "prep_negotiate_response",
+    "shutdown_status",
+]
+
+SERVICES: dict[str, type[IcService]] = {
+    cls.service_name: cls for cls in (HeartbeatService, ShutdownService, TimesyncService, FcopyService)
+}
+"""Service name (also the device class name) -> class: the CLI's choices."""

@@ -1,0 +1,636 @@
+"""The mock Hyper-V host: offers, device models, and the host's side of every ring.
+
+What it does is what Hyper-V does, on the same shared pages:
+
+- it *offers* devices (relids from 1 upward, monitor ids for monitored channels) and
+  subchannels, and rescinds them;
+- it reads the guest's TX ring only when signalled: for a non-monitored channel by the
+  kernel's vmbus_setevent (a 4-byte write of 1 on the generations where that signals),
+  for a monitored channel by the guest setting its bit in the monitor page's trigger
+  group, which the host scans about every 100 µs while such a channel is open (it also
+  consumes the channel's relid bit in the int page's send half). Bits are cleared
+  atomically and only the channel's own;
+- it writes the guest's RX ring with :class:`~pyvmbus.ring.RingBuffer` and interrupts the
+  guest only when the ring engine says so (empty -> non-empty with the mask clear), or
+  when a read freed the room the guest asked for in TX pending_send_size;
+- when the RX ring is full it sets RX pending_send_size and waits for the guest's signal,
+  and stops reading TX while replies are queued (back-pressure);
+- faults: stall (stop reading TX), corrupt (the next descriptor it writes lies about its
+  length), storm (interrupts with nothing new).
+
+The kernel side (pyvmbus.mock.kernel) owns uio semantics and calls in here through
+:meth:`MockHost.open_channel`, :meth:`close_channel` and :meth:`signal`; the host calls
+back through :class:`KernelSide`.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import mmap
+import struct
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..classes import DeviceClass, lookup_class
+from ..errors import ChannelClosed, DeviceNotFound, RingCorrupt, RingFull
+from ..guid import Guid, parse_guid
+from ..packet import PacketType
+from ..ring import RingBuffer
+from ..shm import fence, load32, store32
+from .models import (
+    DeviceModel,
+    HostChannel,
+    Payload,
+    model_class,
+    model_for_class,
+)
+
+__all__ = [
+    "ACTIVE_WINDOW",
+    "IC_CLASSES",
+    "IDLE_SCAN_PERIOD",
+    "INT_PAGE_SEND_OFFSET",
+    "KernelSide",
+    "MAX_MONITOR_ID",
+    "MockHost",
+    "Offer",
+    "SCAN_PERIOD",
+    "STORM_PERIOD",
+    "TICK_PERIOD",
+    "default_monitored",
+    "monitor_word",
+]
+
+SCAN_PERIOD = 100e-6
+"""Hyper-V's default monitor scan latency (100 µs)."""
+IDLE_SCAN_PERIOD = 1e-3
+"""The scan period once no monitored channel was signalled for :data:`ACTIVE_WINDOW`.
+
+Waking 10,000 times a second costs ~15-20 % of a core here even with nothing to do, so
+the mock backs off while monitored channels are quiet; the first signal after a quiet
+spell is seen within 1 ms, later ones within ~100 µs."""
+ACTIVE_WINDOW = 0.05
+STORM_PERIOD = 50e-6
+"""Pace of the storm fault: one interrupt per loop turn, about every 50 µs (so a client
+wakes up for many of them instead of finding one coalesced event)."""
+TICK_PERIOD = 5e-3
+"""How often DeviceModel.tick runs while a channel is open."""
+INT_PAGE_SEND_OFFSET = 2048
+"""The guest->host half of the interrupt page (HV_HYP_PAGE_SIZE / 2); bit n = relid n."""
+MAX_MONITOR_ID = 128
+"""4 trigger groups of 32 bits in the monitor page."""
+IC_CLASSES = frozenset({"heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy"})
+"""Integration services: offered without a monitor id (the "low speed" devices)."""
+_READ_BATCH = 64
+_DRAIN_BUDGET = 1024  # packets per turn of the loop, so one busy channel cannot starve the rest
+_MAX_QUEUED_BEFORE_STOP = 1  # stop reading TX as soon as one reply waits for room
+_STORM_DEFAULT = 1000
+
+
+def monitor_word(monitor_id: int) -> tuple[int, int]:
+    """(byte offset of trigger_group[id // 32].pending in the monitor page, bit mask)."""
+    return 8 + 8 * (monitor_id // 32), 1 << (monitor_id % 32)
+
+
+def default_monitored(cls: DeviceClass) -> bool:
+    """Whether Hyper-V offers this class with a monitor id: not for integration services."""
+    return cls.name not in IC_CLASSES
+
+
+def _libatomic_fetch_and() -> Callable[[int, int], int] | None:
+    path = ctypes.util.find_library("atomic") or "libatomic.so.1"
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    fn = lib.__atomic_fetch_and_4
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int], ctypes.c_uint32
+    return lambda addr, mask: int(fn(addr, mask, 5))
+
+
+_FETCH_AND = _libatomic_fetch_and()
+
+
+def clear_bits(arr: npt.NDArray[np.uint8], offset: int, mask: int) -> int:
+    """Atomically clear ``mask`` in the u32 at ``offset`` of ``arr``; returns the old value.
+
+    The guest (and, on a real system, every other VMBus driver) sets bits in the same
+    words concurrently, so a plain load/store would lose theirs. pyvmbus.shm has no
+    fetch-and; libatomic's is used here (only the mock host ever clears bits). Without
+    libatomic this degrades to load + store, which can lose a concurrent bit.
+    """
+    if _FETCH_AND is not None:
+        return _FETCH_AND(arr.ctypes.data + offset, (~mask) & 0xFFFFFFFF)
+    old = load32(arr, offset)
+    store32(arr, offset, old & ~mask & 0xFFFFFFFF)
+    return old
+
+
+class KernelSide(Protocol):
+    """What the host needs from the mock kernel (the guest's VMBus driver + uio_hv_generic)."""
+
+    def interrupt(self, relid: int) -> None:
+        """The host signals the guest on channel ``relid`` (SynIC event -> channel callback)."""
+
+    def offered(self, offer: Offer) -> None:
+        """A new primary offer arrived (CHANNELMSG_OFFERCHANNEL)."""
+
+    def subchannel_offered(self, offer: Offer) -> None:
+        """A subchannel offer for an open device arrived."""
+
+    def rescinded(self, offer: Offer, remove: bool) -> None:
+        """The host rescinded a device (CHANNELMSG_RESCIND_CHANNELOFFER); ``remove``: for good."""
+
+    def log(self, text: str) -> None:
+        """A kernel log line."""
+
+
+@dataclass(eq=False)
+class Offer:
+    """One channel offer: a device's primary channel, or one of its subchannels."""
+
+    instance: Guid
+    device_class: DeviceClass
+    model: str
+    relid: int
+    monitor_id: int | None
+    subchannel_index: int = 0
+    primary: Offer | None = None
+    subchannels: list[Offer] = field(default_factory=list)
+    rescinded: bool = False
+
+    @property
+    def class_guid(self) -> Guid:
+        assert self.device_class.guid is not None
+        return self.device_class.guid
+
+    @property
+    def monitored(self) -> bool:
+        return self.monitor_id is not None
+
+
+_COUNTERS = ("packets_in", "bytes_in", "packets_out", "bytes_out", "signals", "interrupts",
+             "ring_full", "corrupt_sent", "guest_ring_errors", "model_errors")
+
+
+class _Device:
+    """Host state of one device across opens: faults and counters."""
+
+    def __init__(self, offer: Offer) -> None:
+        self.offer = offer
+        self.stalled = False
+        self.corrupt_pending = 0
+        self.storm_left = 0
+        self.totals: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.per_channel: dict[int, dict[str, int]] = {}
+        self.last_error = ""
+
+    def counters(self, relid: int) -> dict[str, int]:
+        c = self.per_channel.get(relid)
+        if c is None:
+            c = self.per_channel[relid] = dict.fromkeys(_COUNTERS, 0)
+        return c
+
+
+class _Chan(HostChannel):
+    """The host end of one open channel."""
+
+    def __init__(self, host: MockHost, dev: _Device, offer: Offer, ring: npt.NDArray[np.uint8],
+                 ring_size: int) -> None:
+        self.host = host
+        self.dev = dev
+        self.offer = offer
+        self.relid = offer.relid
+        self.subchannel_index = offer.subchannel_index
+        self.instance = offer.instance
+        self.class_guid = offer.class_guid
+        self.monitored = offer.monitored
+        self.ring = ring
+        self.tx = RingBuffer(ring[:ring_size], header_size=mmap.PAGESIZE)  # guest -> host
+        self.rx = RingBuffer(ring[ring_size:2 * ring_size], header_size=mmap.PAGESIZE)  # host -> guest
+        self.rx_raw = ring[ring_size:2 * ring_size]
+        self.queue: collections.deque[tuple[Payload, int, int, int]] = collections.deque()
+        self.open = True
+        self.broken = ""
+        self.stats = dev.counters(offer.relid)
+        self.model: DeviceModel = model_class(offer.model)()
+        if offer.monitor_id is not None:
+            self.mon_off, self.mon_bit = monitor_word(offer.monitor_id)
+        self.int_off = INT_PAGE_SEND_OFFSET + 4 * (offer.relid // 32)
+        self.int_bit = 1 << (offer.relid % 32)
+
+    # -- HostChannel ------------------------------------------------------------------------
+    def send(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
+             transaction_id: int = 0) -> bool:
+        if not self.open:
+            raise ChannelClosed(self.instance, f"relid {self.relid} is not open")
+        if self.dev.corrupt_pending:
+            if not self._write_corrupt(type, flags, transaction_id):
+                return False
+            self.dev.corrupt_pending -= 1
+            return True
+        try:
+            signal = self.rx.write(payload, type, flags, transaction_id)
+        except RingFull as exc:
+            # Ask the guest to signal once it has read enough, then try once more: the
+            # guest may have drained the ring before it could see the request.
+            if not self.rx.set_pending_send_size(exc.needed):
+                self._count("ring_full")
+                return False
+            try:
+                signal = self.rx.write(payload, type, flags, transaction_id)
+            except RingFull:
+                self._count("ring_full")
+                return False
+            self.rx.clear_pending_send_size()
+        n = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
+            else sum(len(p) for p in payload)
+        self._count("packets_out")
+        self._count("bytes_out", n)
+        if signal:
+            self.host.interrupt(self)
+        return True
+
+    def post(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
+             transaction_id: int = 0) -> None:
+        if self.queue or not self.send(payload, type, flags, transaction_id):
+            if isinstance(payload, (bytearray, memoryview)):
+                payload = bytes(payload)  # the model may reuse its buffer
+            elif not isinstance(payload, bytes):
+                payload = [bytes(p) for p in payload]
+            self.queue.append((payload, type, flags, transaction_id))
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def is_open(self) -> bool:
+        return self.open
+
+    def log(self, text: str) -> None:
+        self.host.kernel.log(f"host: {self.instance} relid {self.relid}: {text}")
+
+    # -- host internals ---------------------------------------------------------------------
+    def release(self) -> None:
+        """Let go of the ring memory (the kernel frees it); the channel is closed for good."""
+        self.queue.clear()
+        self.tx.close()
+        self.rx.close()
+        empty = np.zeros(0, dtype=np.uint8)
+        self.ring = self.rx_raw = empty
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.stats[name] += n
+        self.dev.totals[name] += n
+
+    def flush(self) -> None:
+        """Send queued packets while they fit (after the guest signalled it read some)."""
+        while self.queue and self.open:
+            payload, type_, flags, tid = self.queue[0]
+            if not self.send(payload, type_, flags, tid):
+                return
+            self.queue.popleft()
+        if not self.queue:
+            self.rx.clear_pending_send_size()
+
+    def drain(self) -> None:
+        """Read the guest's TX ring (the host was signalled), unless stalled or backed up."""
+        budget = _DRAIN_BUDGET
+        while self.open and not self.broken and not self.dev.stalled and \
+                len(self.queue) < _MAX_QUEUED_BEFORE_STOP:
+            if budget <= 0:
+                self.host.more_to_drain.add(self)  # go on in the next turn of the loop
+                return
+            try:
+                packets, signal = self.tx.read_batch(_READ_BATCH)
+            except RingCorrupt as exc:
+                self.broken = str(exc)
+                self.dev.last_error = f"relid {self.relid}: guest TX ring corrupt: {exc}"
+                self._count("guest_ring_errors")
+                self.host.kernel.log(f"host: {self.instance} relid {self.relid}: guest TX ring "
+                                     f"corrupt, channel stopped: {exc}")
+                return
+            if signal:
+                self.host.interrupt(self)  # the guest waits for TX room (pending_send_size)
+            if not packets:
+                return
+            budget -= len(packets)
+            for pkt in packets:
+                self._count("packets_in")
+                self._count("bytes_in", len(pkt.payload))
+                self.host.call_model(self, self.model.packet, self, pkt)
+
+    def _write_corrupt(self, type_: int, flags: int, tid: int) -> bool:
+        """Publish a descriptor whose len8 runs past the bytes published (fault "corrupt")."""
+        buf = self.rx_raw
+        header = mmap.PAGESIZE
+        dsize = len(buf) - header
+        w = load32(buf, 0)
+        r = load32(buf, 4)
+        free = dsize - (w - r) if w >= r else r - w
+        if w % 8 or w >= dsize or free <= 24:
+            return False
+        desc = struct.pack("<HHHHQ", type_, 2, 0x200, flags, tid)  # len8 0x200: 4 KiB, 24 published
+        trailer = struct.pack("<Q", w << 32)
+        raw = desc + trailer
+        for i in range(0, len(raw), 8):
+            off = header + (w + i) % dsize
+            buf[off:off + 8] = np.frombuffer(raw[i:i + 8], dtype=np.uint8)
+        fence()
+        store32(buf, 0, (w + len(raw)) % dsize)
+        fence()
+        self._count("corrupt_sent")
+        self.host.kernel.log(f"host: {self.instance} relid {self.relid}: fault: wrote a corrupt "
+                             f"descriptor (len8=0x200, 24 bytes published) at write_index {w}")
+        if not load32(buf, 8) and w == r:
+            self.host.interrupt(self)
+        return True
+
+
+class MockHost:
+    """All offers and open channels of the mock host, driven by the kernel's loop."""
+
+    def __init__(self, kernel: KernelSide, int_page: npt.NDArray[np.uint8],
+                 monitor_page: npt.NDArray[np.uint8]) -> None:
+        self.kernel = kernel
+        self.int_page = int_page
+        self.monitor_page = monitor_page
+        self.devices: dict[Guid, _Device] = {}
+        self.channels: dict[int, _Chan] = {}
+        self._monitored: list[_Chan] = []
+        self._used_relids: set[int] = set()
+        self._used_monitor_ids: set[int] = set()
+        self._next_tick = 0.0
+        self._last_monitor_signal = 0.0
+        self.more_to_drain: set[_Chan] = set()
+        """Channels whose drain used up its budget: continued at the next scan."""
+
+    # -- allocation -------------------------------------------------------------------------
+    def _alloc_relid(self) -> int:
+        relid = 1
+        while relid in self._used_relids:
+            relid += 1
+        self._used_relids.add(relid)
+        return relid
+
+    def _alloc_monitor_id(self) -> int:
+        for mid in range(MAX_MONITOR_ID):
+            if mid not in self._used_monitor_ids:
+                self._used_monitor_ids.add(mid)
+                return mid
+        raise RuntimeError(f"all {MAX_MONITOR_ID} monitor ids are in use")
+
+    def _free(self, offer: Offer) -> None:
+        self._used_relids.discard(offer.relid)
+        if offer.monitor_id is not None:
+            self._used_monitor_ids.discard(offer.monitor_id)
+
+    def device(self, guid: str) -> _Device:
+        g = parse_guid(guid)
+        dev = self.devices.get(g)
+        if dev is None:
+            raise DeviceNotFound(g, tuple(self.devices), where="the mock host's offers")
+        return dev
+
+    # -- offers (MockVmbus commands) --------------------------------------------------------
+    def add_device(self, what: str, instance: str | None, monitored: bool | None,
+                   model: str | None) -> Offer:
+        """Offer a device: ``what`` is a model name, a class short name or a class GUID."""
+        from .models import models as registered
+
+        table = registered()
+        if model is None and what in table:
+            model = what
+            mcls = table[what]
+            cls = lookup_class(mcls.class_name)
+        else:
+            cls = lookup_class(what)
+            mcls = model_class(model) if model else model_for_class(cls.name, cls.guid)
+            model = mcls.name
+        if cls.guid is None:
+            raise ValueError(f"class {what!r} has no class GUID")
+        guid = parse_guid(instance) if instance else Guid(str(uuid.uuid4()))
+        if guid in self.devices and not self.devices[guid].offer.rescinded:
+            raise ValueError(f"a device with instance {guid} is already offered")
+        if monitored is None:
+            monitored = mcls.monitored if mcls.monitored is not None else default_monitored(cls)
+        offer = Offer(guid, cls, model, self._alloc_relid(),
+                      self._alloc_monitor_id() if monitored else None)
+        self.devices[guid] = _Device(offer)
+        self.kernel.log(f"host: offer {guid} class {cls.name} ({cls.guid}) relid {offer.relid} "
+                        f"monitor_id {offer.monitor_id if monitored else 'none'} model {model}")
+        self.kernel.offered(offer)
+        return offer
+
+    def rescind(self, guid: str, remove: bool = False) -> None:
+        dev = self.device(guid)
+        offer = dev.offer
+        if offer.rescinded:
+            if remove:
+                del self.devices[offer.instance]
+            return
+        self.kernel.log(f"host: rescind {offer.instance} relid {offer.relid}")
+        for sub in list(offer.subchannels):
+            self._close(sub.relid, "rescinded")
+            sub.rescinded = True
+        self._close(offer.relid, "rescinded")
+        offer.rescinded = True
+        self.kernel.rescinded(offer, remove)
+        for sub in offer.subchannels:
+            self._free(sub)
+        offer.subchannels.clear()
+        self._free(offer)
+        if remove:
+            del self.devices[offer.instance]
+
+    def reoffer(self, guid: str) -> Offer:
+        dev = self.device(guid)
+        old = dev.offer
+        if not old.rescinded:
+            raise ValueError(f"{old.instance} is still offered; rescind it first")
+        offer = Offer(old.instance, old.device_class, old.model, self._alloc_relid(),
+                      self._alloc_monitor_id() if old.monitored else None)
+        dev.offer = offer
+        dev.stalled = False
+        dev.corrupt_pending = 0
+        dev.storm_left = 0
+        self.kernel.log(f"host: re-offer {offer.instance} relid {offer.relid}")
+        self.kernel.offered(offer)
+        return offer
+
+    def offer_subchannels(self, guid: str, count: int) -> list[int]:
+        dev = self.device(guid)
+        primary = dev.offer
+        if primary.relid not in self.channels:
+            raise ChannelClosed(primary.instance, "subchannels are offered only for an opened device")
+        if not 0 < count <= 64:
+            raise ValueError(f"count must be 1..64, not {count}")
+        relids = []
+        for _ in range(count):
+            sub = Offer(primary.instance, primary.device_class, primary.model, self._alloc_relid(),
+                        self._alloc_monitor_id() if primary.monitored else None,
+                        subchannel_index=len(primary.subchannels) + 1, primary=primary)
+            primary.subchannels.append(sub)
+            relids.append(sub.relid)
+            self.kernel.subchannel_offered(sub)
+        self.kernel.log(f"host: {primary.instance}: offered {count} subchannels {relids}")
+        return relids
+
+    def drop_subchannel(self, sub: Offer) -> None:
+        """The guest closed the primary: its subchannels are gone (relids released)."""
+        if sub.primary is not None and sub in sub.primary.subchannels:
+            sub.primary.subchannels.remove(sub)
+        self._close(sub.relid, "primary closed")
+        self._free(sub)
+
+    def fault(self, guid: str, kind: str, args: dict[str, Any]) -> None:
+        dev = self.device(guid)
+        if kind == "stall":
+            dev.stalled = True
+        elif kind == "resume":
+            dev.stalled = False
+            for ch in self._device_channels(dev):
+                ch.drain()
+        elif kind == "corrupt":
+            dev.corrupt_pending += int(args.get("count", 1))
+        elif kind == "storm":
+            dev.storm_left += int(args.get("count", _STORM_DEFAULT))
+        else:
+            raise ValueError(f"unknown fault {kind!r}; known: corrupt, stall, resume, storm, crash")
+        self.kernel.log(f"host: fault {kind} on {dev.offer.instance}")
+
+    def command(self, guid: str, name: str, args: dict[str, Any], subchannel: int = 0) -> Any:
+        dev = self.device(guid)
+        for ch in self._device_channels(dev):
+            if ch.subchannel_index == subchannel:
+                return ch.model.command(ch, name, args)
+        raise ChannelClosed(dev.offer.instance, f"channel {subchannel} is not open (the guest must "
+                            "open the device before its model can take commands)")
+
+    def stats(self, guid: str) -> dict[str, Any]:
+        dev = self.device(guid)
+        out: dict[str, Any] = dict(dev.totals)
+        chans = self._device_channels(dev)
+        out.update(
+            relid=dev.offer.relid,
+            monitor_id=dev.offer.monitor_id,
+            model=dev.offer.model,
+            open=dev.offer.relid in self.channels,
+            rescinded=dev.offer.rescinded,
+            stalled=dev.stalled,
+            queued=sum(len(c.queue) for c in chans),
+            subchannels=[s.relid for s in dev.offer.subchannels],
+            last_error=dev.last_error,
+            channels={relid: dict(c) for relid, c in dev.per_channel.items()},
+        )
+        return out
+
+    def _device_channels(self, dev: _Device) -> list[_Chan]:
+        offers = [dev.offer, *dev.offer.subchannels]
+        return [self.channels[o.relid] for o in offers if o.relid in self.channels]
+
+    # -- kernel -> host ---------------------------------------------------------------------
+    def open_channel(self, offer: Offer, ring: npt.NDArray[np.uint8], ring_size: int) -> None:
+        """The guest opened ``offer``'s channel; its rings are initialised and empty."""
+        dev = self.devices[offer.instance]
+        ch = _Chan(self, dev, offer, ring, ring_size)
+        self.channels[offer.relid] = ch
+        if ch.monitored:
+            self._monitored.append(ch)
+        self.call_model(ch, ch.model.opened, ch)
+
+    def close_channel(self, relid: int) -> None:
+        """The guest closed the channel (last close of the node)."""
+        self._close(relid, "closed")
+
+    def _close(self, relid: int, why: str) -> None:
+        ch = self.channels.pop(relid, None)
+        if ch is None:
+            return
+        ch.open = False
+        if ch in self._monitored:
+            self._monitored.remove(ch)
+        self.call_model(ch, ch.model.closed, ch)
+        ch.release()
+
+    def signal(self, relid: int) -> None:
+        """The guest signalled channel ``relid`` (vmbus_setevent through the kernel)."""
+        ch = self.channels.get(relid)
+        if ch is None:
+            return
+        ch._count("signals")
+        ch.flush()
+        ch.drain()
+
+    def interrupt(self, ch: _Chan) -> None:
+        ch._count("interrupts")
+        self.kernel.interrupt(ch.relid)
+
+    def call_model(self, ch: _Chan, fn: Callable[..., None], *args: Any) -> None:
+        """Run a model callback; an exception is logged and counted, never fatal."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            ch._count("model_errors")
+            ch.dev.last_error = f"model {ch.offer.model}: {exc!r}"
+            tb = traceback.format_exc().strip().splitlines()
+            self.kernel.log(f"host: {ch.instance} relid {ch.relid}: model {ch.offer.model} "
+                            f"raised {exc!r} at {tb[-3].strip() if len(tb) >= 3 else ''}")
+
+    # -- the loop's scan hook ---------------------------------------------------------------
+    def scan(self, now: float) -> float | None:
+        """Scan monitor bits, run ticks and storms; how long the loop may sleep."""
+        page, ints = self.monitor_page, self.int_page
+        for ch in self._monitored:
+            if load32(page, ch.mon_off) & ch.mon_bit:
+                clear_bits(page, ch.mon_off, ch.mon_bit)
+                if load32(ints, ch.int_off) & ch.int_bit:
+                    clear_bits(ints, ch.int_off, ch.int_bit)
+                self._last_monitor_signal = now
+                self.signal(ch.relid)
+        wait: float | None = None
+        if self.more_to_drain:
+            pending, self.more_to_drain = self.more_to_drain, set()
+            for ch in pending:
+                ch.drain()
+            if self.more_to_drain:
+                wait = 0.0
+        if self.channels:
+            if now >= self._next_tick:
+                self._next_tick = now + TICK_PERIOD
+                for ch in list(self.channels.values()):
+                    if ch.open:
+                        self.call_model(ch, ch.model.tick, ch, now)
+            until_tick = max(0.0, self._next_tick - now)
+            wait = until_tick if wait is None else min(wait, until_tick)
+        for dev in self.devices.values():
+            if dev.storm_left:
+                chans = self._device_channels(dev)
+                if not chans:
+                    dev.storm_left = 0
+                    continue
+                dev.storm_left -= 1
+                self.interrupt(chans[0])
+                wait = STORM_PERIOD if wait is None else min(wait, STORM_PERIOD)
+        if self._monitored:
+            period = SCAN_PERIOD if now - self._last_monitor_signal < ACTIVE_WINDOW else IDLE_SCAN_PERIOD
+            wait = period if wait is None else min(wait, period)
+        return wait
+
+    def close_all(self) -> None:
+        for relid in list(self.channels):
+            self._close(relid, "shutdown")
+
+    def now(self) -> float:
+        return time.monotonic()
+

@@ -1,0 +1,240 @@
+"""The asyncio face of Channel against the mock's echo device, on every kernel generation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+
+import pytest
+
+from pyvmbus import ChannelClosed, Timeout
+from pyvmbus.aio import send
+from pyvmbus.bus import Vmbus
+from pyvmbus.channel import Channel
+from pyvmbus.lifecycle import ChannelState
+from pyvmbus.mock import MockVmbus
+from pyvmbus.mock.generations import GENERATIONS
+from pyvmbus.packet import Packet
+
+GENS = list(GENERATIONS)
+S = ChannelState
+
+
+@pytest.fixture(scope="module", params=GENS)
+def mock(request: pytest.FixtureRequest) -> Iterator[MockVmbus]:
+    with MockVmbus(kernel=request.param) as m:
+        yield m
+
+
+def echo_channel(mock: MockVmbus, monitored: bool = True) -> tuple[str, Channel]:
+    guid = mock.add_device("echo", monitored=monitored)
+    bus = Vmbus(mock.root)
+    bus.bind(guid)
+    return guid, bus.channel(guid)
+
+
+Echo = tuple[MockVmbus, str, Channel]
+
+
+@pytest.fixture
+def echo(mock: MockVmbus) -> Iterator[Echo]:
+    guid, ch = echo_channel(mock)
+    yield mock, guid, ch
+    if ch.state is not S.DISABLED:
+        ch.disable()
+    mock.remove_device(guid)
+
+
+def pad8(b: bytes) -> bytes:
+    return b + bytes(-len(b) % 8)
+
+
+@pytest.mark.timeout(30)
+def test_enabled_request_and_packets_without_threads(echo: Echo) -> None:
+    _, _, ch = echo
+    log: list[object] = []
+    ch.on_post_started(lambda c: log.append(("post", c.send_request(b"sync-in-post", timeout=5))))
+
+    async def main() -> None:
+        threads = threading.active_count()
+        async with ch.enabled() as c:
+            assert c is ch and ch.state is S.RUNNING
+            assert threading.active_count() == threads  # the loop dispatches: no thread
+            assert ch._disp is not None and ch._disp.mode == "asyncio"
+            assert await ch.request(b"hello", timeout=5) == pad8(b"hello")
+            replies = await asyncio.gather(*(ch.request(b"r%d" % i, timeout=5) for i in range(20)))
+            assert replies == [pad8(b"r%d" % i) for i in range(20)]
+            for i in range(5):
+                ch.send(b"p%d" % i)
+            got = []
+            async for pkt in ch.packets():
+                got.append(pkt.payload)
+                if len(got) == 5:
+                    break
+            assert got == [pad8(b"p%d" % i) for i in range(5)]
+        assert ch.state is S.DISABLED
+
+    asyncio.run(main())
+    assert log == [("post", pad8(b"sync-in-post"))]
+
+
+@pytest.mark.timeout(30)
+def test_packets_ends_on_disable_and_raises_on_rescind(mock: MockVmbus) -> None:
+    guid, ch = echo_channel(mock)
+
+    async def consume(out: list[bytes]) -> None:
+        async for pkt in ch.packets():
+            out.append(pkt.payload)
+
+    async def main() -> None:
+        async with ch.enabled():
+            out: list[bytes] = []
+            task = asyncio.create_task(consume(out))
+            await asyncio.sleep(0)
+            ch.send(b"a")
+            while not out:
+                await asyncio.sleep(0.005)
+        await asyncio.wait_for(task, 2)  # ends quietly on disable
+        assert out == [pad8(b"a")]
+
+        ch.enable(dispatch="asyncio")
+        closed: list[str] = []
+        ch.on_closed(lambda c, r: closed.append(r))
+        out2: list[bytes] = []
+        task = asyncio.create_task(consume(out2))
+        await asyncio.to_thread(mock.fault, guid, "stall")  # keep the request outstanding
+        pending = asyncio.create_task(ch.request(b"x", timeout=10))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await asyncio.to_thread(mock.rescind, guid)
+        with pytest.raises(ChannelClosed, match="rescinded"):
+            await asyncio.wait_for(task, 1)
+        assert time.monotonic() - t0 < 1.0 and closed == ["rescinded"]
+        with pytest.raises(ChannelClosed, match="rescinded"):  # outstanding requests fail
+            await asyncio.wait_for(pending, 1)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if ch.state is not S.DISABLED:
+            ch.disable()
+        mock.remove_device(guid)
+
+
+@pytest.mark.timeout(30)
+def test_request_timeout_cancels_and_drops_late_completion(echo: Echo) -> None:
+    m, guid, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            await asyncio.to_thread(m.fault, guid, "stall")
+            with pytest.raises(Timeout):
+                await ch.request(b"slow", timeout=0.2)
+            assert ch.counters.cancelled == 1
+            await asyncio.to_thread(m.fault, guid, "resume")
+            deadline = time.monotonic() + 5
+            while ch.counters.late_completions == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert ch.counters.late_completions == 1
+            assert await ch.request(b"fresh", timeout=5) == pad8(b"fresh")
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_async_send_waits_for_room_without_blocking_the_loop(echo: Echo) -> None:
+    m, guid, ch = echo
+
+    async def main() -> None:
+        got: list[Packet] = []
+        ch.on_packet(lambda c, p: got.append(p))
+        async with ch.enabled():
+            tx = ch._tx
+            assert tx is not None
+            await asyncio.to_thread(m.fault, guid, "stall")
+            n = tx.data_size // 2024 + 6
+            sender = asyncio.create_task(_send_all(ch, n))
+            ticks = 0
+            while ch.counters.ring_full_waits == 0:
+                await asyncio.sleep(0.002)
+                ticks += 1
+            for _ in range(10):  # the loop keeps running while the sender waits
+                await asyncio.sleep(0.005)
+                ticks += 1
+            assert not sender.done() and tx.pending_send_size > 0
+            await asyncio.to_thread(m.fault, guid, "resume")
+            await asyncio.wait_for(sender, 10)
+            while len(got) < n:
+                await asyncio.sleep(0.005)
+            assert [int.from_bytes(p.payload[:4], "little") for p in got] == list(range(n))
+            assert tx.pending_send_size == 0 and ticks > 10
+
+    asyncio.run(main())
+
+
+async def _send_all(ch: Channel, n: int) -> None:
+    for i in range(n):
+        await send(ch, i.to_bytes(4, "little") + b"w" * 1996, timeout=10)
+
+
+def _checksummed(i: int) -> bytes:
+    body = os.urandom(8 + i % 200)
+    return zlib.crc32(body).to_bytes(4, "little") + i.to_bytes(4, "little") + body
+
+
+async def _pipelined(ch: Channel, n: int, window: int) -> int:
+    """n requests, ``window`` outstanding at a time; every reply checked by its checksum."""
+    bad = 0
+    nxt = 0
+
+    async def one(i: int) -> None:
+        nonlocal bad
+        msg = _checksummed(i)
+        reply = await ch.request(msg, timeout=20)
+        body = reply[8:len(msg)]
+        if (reply[:len(msg)] != msg or zlib.crc32(body).to_bytes(4, "little") != reply[:4]
+                or int.from_bytes(reply[4:8], "little") != i):
+            bad += 1
+
+    async def lane() -> None:
+        nonlocal nxt
+        while nxt < n:
+            i = nxt
+            nxt += 1
+            await one(i)
+
+    await asyncio.gather(*(lane() for _ in range(window)))
+    return bad
+
+
+@pytest.mark.timeout(60)
+def test_pipelined_requests_with_checksums_every_generation(echo: Echo) -> None:
+    _, _, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            assert await _pipelined(ch, 2000, 32) == 0
+        assert ch.counters.requests == 2000 and ch.counters.cancelled == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_100k_request_response_pairs_with_checksums() -> None:
+    """10^5 request/response pairs, pipelined 64 deep, every reply checksummed (6.18)."""
+    with MockVmbus(kernel="6.18") as m:
+        guid, ch = echo_channel(m, monitored=False)
+
+        async def main() -> None:
+            async with ch.enabled():
+                assert await _pipelined(ch, 100_000, 64) == 0
+            c = ch.counters
+            assert c.requests == 100_000 and c.packets_in == 100_000 and c.cancelled == 0
+
+        asyncio.run(main())
+        stats = m.host_stats(guid)
+        assert stats["packets_in"] == 100_000 and stats["packets_out"] == 100_000

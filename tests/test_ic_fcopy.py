@@ -1,0 +1,483 @@
+"""File copy: the guest service against the host's sender, in-process, on real files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvmbus.ic import FcopyEvent, FcopyService
+from pyvmbus.ic.messages import (
+    DATA_FRAGMENT,
+    HV_E_ACCESSDENIED,
+    HV_E_FAIL,
+    HV_ERROR_ALREADY_EXISTS,
+    HV_ERROR_DISK_FULL,
+    HV_INVALIDARG,
+    HV_S_OK,
+    CopyFlags,
+    DoFcopy,
+    FcopyHdr,
+    FcopyOp,
+    IcMsgType,
+    StartFcopy,
+    build_message,
+)
+from pyvmbus.mock.ic_models import FcopySender, pump
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "in"
+    r.mkdir()
+    return r
+
+
+def setup(root: Path, **kw: object) -> tuple[FcopySender, FcopyService]:
+    host, svc = FcopySender(), FcopyService([root], **kw)  # type: ignore[arg-type]
+    pump(host, svc)
+    return host, svc
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def status_of(resp: bytes | None) -> int:
+    assert resp is not None
+    return int(struct.unpack_from("<I", resp, 20)[0])
+
+
+def fc(body: bytes) -> bytes:
+    return build_message(IcMsgType.FCOPY, body)
+
+
+def test_ten_mib_arrives_identical(root: Path) -> None:
+    data = os.urandom(10 << 20)
+    host, svc = setup(root)
+    host.send_file(data, "big.bin", str(root))
+    n = pump(host, svc)
+    assert host.transfer_state == "done" and host.stats.errors == []
+    assert n == 1 + -(-len(data) // DATA_FRAGMENT) + 1
+    assert (root / "big.bin").read_bytes() == data
+    assert leftovers(root) == ["big.bin"]
+    assert svc.files_completed == 1 and svc.bytes_written == len(data)
+
+
+def test_empty_and_odd_sizes(root: Path) -> None:
+    host, svc = setup(root)
+    for size in (0, 1, DATA_FRAGMENT, DATA_FRAGMENT + 1):
+        data = os.urandom(size)
+        host.send_file(data, f"f{size}", str(root))
+        pump(host, svc)
+        assert host.transfer_state == "done"
+        assert (root / f"f{size}").read_bytes() == data
+
+
+def test_cancel_midway_leaves_nothing(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(os.urandom(100_000), "part.bin", str(root), cancel_after=5)
+    pump(host, svc)
+    assert host.transfer_state == "cancelled" and host.status == HV_S_OK
+    assert host.fragments_sent == 5
+    assert leftovers(root) == [] and not svc.active
+
+
+def test_cancel_on_demand(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(os.urandom(50_000), "x", str(root))
+    for _ in range(3):
+        req = host.next_request()
+        assert req is not None
+        host.receive(svc.handle(req) or b"")
+    assert len(leftovers(root)) == 1  # the temporary file, under a hidden name
+    host.cancel()
+    pump(host, svc)
+    assert host.transfer_state == "cancelled" and leftovers(root) == []
+
+
+def test_cancel_without_copy_is_ok(root: Path) -> None:
+    _, svc = setup(root)
+    assert status_of(svc.handle(fc(FcopyHdr(FcopyOp.CANCEL_FCOPY).pack()))) == HV_S_OK
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("x", "{root}/../escape"),
+        ("x", "{root}/a/../../escape"),
+        ("../x", "{root}"),
+        ("..", "{root}"),
+        (".", "{root}"),
+        ("", "{root}"),
+        ("a/b", "{root}"),
+        ("x", "relative/dir"),
+        ("x", ""),
+        ("n" * 256, "{root}"),
+    ],
+)
+def test_bad_names_refused(root: Path, name: str, path: str) -> None:
+    host, svc = setup(root)
+    host.send_file(b"data", name, path.format(root=root), flags=CopyFlags.CREATE_PATH)
+    pump(host, svc)
+    assert host.transfer_state == "failed" and host.failed_op == "start"
+    assert host.status == HV_INVALIDARG
+    assert leftovers(root.parent) == ["in"]
+
+
+def test_outside_roots_refused(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    host, svc = setup(root)
+    for dest in (str(tmp_path / "other"), "/etc", "/", str(tmp_path)):
+        host.send_file(b"data", "x", dest, flags=CopyFlags.CREATE_PATH | CopyFlags.OVER_WRITE)
+        pump(host, svc)
+        assert host.status == HV_E_ACCESSDENIED, dest
+    assert leftovers(tmp_path) == ["in", "other"]
+
+
+def test_symlink_below_root_refused(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    host, svc = setup(root)
+    for dest in (root / "link", root / "link" / "sub"):
+        host.send_file(b"data", "x", str(dest), flags=CopyFlags.CREATE_PATH)
+        pump(host, svc)
+        assert host.status == HV_E_ACCESSDENIED
+    assert leftovers(outside) == []
+
+
+def test_symlinked_file_is_replaced_not_followed(root: Path, tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_bytes(b"keep")
+    (root / "f").symlink_to(target)
+    host, svc = setup(root)
+    host.send_file(b"new", "f", str(root), flags=CopyFlags.OVER_WRITE)
+    pump(host, svc)
+    assert host.transfer_state == "done"
+    assert target.read_bytes() == b"keep"
+    assert not (root / "f").is_symlink() and (root / "f").read_bytes() == b"new"
+
+
+def test_root_given_through_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    host, svc = FcopySender(), FcopyService([tmp_path / "alias"])
+    pump(host, svc)
+    for dest in (tmp_path / "alias", real):
+        host.send_file(b"abc", "f", str(dest), flags=CopyFlags.OVER_WRITE)
+        pump(host, svc)
+        assert host.transfer_state == "done", dest
+    assert (real / "f").read_bytes() == b"abc"
+
+
+def test_existing_file_without_overwrite(root: Path) -> None:
+    (root / "f").write_bytes(b"old")
+    host, svc = setup(root)
+    host.send_file(b"new", "f", str(root))
+    pump(host, svc)
+    assert host.status == HV_ERROR_ALREADY_EXISTS and host.failed_op == "start"
+    assert (root / "f").read_bytes() == b"old" and leftovers(root) == ["f"]
+
+
+def test_overwrite_replaces_only_when_whole(root: Path) -> None:
+    (root / "f").write_bytes(b"old")
+    data = os.urandom(3 * DATA_FRAGMENT)
+    host, svc = setup(root)
+    host.send_file(data, "f", str(root), flags=CopyFlags.OVER_WRITE)
+    for _ in range(3):  # START and two fragments
+        host.receive(svc.handle(host.next_request() or b"") or b"")
+    assert (root / "f").read_bytes() == b"old"
+    pump(host, svc)
+    assert (root / "f").read_bytes() == data and leftovers(root) == ["f"]
+
+
+def test_file_appearing_during_copy(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(b"new", "f", str(root))
+    host.receive(svc.handle(host.next_request() or b"") or b"")  # START ok
+    (root / "f").write_bytes(b"theirs")
+    pump(host, svc)
+    assert host.status == HV_ERROR_ALREADY_EXISTS and host.failed_op == "complete"
+    assert (root / "f").read_bytes() == b"theirs" and leftovers(root) == ["f"]
+
+
+def test_create_path(root: Path) -> None:
+    host, svc = setup(root)
+    dest = root / "a" / "b" / "c"
+    host.send_file(b"x", "f", str(dest))
+    pump(host, svc)
+    assert host.status == HV_E_FAIL and leftovers(root) == []
+    host.send_file(b"x", "f", str(dest) + "/", flags=CopyFlags.CREATE_PATH)
+    pump(host, svc)
+    assert host.transfer_state == "done" and (dest / "f").read_bytes() == b"x"
+    assert oct((root / "a").stat().st_mode & 0o777) == oct(0o755 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_path_through_a_file_fails(root: Path) -> None:
+    (root / "file").write_bytes(b"")
+    host, svc = setup(root)
+    host.send_file(b"x", "f", str(root / "file"), flags=CopyFlags.CREATE_PATH)
+    pump(host, svc)
+    assert host.status == HV_E_FAIL
+
+
+def test_unicode_names(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(b"x", "Grüße 😀.txt", str(root / "Ünï"), flags=CopyFlags.CREATE_PATH)
+    pump(host, svc)
+    assert (root / "Ünï" / "Grüße 😀.txt").read_bytes() == b"x"
+
+
+def test_invalid_utf16_refused(root: Path) -> None:
+    _, svc = setup(root)
+    raw = bytearray(StartFcopy("x", str(root), 0, 1).pack())
+    raw[36:38] = b"\x00\xd8"  # lone high surrogate
+    assert status_of(svc.handle(fc(bytes(raw)))) == HV_INVALIDARG
+
+
+def test_offset_beyond_file_size(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(os.urandom(10_000), "f", str(root), file_size=5_000)
+    pump(host, svc)
+    assert host.status == HV_INVALIDARG and host.failed_op == "write"
+    assert leftovers(root) == [] and not svc.active
+
+
+def test_fewer_bytes_than_announced(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(os.urandom(1000), "f", str(root), file_size=2000)
+    pump(host, svc)
+    assert host.status == HV_E_FAIL and host.failed_op == "complete"
+    assert leftovers(root) == []
+
+
+def test_malformed_write_messages(root: Path) -> None:
+    _, svc = setup(root)
+    start = fc(StartFcopy("f", str(root), 0, 100_000).pack())
+    assert status_of(svc.handle(start)) == HV_S_OK
+    # size above the fragment: refused, the copy abandoned.
+    bad = bytearray(DoFcopy(0, b"x").pack())
+    struct.pack_into("<I", bad, 48, DATA_FRAGMENT + 1)
+    assert status_of(svc.handle(fc(bytes(bad)))) == HV_INVALIDARG
+    assert not svc.active and leftovers(root) == []
+    # size larger than the bytes present.
+    assert status_of(svc.handle(start)) == HV_S_OK
+    short = DoFcopy(0, bytes(100)).pack(full=False)[:-1]
+    assert status_of(svc.handle(fc(short))) == HV_INVALIDARG
+    # WRITE shorter than its fixed part.
+    assert status_of(svc.handle(start)) == HV_S_OK
+    assert status_of(svc.handle(fc(DoFcopy(0, b"").pack(full=False)[:50]))) == HV_INVALIDARG
+    assert leftovers(root) == []
+
+
+def test_start_too_short(root: Path) -> None:
+    _, svc = setup(root)
+    assert status_of(svc.handle(fc(StartFcopy("f", str(root), 0, 1).pack()[:-1]))) == HV_INVALIDARG
+
+
+def test_ops_without_a_copy(root: Path) -> None:
+    _, svc = setup(root)
+    assert status_of(svc.handle(fc(DoFcopy(0, b"x").pack()))) == HV_E_FAIL
+    assert status_of(svc.handle(fc(FcopyHdr(FcopyOp.COMPLETE_FCOPY).pack()))) == HV_E_FAIL
+    assert status_of(svc.handle(fc(FcopyHdr(9).pack()))) == HV_E_FAIL
+
+
+def test_new_start_abandons_the_old_copy(root: Path) -> None:
+    _, svc = setup(root)
+    assert status_of(svc.handle(fc(StartFcopy("a", str(root), 0, 10).pack()))) == HV_S_OK
+    assert len(leftovers(root)) == 1
+    assert status_of(svc.handle(fc(StartFcopy("b", str(root), 0, 0).pack()))) == HV_S_OK
+    assert status_of(svc.handle(fc(FcopyHdr(FcopyOp.COMPLETE_FCOPY).pack()))) == HV_S_OK
+    assert leftovers(root) == ["b"]
+
+
+def test_close_removes_partial(root: Path) -> None:
+    _, svc = setup(root)
+    assert status_of(svc.handle(fc(StartFcopy("a", str(root), 0, 10).pack()))) == HV_S_OK
+    svc.close()
+    svc.close()
+    assert leftovers(root) == []
+
+
+def test_disk_full(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host, svc = setup(root)
+    real_pwrite = os.pwrite
+    calls = [0]
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    host.send_file(os.urandom(5 * DATA_FRAGMENT), "f", str(root))
+    pump(host, svc)
+    assert host.status == HV_ERROR_DISK_FULL and host.failed_op == "write"
+    assert leftovers(root) == []
+
+
+def test_events_are_deferred(root: Path) -> None:
+    events: list[FcopyEvent] = []
+    host, svc = setup(root, on_event=events.append)
+    host.send_file(b"abc", "f", str(root))
+    req = host.next_request()
+    assert req is not None
+    resp = svc.handle(req)
+    assert resp is not None and events == [] and svc.pending == 1
+    svc.run_pending()
+    host.receive(resp)
+    pump(host, svc)
+    assert [e.kind for e in events] == ["started", "completed"]
+    assert events[1].path == f"{root}/f" and events[1].size == 3
+    host.send_file(b"abc", "f", "/etc")
+    pump(host, svc)
+    assert events[-1].kind == "refused" and "outside" in str(events[-1])
+
+
+def test_file_mode(root: Path) -> None:
+    host, svc = setup(root, file_mode=0o600)
+    host.send_file(b"abc", "f", str(root))
+    pump(host, svc)
+    assert (root / "f").stat().st_mode & 0o777 == 0o600 & ~current_umask()
+
+
+def test_roots_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        FcopyService([tmp_path / "nope"])
+    with pytest.raises(ValueError, match="at least one"):
+        FcopyService([])
+
+
+# Random sequences of well-formed-looking operations: nothing outside the root, no fd leaks,
+# no partial files once closed, and every completed file holds exactly what was written.
+
+_comp = st.sampled_from(["a", "b", "..", ".", "link", "", "ü"])
+
+
+@st.composite
+def fcopy_ops(draw: st.DrawFn, root: str) -> list[bytes]:
+    ops: list[bytes] = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["start", "write", "complete", "cancel"]))
+        if kind == "start":
+            comps = draw(st.lists(_comp, max_size=3))
+            base = draw(st.sampled_from([root, "/tmp", "/", "rel"]))
+            name = draw(st.sampled_from(["f", "g", "..", "a/b", "link", ""]))
+            flags = draw(st.integers(0, 3))
+            size = draw(st.integers(0, 3 * DATA_FRAGMENT) | st.integers(2**62, 2**64 - 1))
+            ops.append(fc(StartFcopy(name, "/".join([base, *comps]), flags, size).pack()))
+        elif kind == "write":
+            off = draw(st.integers(0, 3 * DATA_FRAGMENT) | st.integers(2**62, 2**64 - 1))
+            data = draw(st.binary(max_size=64))
+            ops.append(fc(DoFcopy(off, data).pack(full=draw(st.booleans()))))
+        elif kind == "complete":
+            ops.append(fc(FcopyHdr(FcopyOp.COMPLETE_FCOPY).pack()))
+        else:
+            ops.append(fc(FcopyHdr(FcopyOp.CANCEL_FCOPY).pack()))
+    return ops
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_operation_sequences(tmp_path: Path, data: st.DataObject) -> None:
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    root = base / "root"
+    root.mkdir()
+    (base / "outside").mkdir()
+    (root / "link").symlink_to(base / "outside")
+    fds = len(os.listdir("/proc/self/fd"))
+    svc = FcopyService([root], fsync=False)
+    for msg in data.draw(fcopy_ops(str(root))):
+        resp = svc.handle(msg)
+        assert resp is not None and resp[25] == 5 and svc.stats.errors == 0, svc.stats.last_error
+    svc.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert leftovers(base / "outside") == []
+    assert sorted(p.name for p in base.iterdir()) == ["outside", "root"]
+    assert not [p for p in root.rglob("*") if p.name.endswith(".fcopy-part")]
+    shutil.rmtree(base)
+
+
+def test_directory_in_the_way(root: Path) -> None:
+    (root / "d").mkdir()
+    host, svc = setup(root)
+    host.send_file(b"x", "d", str(root), flags=CopyFlags.OVER_WRITE)
+    pump(host, svc)
+    assert host.status == HV_E_FAIL and leftovers(root) == ["d"]
+
+
+def test_long_path_component() -> None:
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="fc", dir="/tmp"))  # short, so the path fits 260 units
+    try:
+        host, svc = setup(root)
+        host.send_file(b"x", "f", f"{root}/{'ü' * 128}", flags=CopyFlags.CREATE_PATH)  # 256 bytes
+        pump(host, svc)
+        assert host.status == HV_INVALIDARG and leftovers(root) == []
+        host.send_file(b"x", "f", f"{root}/{'ü' * 127}", flags=CopyFlags.CREATE_PATH)  # 254 bytes
+        pump(host, svc)
+        assert host.transfer_state == "done"
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_no_hard_links_fallback(root: Path, monkeypatch: pytest.MonkeyPatch, exists: bool) -> None:
+    def no_link(*args: object, **kw: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    host, svc = setup(root)
+    host.send_file(b"new", "f", str(root))
+    host.receive(svc.handle(host.next_request() or b"") or b"")  # START
+    if exists:
+        (root / "f").write_bytes(b"theirs")
+    monkeypatch.setattr(os, "link", no_link)
+    pump(host, svc)
+    if exists:
+        assert host.status == HV_ERROR_ALREADY_EXISTS and (root / "f").read_bytes() == b"theirs"
+    else:
+        assert host.transfer_state == "done" and (root / "f").read_bytes() == b"new"
+    assert leftovers(root) == ["f"]
+
+
+def test_start_os_error(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def full_open(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    host, svc = setup(root)
+    monkeypatch.setattr(os, "open", full_open)
+    host.send_file(b"x", "f", str(root))
+    pump(host, svc)
+    assert host.status == HV_ERROR_DISK_FULL and leftovers(root) == []
+
+
+def test_huge_sizes(root: Path) -> None:
+    _, svc = setup(root)
+    assert status_of(svc.handle(fc(StartFcopy("f", str(root), 0, 2**63).pack()))) == HV_INVALIDARG
+    assert status_of(svc.handle(fc(StartFcopy("f", str(root), 0, 2**63 - 1).pack()))) == HV_S_OK
+    # Beyond what the file system takes (EFBIG): a failure status, the copy abandoned.
+    assert status_of(svc.handle(fc(DoFcopy(2**63 - 2, b"x").pack()))) == HV_E_FAIL
+    assert not svc.active and leftovers(root) == [] and svc.stats.errors == 0

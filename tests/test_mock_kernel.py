@@ -1,0 +1,280 @@
+"""The mock kernel, generation by generation (SPEC sections 1 and 8): masks, writes, signals,
+the shared event counter, subchannels, rescind, probe refusals, sysfs counters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pyvmbus import binding
+from pyvmbus.errors import DeviceRescinded
+from pyvmbus.mock import MockVmbus
+from pyvmbus.mock.generations import GENERATIONS, generation
+from pyvmbus.mock.guest import RawGuest
+from pyvmbus.packet import PacketType
+from pyvmbus.sysfs import Sysfs
+
+GENS = list(GENERATIONS)
+ALLOWS_UNMONITORED = [g for g in GENS if not generation(g).refuses_unmonitored]
+
+
+def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def dev_dir(mock: MockVmbus, guid: str) -> Path:
+    return mock.root / "sys" / "bus" / "vmbus" / "devices" / guid
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", GENS)
+def test_mask_after_open(kernel: str) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            assert g.primary.rx.interrupt_mask == int(generation(kernel).masks_on_open)
+            assert g.primary.tx.interrupt_mask == 0
+            assert g.primary.rx.feature_bits == 1  # hv_ringbuffer_init
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", GENS)
+def test_mask_on_interrupt(kernel: str) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            g.primary.rx.interrupt_mask = 0  # the client owns the mask: no write here
+            mock.command(guid, "send", payload=b"one")
+            assert g.dev.wait(5) == 1
+            assert g.primary.rx.interrupt_mask == int(generation(kernel).masks_on_interrupt)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", GENS)
+def test_client_that_does_not_unmask_hangs_where_the_kernel_masks(kernel: str) -> None:
+    """After an interrupt, a client that never unmasks hears of the next packet only on
+    generations whose kernel leaves the mask alone."""
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            g.primary.rx.interrupt_mask = 0
+            mock.command(guid, "send", payload=b"one")
+            assert g.dev.wait(5) is not None
+            assert g.primary.read() is not None
+            mock.command(guid, "send", payload=b"two")  # ring empty again: a transition
+            second = g.dev.wait(0.3)
+            assert (second is None) == generation(kernel).masks_on_interrupt
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", GENS)
+def test_unmasking_never_interrupts_so_waiting_without_recheck_hangs(kernel: str) -> None:
+    """The host interrupts only on empty -> non-empty of an unmasked ring: a packet written
+    while masked stays silent after the unmask (the lost wakeup of SPEC section 8)."""
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            g.primary.rx.interrupt_mask = 1
+            mock.command(guid, "send", payload=b"while masked")
+            assert g.primary.rx.available_to_read() > 0
+            g.dev.irqcontrol(True)
+            g.primary.rx.interrupt_mask = 0
+            assert g.dev.wait(0.3) is None  # a client that does not re-check sleeps here
+            assert g.recv(1) is not None  # RawGuest re-checks after unmasking
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", GENS)
+def test_write_masks_per_generation(kernel: str) -> None:
+    gen = generation(kernel)
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            (relid,) = mock.offer_subchannels(guid, 1)
+            sub = g.subchannel(relid)
+            assert sub.rx.interrupt_mask == int(gen.masks_on_open)  # masked on creation
+            for ch in (g.primary, sub):
+                ch.rx.interrupt_mask = 0
+            g.dev.irqcontrol(False)  # synchronous, as on the real node
+            assert g.primary.rx.interrupt_mask == int(gen.write_touches_mask)
+            assert sub.rx.interrupt_mask == int(gen.write_touches_mask and gen.write_covers_subchannels)
+            for ch in (g.primary, sub):
+                ch.rx.interrupt_mask = 1
+            g.dev.irqcontrol(True)
+            assert g.primary.rx.interrupt_mask == int(not gen.write_touches_mask)
+            covers = gen.write_touches_mask and gen.write_covers_subchannels
+            assert sub.rx.interrupt_mask == int(not covers)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", ALLOWS_UNMONITORED)
+def test_write_of_1_signals_a_non_monitored_host(kernel: str) -> None:
+    gen = generation(kernel)
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo", monitored=False)
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid, unmask_with_write=False) as g:
+            assert not g.primary.monitored
+            (relid,) = mock.offer_subchannels(guid, 1)
+            sub = g.subchannel(relid)
+            assert not sub.monitored
+            g.primary.tx.write(b"p", transaction_id=1)  # written, not signalled
+            sub.tx.write(b"s", transaction_id=2)
+            time.sleep(0.05)
+            assert mock.host_stats(guid)["packets_in"] == 0
+            g.dev.irqcontrol(True)
+            stats = mock.host_stats(guid)
+            assert stats["channels"][stats["relid"]]["signals"] == int(gen.signal_on_unmask)
+            assert stats["channels"][relid]["signals"] == int(gen.signal_subchannels)
+            assert stats["packets_in"] == int(gen.signal_on_unmask) + int(gen.signal_subchannels)
+            state = mock.kernel_state(guid)
+            assert state["channels"][stats["relid"]]["sig_events"] == int(gen.signal_on_unmask)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", ["5.15", "6.6-lts"])
+def test_old_kernels_refuse_unmonitored_channels(kernel: str) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("heartbeat")
+        assert Sysfs(mock.root).device(guid).monitor_id is None
+        assert mock.bind_uio(guid) is None
+        assert Sysfs(mock.root).device(guid).uio_name is None
+        assert not list((mock.root / "dev").glob("uio*"))
+        assert any("requires hypercall" in line for line in mock.kernel_log())
+        echo = mock.add_device("echo")  # monitored: fine
+        assert mock.bind_uio(echo) == "uio0"
+
+
+@pytest.mark.timeout(30)
+def test_event_counter_is_shared_by_primary_and_subchannels() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            relids = mock.offer_subchannels(guid, 2)
+            subs = [g.subchannel(r) for r in relids]
+            g.unmask_all()
+            counts = []
+            for index, ch in ((1, subs[0]), (2, subs[1]), (0, g.primary)):
+                mock.command(guid, "send", subchannel=index, payload=b"x")
+                counts.append(g.dev.wait(5))
+                pkt = ch.read()
+                assert pkt is not None and pkt.payload.rstrip(b"\0") == b"x"
+            assert counts == [1, 2, 3]
+            state = mock.kernel_state(guid)
+            assert [state["channels"][r]["interrupts"] for r in (*relids, state["relid"])] == [1, 1, 1]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", ["6.18", "5.15"])
+def test_subchannel_ring_files_appear_later_and_go_with_the_last_close(kernel: str) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        g = RawGuest(mock.root, guid)
+        t0 = time.monotonic()
+        relids = mock.offer_subchannels(guid, 3)
+        rings = [mock.root / "sys" / "bus" / "vmbus" / "devices" / guid / "channels" / str(r) / "ring"
+                 for r in relids]
+        if time.monotonic() - t0 < 0.03:
+            assert not any(p.exists() for p in rings)  # not yet: hv_uio_new_channel runs later
+        assert until(lambda: all(p.exists() for p in rings))
+        for p in rings:
+            assert p.stat().st_size == 4 << 20  # 2 x 2 MiB on every generation
+            assert p.stat().st_mode & 0o777 == 0o600
+        info = Sysfs(mock.root).device(guid)
+        assert [c.subchannel_id for c in info.channels()] == [0, 1, 2, 3]
+        assert mock.host_stats(guid)["subchannels"] == relids
+        g.close()
+        assert until(lambda: not any(p.parent.exists() for p in rings))
+        assert [c.subchannel_id for c in info.channels()] == [0]
+
+
+@pytest.mark.timeout(30)
+def test_rescind_and_reoffer_on_the_newest_kernel() -> None:
+    with MockVmbus(kernel="6.18") as mock:
+        guid = mock.add_device("echo")
+        name = binding.bind(mock.root, guid)
+        g = RawGuest(mock.root, guid)
+        mock.rescind(guid)
+        assert not dev_dir(mock, guid).exists()
+        assert not (mock.root / "dev" / name).exists()
+        with pytest.raises(DeviceRescinded):
+            g.dev.wait(5)
+        g.close()
+        mock.reoffer(guid)
+        info = Sysfs(mock.root).device(guid)
+        assert info.driver is None and info.driver_override is None  # a new device object
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g2:
+            g2.primary.send(b"again", flags=1, transaction_id=5)
+            pkt = g2.recv(5)
+            assert pkt is not None and pkt.type == PacketType.COMP and pkt.transaction_id == 5
+
+
+@pytest.mark.timeout(30)
+def test_rescind_on_an_old_kernel_keeps_an_opened_device() -> None:
+    with MockVmbus(kernel="5.15") as mock:
+        opened = mock.add_device("echo")
+        never = mock.add_device("echo")
+        binding.bind(mock.root, opened)
+        binding.bind(mock.root, never)
+        g = RawGuest(mock.root, opened)
+        mock.rescind(opened)
+        mock.rescind(never)
+        with pytest.raises(DeviceRescinded):
+            g.dev.wait(5)
+        g.close()
+        assert dev_dir(mock, opened).exists()
+        assert not dev_dir(mock, never).exists()  # no rescind callback yet
+        assert Sysfs(mock.root).device(opened).uio_name == "uio0"
+        assert mock.kernel_state(opened)["rescinded"]
+        mock.reoffer(opened)  # the stale device goes, the new one comes
+        assert not mock.kernel_state(opened)["rescinded"]
+        assert binding.bind(mock.root, opened) is not None
+
+
+@pytest.mark.timeout(30)
+def test_unbind_while_open_and_remove_device() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        g = RawGuest(mock.root, guid)
+        binding.unbind(mock.root, guid)
+        with pytest.raises(DeviceRescinded):
+            g.dev.wait(5)
+        g.close()
+        assert mock.kernel_state(guid)["uio"] is None
+        assert mock.host_stats(guid)["open"] is False
+        mock.remove_device(guid)
+        assert not dev_dir(mock, guid).exists()
+
+
+@pytest.mark.timeout(30)
+def test_sysfs_counters_follow_the_rings() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        info = Sysfs(mock.root).device(guid)
+        with RawGuest(mock.root, guid) as g:
+            g.unmask_all()
+            mock.command(guid, "send", payload=b"z" * 100)
+            assert g.dev.wait(5) == 1
+            chan = info.channel(info.relid)
+            assert until(lambda: chan.interrupts == 1 and (chan.read_avail or 0) > 0, 2)
+            assert until(lambda: getattr(info.uio(), "event", None) == 1, 2)
+            assert info.state == 3
+        assert until(lambda: info.state == 2)

@@ -1,0 +1,300 @@
+"""The uio transport: both node types, map sizes, 4-byte semantics, EIO / EOF, ring files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pyvmbus import binding
+from pyvmbus.errors import DeviceNotFound, DeviceRescinded, HostCrashed, VmbusError
+from pyvmbus.mock import MockVmbus
+from pyvmbus.mock.guest import RawGuest
+from pyvmbus.uio import MOCK_ACK, MOCK_OK, UioDevice, connect_unix
+
+
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _fake_uio_sysfs(root: Path, name: str, sizes: list[int]) -> None:
+    for k, size in enumerate(sizes):
+        d = root / "sys" / "class" / "uio" / name / "maps" / f"map{k}"
+        d.mkdir(parents=True)
+        (d / "name").write_text(["txrx_rings", "int_page", "monitor_page"][k] + "\n")
+        (d / "size").write_text(f"0x{size:016x}\n")
+
+
+def test_kernel_transport_on_a_character_device(tmp_path: Path) -> None:
+    """A character device takes the kernel path: mmap at k * PAGE_SIZE, 4-byte read/write.
+
+    /dev/zero stands in for /dev/uioN: it maps, reads zeros (count 0) and swallows writes.
+    (Only map 0: a shared mapping of /dev/zero at a page offset is past its end.)
+    """
+    (tmp_path / "dev").mkdir()
+    os.symlink("/dev/zero", tmp_path / "dev" / "uio0")
+    _fake_uio_sysfs(tmp_path, "uio0", [2 * 0x5000])
+    with UioDevice.open(tmp_path, "uio0", "g") as dev:
+        assert dev.kind == "kernel"
+        assert [(m.index, m.name, m.size) for m in dev.maps] == [(0, "txrx_rings", 0xA000)]
+        ring = dev.map("txrx_rings").array
+        assert len(ring) == 0xA000
+        ring[0xA000 - 1] = 7  # writable, shared
+        assert dev.wait(1.0) == 0
+        assert dev.read_event() == 0
+        dev.irqcontrol(True)
+        assert select.select([dev.fileno()], [], [], 0)[0]
+    dev.close()  # idempotent
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(DeviceNotFound):
+        UioDevice.open(tmp_path, "uio0")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "uio0").write_text("")
+    with pytest.raises(DeviceNotFound):  # no maps in sysfs
+        UioDevice.open(tmp_path, "uio0")
+    _fake_uio_sysfs(tmp_path, "uio0", [8192])
+    with pytest.raises(VmbusError, match="neither a character device"):
+        UioDevice.open(tmp_path, "uio0")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("kernel", "what", "ring"), [
+    ("6.10", "fcopy", 0x4000),       # pref_ring_size as is
+    ("6.18", "fcopy", 0x5000),       # VMBUS_RING_SIZE adds the header page
+    ("6.10", "echo", 0x11000),       # HV_UNKNOWN
+    ("5.15", "echo", 0x200000),      # always 2 MiB before 6.10
+    ("6.18", "network", 0x200000),
+])
+def test_map_sizes_per_class_and_generation(kernel: str, what: str, ring: int) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device(what)
+        name = binding.bind(mock.root, guid, force=True)
+        with UioDevice.open(mock.root, name, guid) as dev:
+            sizes = {m.name.split(":")[0]: m.size for m in dev.maps}
+            assert sizes["txrx_rings"] == 2 * ring
+            assert sizes["int_page"] == sizes["monitor_page"] == 4096
+            nic_maps = what == "network" or kernel == "5.15"
+            assert ("recv" in sizes) == nic_maps
+            if nic_maps:
+                assert sizes["recv"] == 31 << 20 and sizes["send"] == 16 << 20
+                assert dev.map("recv:").size == 31 << 20
+
+
+@pytest.mark.timeout(30)
+def test_wire_is_exactly_4_byte_reads_and_writes() -> None:
+    """A raw client: the handshake, then 4-byte events; writes are exactly 4 bytes or EINVAL."""
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        name = mock.bind_uio(guid)
+        assert name is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(5)
+        connect_unix(sock, mock.root / "dev" / name)
+        msg, fds, _, _ = socket.recv_fds(sock, 4096, 8)
+        assert msg[:4] == MOCK_OK and len(fds) == 3 + 1  # 3 maps + the write socket
+        for fd in fds[:3]:
+            os.close(fd)
+        wsock = socket.socket(fileno=fds[3])
+        wsock.settimeout(5)
+        sock.send(MOCK_ACK)
+        relid = mock.kernel_state(guid)["relid"]
+
+        def in_mask() -> int:
+            return int(mock.kernel_state(guid)["channels"][relid]["in_mask"])
+
+        def write(data: bytes) -> int:
+            wsock.send(data)
+            status = wsock.recv(16)
+            assert len(status) == 4
+            return int(struct.unpack("=I", status)[0])
+
+        assert write(struct.pack("=i", 0)) == 0  # mask; applied before the answer
+        assert in_mask() == 1
+        assert write(b"\x01\x00\x00") == errno.EINVAL  # uio_write: exactly 4 bytes
+        assert write(struct.pack("=q", 1)) == errno.EINVAL
+        assert mock.kernel_state(guid)["einval"] == 2
+        assert in_mask() == 1
+        assert any("-EINVAL" in line for line in mock.kernel_log())
+        sock.send(struct.pack("=i", 1))  # on the node socket: asynchronous irqcontrol
+        assert _until(lambda: in_mask() == 0)
+        mock.command(guid, "send", payload=b"x" * 8)
+        event = sock.recv(64)
+        assert len(event) == 4 and struct.unpack("=I", event)[0] == 1
+        wsock.close()
+        sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_wait_timeout_fileno_and_event_count() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            t0 = time.monotonic()
+            assert g.dev.wait(0.05) is None  # a timeout is None, not an exception
+            assert time.monotonic() - t0 >= 0.04
+            assert g.dev.read_event() is None
+            g.unmask_all()
+            mock.command(guid, "send", payload=b"a")
+            assert select.select([g.dev.fileno()], [], [], 5)[0]
+            assert g.dev.read_event() == 1
+            assert g.primary.read() is not None
+            g.unmask_all()
+            mock.command(guid, "send", payload=b"b")
+            assert g.dev.wait(5) == 2  # cumulative
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", ["6.18", "5.15"])
+def test_eio_after_rescind(kernel: str) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        name = binding.bind(mock.root, guid)
+        dev = UioDevice.open(mock.root, name, guid)
+        mock.rescind(guid)
+        with pytest.raises(DeviceRescinded) as info:
+            dev.wait(5)
+        assert not isinstance(info.value, HostCrashed)
+        assert dev.rescinded
+        with pytest.raises(DeviceRescinded):
+            dev.irqcontrol(True)
+        with pytest.raises(DeviceRescinded):
+            dev.wait(0)
+        dev.close()
+        dev_dir = mock.root / "sys" / "bus" / "vmbus" / "devices" / guid
+        if kernel == "6.18":  # unregistered: node and device vanish
+            assert not (mock.root / "dev" / name).exists()
+            assert not dev_dir.exists()
+            with pytest.raises(DeviceNotFound):
+                UioDevice.open(mock.root, name, guid)
+        else:  # old kernels keep the device; opens fail
+            assert (mock.root / "dev" / name).exists()
+            assert dev_dir.exists()
+            with pytest.raises(DeviceRescinded):
+                UioDevice.open(mock.root, name, guid)
+
+
+@pytest.mark.timeout(30)
+def test_write_after_rescind_is_eio() -> None:
+    """The kernel closed its end after EIO: a write finds the EIO message, not a crash."""
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        dev = UioDevice.open(mock.root, binding.bind(mock.root, guid), guid)
+        mock.rescind(guid)
+        time.sleep(0.05)
+        with pytest.raises(DeviceRescinded) as info:
+            for _ in range(100):
+                dev.irqcontrol(True)
+                time.sleep(0.01)
+        assert not isinstance(info.value, HostCrashed)
+        dev.close()
+
+
+@pytest.mark.timeout(30)
+def test_host_crash_is_host_crashed() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        name = binding.bind(mock.root, guid)
+        dev = UioDevice.open(mock.root, name, guid)
+        mock.fault(guid, "crash")
+        assert not mock.alive
+        with pytest.raises(HostCrashed) as info:
+            dev.wait(5)
+        assert isinstance(info.value, DeviceRescinded)  # handled like a rescind
+        with pytest.raises(HostCrashed):
+            UioDevice.open(mock.root, name, guid)
+        dev.close()
+        with pytest.raises(HostCrashed):
+            mock.host_stats(guid)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", ["6.18", "6.10"])
+def test_ring_file_maps_the_same_memory_as_map0(kernel: str) -> None:
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        name = binding.bind(mock.root, guid)
+        ring_path = mock.root / "sys" / "bus" / "vmbus" / "devices" / guid / "channels" / "1" / "ring"
+        st = ring_path.stat()
+        assert st.st_mode & 0o777 == 0o600
+        with UioDevice.open(mock.root, name, guid) as dev:
+            map0 = dev.map("txrx_rings")
+            # 6.10 shows a fixed 4 MiB whatever the ring; newest the real size.
+            assert st.st_size == (4 << 20 if kernel == "6.10" else map0.size)
+            ring = dev.map_ring_file(ring_path, map0.size)
+            assert len(ring) == map0.size
+            ring[4096 + 100] = 0x5A
+            assert map0.array[4096 + 100] == 0x5A
+            with pytest.raises(VmbusError):
+                dev.map_ring_file(ring_path, 1000)  # not a page multiple
+
+
+@pytest.mark.timeout(30)
+def test_last_close_loses_ring_state_and_opens_share() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo", monitored=True)
+        name = binding.bind(mock.root, guid)
+        a = RawGuest(mock.root, guid)
+        a.primary.tx.write(b"not signalled")
+        assert a.primary.tx.write_index != 0
+        b = UioDevice.open(mock.root, name, guid)  # a second open: nothing reset
+        assert a.primary.tx.write_index != 0
+        assert mock.kernel_state(guid)["opencount"] == 2
+        a.close()
+        b.close()
+        deadline = time.monotonic() + 5
+        while mock.kernel_state(guid)["opencount"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mock.host_stats(guid)["open"] is False
+        with RawGuest(mock.root, guid) as c:  # reopened: hv_ringbuffer_init again
+            assert c.primary.tx.write_index == 0
+            assert c.primary.tx.feature_bits == 1 and c.primary.rx.feature_bits == 1
+
+
+@pytest.mark.timeout(30)
+def test_long_root_path(tmp_path: Path) -> None:
+    """A root too deep for sun_path (107 bytes) still works (through /proc/self/fd)."""
+    root = tmp_path / ("d" * 60) / ("e" * 60)
+    with MockVmbus(root=root) as mock:
+        guid = mock.add_device("echo")
+        name = binding.bind(mock.root, guid)
+        assert len(os.fsencode(mock.root / "dev" / name)) > 107
+        with RawGuest(mock.root, guid) as g:
+            g.primary.send(b"ping", transaction_id=9)
+            pkt = g.recv(5)
+            assert pkt is not None and pkt.transaction_id == 9
+    assert root.exists()  # a root of the caller's is left in place
+
+
+def test_errno_translation_of_kernel_transport(tmp_path: Path) -> None:
+    """EIO from a real node's read or write is DeviceRescinded (simulated with a fake transport)."""
+    (tmp_path / "dev").mkdir()
+    os.symlink("/dev/zero", tmp_path / "dev" / "uio0")
+    _fake_uio_sysfs(tmp_path, "uio0", [8192])
+    dev = UioDevice.open(tmp_path, "uio0", "guid-x")
+    transport = dev._transport
+    assert transport is not None
+
+    def eio(*_: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    transport.read_blocking = eio  # type: ignore[method-assign]
+    with pytest.raises(DeviceRescinded, match="guid-x"):
+        dev.wait(None)
+    with pytest.raises(DeviceRescinded):
+        dev.irqcontrol(False)
+    dev.close()
