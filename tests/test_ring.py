@@ -702,3 +702,17 @@ def test_extra_header_as_any_buffer() -> None:
     rb.write(b"r", 6, 0, 3, extra_header=memoryview(b""))
     pkts, _ = rb.read_batch(3)
     assert [p.extra_header for p in pkts] == [b"\0\0\0\0\1\0\0\0", bytes(8), b""]
+
+
+def test_without_the_class_swap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a Python refused the __class__ swap, packets come from the slot setters."""
+    from pyvmbus import packet, ring
+
+    monkeypatch.setattr(packet, "_BUILDER_OK", False)
+    monkeypatch.setattr(ring, "_BUILDER_OK", False)
+    assert _make_packet(6, 1, 2, b"x", b"", None, None) == Packet(6, 1, 2, b"x")
+    _, rb = make()
+    rb.write(b"abc", 11, 1, 9)
+    rb.write(b"def", 6, 0, 10)
+    assert rb.read() == Packet(11, 1, 9, b"abc" + bytes(5))
+    assert rb.read_batch(2)[0] == [Packet(6, 0, 10, b"def" + bytes(5))]

@@ -24,9 +24,14 @@ from pyvmbus.ring import RingBuffer
 
 
 def _find_vectors() -> Path | None:
-    """$PYVMBUS_VECTORS, else shared/vectors/ in a folder above this checkout."""
+    """$PYVMBUS_VECTORS, else the copy in tests/vectors/, else shared/vectors/ above the checkout."""
     env = os.environ.get("PYVMBUS_VECTORS")
-    candidates = [Path(env)] if env else [p / "shared" / "vectors" for p in Path(__file__).resolve().parents]
+    here = Path(__file__).resolve()
+    candidates = (
+        [Path(env)]
+        if env
+        else [here.parent / "vectors", *(p / "shared" / "vectors" for p in here.parents)]
+    )
     for folder in candidates:
         if (folder / "ring-dpdk.jsonl").is_file():
             return folder / "ring-dpdk.jsonl"

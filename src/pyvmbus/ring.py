@@ -450,7 +450,7 @@ class RingBuffer:
         _fence()  # hv_signal_on_write: virt_mb(), our index store -> the reader's fields
         if _load32(mv, _OFF_MASK):
             return False  # the reader is draining and will see the packet
-        return bool(_load32(mv, _OFF_READ) == w)  # empty -> non-empty only
+        return _load32(mv, _OFF_READ) == w  # empty -> non-empty only
 
     def write_batch(self, packets: Iterable[PacketSpec]) -> bool:
         """Write several packets with one index update and one signal decision.
@@ -528,7 +528,7 @@ class RingBuffer:
         # virt_rmb() "check interrupt_mask before read_index": both loads are seq_cst,
         # so they happen in program order. Signal only on empty -> non-empty (Hyper-V
         # throttles guests that signal when it does not expect it).
-        return bool(_load32(mv, _OFF_READ) == old)
+        return _load32(mv, _OFF_READ) == old
 
     def set_pending_send_size(self, nbytes: int) -> bool:
         """Ask the reader to signal once more than ``nbytes`` are free (a blocked writer).
@@ -583,6 +583,9 @@ class RingBuffer:
     def _take(self, pos: int, avail: int, w: int) -> tuple[Packet, int]:
         """Copy out and check the packet at ``pos``; (packet, bytes it takes with its trailer).
 
+        The general parser: read() and read_batch() handle the common packet inline and
+        come here for everything else (a wrap, an extra header, a range list, an error).
+
         Raises RingCorrupt before anything is consumed. Each byte of shared memory is
         read once: the descriptor into local ints, the rest into private bytes, and only
         those copies are parsed (the host may rewrite the ring at any time; the kernel's
@@ -612,18 +615,8 @@ class RingBuffer:
             start -= dsize
         end = start + size - hlen
         payload = data[start:end].tobytes() if end <= dsize else self._get(start, size - hlen)
-        if off8 == 2 and typ != 7 and typ != 9 and _BUILDER_OK:
-            # _make_packet, inlined: this is the path of nearly every packet.
-            pkt = _new(_Builder)
-            pkt.type = typ
-            pkt.flags = flags
-            pkt.transaction_id = tid
-            pkt.payload = payload
-            pkt.extra_header = b""
-            pkt.transfer_pages = None
-            pkt.gpa_ranges = None
-            pkt.__class__ = Packet  # type: ignore[assignment]
-            return pkt, size + TRAILER_SIZE  # type: ignore[return-value]
+        if off8 == 2 and typ != 7 and typ != 9:
+            return _make_packet(typ, flags, tid, payload, b"", None, None), size + TRAILER_SIZE
         ext_pos = pos + DESCRIPTOR_SIZE
         extra = self._get(ext_pos - dsize if ext_pos >= dsize else ext_pos, hlen - DESCRIPTOR_SIZE)
         transfer = parse_transfer_pages(extra) if typ == PacketType.DATA_USING_XFER_PAGES else None
@@ -649,7 +642,30 @@ class RingBuffer:
         if w == r:
             self.read_signal = False
             return None
-        pkt, used = self._take(r, w - r if w > r else dsize - r + w, w)
+        avail = w - r if w > r else dsize - r + w
+        data = self._data
+        # Fast path for the common packet: in-band (offset8 == 2), not wrapping, framed
+        # right. It accepts only what _take accepts and builds the same Packet; anything
+        # else (a wrap, an extra header, a range list, any error) goes to _take.
+        if avail >= _MIN_PACKET and r + DESCRIPTOR_SIZE <= dsize and _BUILDER_OK:
+            typ, off8, len8, flags, tid = _DESC_UNPACK_FROM(data, r)  # one copy of the descriptor
+            end = r + (len8 << 3)
+            used = (len8 << 3) + TRAILER_SIZE
+            if off8 == 2 and len8 >= 2 and used <= avail and end <= dsize and typ != 7 and typ != 9:
+                fresh = _new(_Builder)  # _make_packet, inlined
+                fresh.type = typ
+                fresh.flags = flags
+                fresh.transaction_id = tid
+                fresh.payload = data[r + DESCRIPTOR_SIZE : end].tobytes()
+                fresh.extra_header = b""
+                fresh.transfer_pages = None
+                fresh.gpa_ranges = None
+                fresh.__class__ = Packet  # type: ignore[assignment]
+                pkt: Packet = fresh  # type: ignore[assignment]
+            else:
+                pkt, used = self._take(r, avail, w)
+        else:
+            pkt, used = self._take(r, avail, w)
         new = r + used
         if new >= dsize:
             new -= dsize
@@ -682,17 +698,41 @@ class RingBuffer:
             raise self._bad_indices(w, r)
         avail = w - r if w >= r else dsize - r + w
         packets: list[Packet] = []
+        append = packets.append
+        data = self._data
         pos = r
         for _ in range(max_count):
-            if not avail:
-                break
+            if avail < _MIN_PACKET:
+                if not avail:
+                    break
+            elif pos + DESCRIPTOR_SIZE <= dsize and _BUILDER_OK:
+                # The fast path of read(), for the same common packet (see there).
+                typ, off8, len8, flags, tid = _DESC_UNPACK_FROM(data, pos)
+                end = pos + (len8 << 3)
+                used = (len8 << 3) + TRAILER_SIZE
+                if off8 == 2 and len8 >= 2 and used <= avail and end <= dsize and typ != 7 and typ != 9:
+                    fresh = _new(_Builder)
+                    fresh.type = typ
+                    fresh.flags = flags
+                    fresh.transaction_id = tid
+                    fresh.payload = data[pos + DESCRIPTOR_SIZE : end].tobytes()
+                    fresh.extra_header = b""
+                    fresh.transfer_pages = None
+                    fresh.gpa_ranges = None
+                    fresh.__class__ = Packet  # type: ignore[assignment]
+                    append(fresh)  # type: ignore[arg-type]
+                    pos = end + TRAILER_SIZE
+                    if pos >= dsize:
+                        pos -= dsize
+                    avail -= used
+                    continue
             try:
                 pkt, used = self._take(pos, avail, w)
             except RingCorrupt:
                 if packets:
                     break  # deliver the good ones; the bad one raises on the next call
                 raise
-            packets.append(pkt)
+            append(pkt)
             pos += used
             if pos >= dsize:
                 pos -= dsize
