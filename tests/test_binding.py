@@ -383,3 +383,20 @@ def test_resolve_stays_inside_the_root(tmp_path: Path) -> None:
     assert binding._resolve(tmp_path, tmp_path / "a/loop") is None
     assert binding._resolve(tmp_path, tmp_path / "a/missing") is None
     assert binding._resolve(tmp_path, Path("/elsewhere")) is None
+
+
+def test_device_rescinded_before_the_first_write_is_not_a_missing_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device vanishes between lookup and the first write: rescinded, not 'modprobe'."""
+    with make(tmp_path) as core:
+        real = binding.guard_rails
+
+        def vanish(root: object, guid: str) -> list[str]:
+            found = real(root, guid)  # type: ignore[arg-type]
+            core.remove_device(NET)
+            return found
+
+        monkeypatch.setattr(binding, "guard_rails", vanish)
+        with pytest.raises(DeviceRescinded, match=NET):
+            bind(tmp_path, NET, timeout=1.0)

@@ -245,6 +245,11 @@ def test_rescind_on_an_old_kernel_keeps_an_opened_device() -> None:
         mock.reoffer(opened)  # the stale device goes, the new one comes
         assert not mock.kernel_state(opened)["rescinded"]
         assert binding.bind(mock.root, opened) is not None
+        RawGuest(mock.root, opened).close()  # opened once: the rescind callback is set
+        mock.rescind(opened)
+        assert dev_dir(mock, opened).exists()
+        mock.remove_device(opened)  # a hot-remove takes it away for good
+        assert not dev_dir(mock, opened).exists()
 
 
 @pytest.mark.timeout(30)
@@ -278,3 +283,18 @@ def test_sysfs_counters_follow_the_rings() -> None:
             assert until(lambda: getattr(info.uio(), "event", None) == 1, 2)
             assert info.state == 3
         assert until(lambda: info.state == 2)
+
+
+@pytest.mark.timeout(30)
+def test_subchannels_offered_but_not_yet_created_go_with_the_close() -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        g = RawGuest(mock.root, guid)
+        relids = mock.offer_subchannels(guid, 2)
+        g.close()  # before hv_uio_new_channel ran (~50 ms)
+        assert until(lambda: mock.host_stats(guid)["subchannels"] == [])
+        time.sleep(0.1)  # the pending creation finds the primary closed and does nothing
+        assert [c.relid for c in Sysfs(mock.root).device(guid).channels()] == [1]
+        with RawGuest(mock.root, guid):
+            assert mock.offer_subchannels(guid, 2) == relids  # relids were released

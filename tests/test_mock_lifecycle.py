@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,38 @@ def test_the_mock_process_cleans_up_when_its_owner_dies() -> None:
     out = subprocess.run([sys.executable, "-c", _ORPHAN], capture_output=True, text=True, timeout=20,
                          check=True)
     root_text, pid_text = out.stdout.split()
+    root, pid = Path(root_text), int(pid_text)
+    deadline = time.monotonic() + 10
+    while (root.exists() or not _gone(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not root.exists()
+    assert _gone(pid)
+
+
+_SLEEPER = """
+import time
+from pyvmbus.mock import MockVmbus
+m = MockVmbus().start()
+print(m.root, m.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_to_the_whole_process_group_leaves_nothing_behind() -> None:
+    """``timeout``, service managers and test runners signal the whole group: the owner
+    dies at once, so the mock process must clean up on its own."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLEEPER], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        root_text, pid_text = proc.stdout.readline().split()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     root, pid = Path(root_text), int(pid_text)
     deadline = time.monotonic() + 10
     while (root.exists() or not _gone(pid)) and time.monotonic() < deadline:

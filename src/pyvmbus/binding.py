@@ -132,9 +132,17 @@ def _check_access(root: Path, guid: Guid, action: str, paths: list[Path]) -> Non
             raise NotPermitted(str(p), f"{action} {guid}: write")
 
 
-def _require(path: Path, driver: str) -> None:
-    if not path.exists():
-        raise DriverNotLoaded(driver, str(path))
+def _require(path: Path, driver: str, device: Path | None = None) -> None:
+    """A sysfs file we are about to write must exist; say why when it does not.
+
+    A missing file under the device's own folder means the device went away (rescinded
+    between lookup and write), not a missing driver: "modprobe" would be the wrong advice.
+    """
+    if path.exists():
+        return
+    if device is not None and not device.exists():
+        raise DeviceRescinded(device.name, f"{device} vanished while binding")
+    raise DriverNotLoaded(driver, str(path))
 
 
 def _write(path: Path, text: str, guid: Guid, action: str) -> int:
@@ -215,7 +223,7 @@ def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeou
         writes.append((unbind_path, str(g)))
     writes.append(final)
     for path, _ in writes:
-        _require(path, UIO_DRIVER if path.parent == uio_dir else "hv_vmbus")
+        _require(path, UIO_DRIVER if path.parent == uio_dir else "hv_vmbus", dev.path)
     _check_access(rootp, g, "bind", [p for p, _ in writes])
 
     old = read_record(rootp, g)
@@ -317,7 +325,7 @@ def restore(root: str | os.PathLike[str], guid: str, *, timeout: float = 10.0) -
         else:
             writes.append((bus / "drivers_probe", str(g)))
     for path, _ in writes:
-        _require(path, path.parent.name if path.parent.parent == fs.drivers_dir else "hv_vmbus")
+        _require(path, path.parent.name if path.parent.parent == fs.drivers_dir else "hv_vmbus", dev.path)
     if writes:
         _check_access(rootp, g, "restore", [p for p, _ in writes])
     for path, text in writes:

@@ -42,8 +42,9 @@ from .. import errors as _errors
 from ..errors import HostCrashed, Timeout
 from ..guid import Guid, parse_guid
 from .generations import DEFAULT_GENERATION, KernelGeneration, generation
+from .models import ECHO_CLASS_GUID, DeviceModel, HostChannel, register_model
 
-__all__ = ["FAULTS", "MockVmbus"]
+__all__ = ["ECHO_CLASS_GUID", "FAULTS", "DeviceModel", "HostChannel", "MockVmbus", "register_model"]
 
 FAULTS = ("corrupt", "stall", "resume", "storm", "crash")
 """What :meth:`MockVmbus.fault` accepts."""

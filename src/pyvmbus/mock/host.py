@@ -30,7 +30,6 @@ import ctypes
 import ctypes.util
 import mmap
 import struct
-import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from .models import (
     model_class,
     model_for_class,
 )
+from .models import models as registered_models
 
 __all__ = [
     "ACTIVE_WINDOW",
@@ -63,6 +63,7 @@ __all__ = [
     "MAX_MONITOR_ID",
     "MockHost",
     "Offer",
+    "clear_bits",
     "SCAN_PERIOD",
     "STORM_PERIOD",
     "TICK_PERIOD",
@@ -406,9 +407,7 @@ class MockHost:
     def add_device(self, what: str, instance: str | None, monitored: bool | None,
                    model: str | None) -> Offer:
         """Offer a device: ``what`` is a model name, a class short name or a class GUID."""
-        from .models import models as registered
-
-        table = registered()
+        table = registered_models()
         if model is None and what in table:
             model = what
             mcls = table[what]
@@ -436,7 +435,8 @@ class MockHost:
         dev = self.device(guid)
         offer = dev.offer
         if offer.rescinded:
-            if remove:
+            if remove:  # an old kernel may still hold the rescinded device: now it goes
+                self.kernel.rescinded(offer, True)
                 del self.devices[offer.instance]
             return
         self.kernel.log(f"host: rescind {offer.instance} relid {offer.relid}")
@@ -631,6 +631,4 @@ class MockHost:
         for relid in list(self.channels):
             self._close(relid, "shutdown")
 
-    def now(self) -> float:
-        return time.monotonic()
 

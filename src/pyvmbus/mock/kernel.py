@@ -410,6 +410,9 @@ class MockKernel:
             self.by_relid.pop(relid, None)
             del dev.channels[relid]
             ch.free()
+        for offer in list(dev.offer.subchannels):  # offered, not set up yet: gone as well
+            if not offer.rescinded:
+                self.host.drop_subchannel(offer)
         primary = dev.primary
         if primary is not None and primary.opened:
             primary.opened = False
@@ -740,12 +743,26 @@ class _Server:
         raise KeyError(f"unknown mock command {name!r}")
 
     def run(self) -> None:
+        """Say "ready", serve until told to stop or orphaned, then clean up.
+
+        "ready" is sent inside the ``try``: the parent may be killed (with us, by a signal
+        to the process group) the moment it hears it, and the cleanup must run then too.
+        """
+        global _CLEANING
         try:
+            self.control.send(("ready", os.getpid()))
             self.loop.run()
         finally:
-            self.kernel.shutdown()
-            if not self.orderly and self.owns_root:
-                shutil.rmtree(self.kernel.root, ignore_errors=True)  # the parent died: clean up for it
+            _CLEANING = True
+            try:
+                self.kernel.shutdown()
+            finally:
+                if not self.orderly and self.owns_root:  # the parent died or we were killed
+                    shutil.rmtree(self.kernel.root, ignore_errors=True)
+
+
+_CLEANING = False
+"""Set once the process is shutting down: termination signals are ignored from then on."""
 
 
 def _attrs(exc: BaseException) -> dict[str, Any]:
@@ -781,6 +798,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--owns-root", action="store_true")
     ns = p.parse_args(argv)
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # the parent decides when we stop
+
+    def terminated(signum: int, frame: object) -> None:
+        # SIGTERM/SIGHUP: often sent to the whole process group, so the parent may be
+        # dying too and never clean up; leave through run()'s cleanup, not the default
+        # action (which would leave the root behind). Once cleaning up, ignore them: an
+        # exception raised in the middle of rmtree would leave half the root behind.
+        if _CLEANING:
+            return
+        raise SystemExit(128 + signum)
+
+    _signal.signal(_signal.SIGTERM, terminated)
+    _signal.signal(_signal.SIGHUP, terminated)
     control = Connection(ns.control_fd)
     loop = Loop()
     try:
@@ -791,9 +820,18 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             control.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
-    server = _Server(kernel, control, loop, ns.owns_root)
-    control.send(("ready", os.getpid()))
-    server.run()
+    except SystemExit:  # a termination signal while starting: nobody else will clean up
+        if ns.owns_root:
+            shutil.rmtree(ns.root, ignore_errors=True)
+        raise
+    server: _Server | None = None
+    try:
+        server = _Server(kernel, control, loop, ns.owns_root)
+        server.run()
+    except SystemExit:
+        if server is None and ns.owns_root:  # killed between the two try blocks
+            shutil.rmtree(ns.root, ignore_errors=True)
+        raise
     return 0
 
 
