@@ -12,8 +12,12 @@ Figures (nothing is asserted):
   thread present (``thread``: it steps aside, the requester still leads), with a
   separate dispatcher thread that always holds the lead (``handoff``: the hand-off that
   leader/follower avoids), from asyncio, and a monitored channel (the host's ~100 us
-  monitor scan);
-- ``cpu_*``: CPU per request of this process and of the mock process (what bounds it);
+  monitor scan). The first five are measured in interleaved blocks, so the machine's
+  noise hits them alike;
+- ``guest_cpu_us`` / ``mock_cpu_us``: CPU per round trip of this process and of the
+  mock process (what bounds the figure);
+- ``on_packet_*``: the background dispatcher's own round trip: on_packet sends each echo
+  back (no caller involved);
 - ``pipelined``: asyncio requests 64 deep;
 - ``stream_out`` / ``stream_in``: one-way throughput guest -> host (a host that only
   reads) and host -> guest (the host posts, the guest's on_packet counts).
@@ -33,7 +37,6 @@ import os
 import platform
 import socket
 import statistics
-import struct
 import sys
 import threading
 import time
@@ -53,7 +56,7 @@ def pct(samples: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))]
 
 
-def summary(samples: list[float]) -> dict[str, float]:
+def summary(samples: list[float]) -> dict[str, Any]:
     """Median and p99 in microseconds."""
     return {"median_us": round(statistics.median(samples) * 1e6, 1),
             "p99_us": round(pct(samples, 0.99) * 1e6, 1), "n": len(samples)}
@@ -67,43 +70,46 @@ def proc_cpu(pid: int) -> float:
 
 # -- the floor ---------------------------------------------------------------------------------
 
-def pingpong(n: int) -> list[float]:
+class PingPong:
     """4-byte SOCK_SEQPACKET ping-pong with a forked child (two processes, blocking reads)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        a.close()
-        while True:
-            msg = b.recv(4)
-            if not msg:
-                os._exit(0)
-            b.send(msg)
-    b.close()
-    ping = struct.pack("=I", 1)
-    out = []
-    for i in range(n + n // 10):
-        t = time.perf_counter()
-        a.send(ping)
-        a.recv(4)
-        if i >= n // 10:
-            out.append(time.perf_counter() - t)
-    a.close()
-    os.waitpid(pid, 0)
-    return out
+
+    def __init__(self) -> None:
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - child
+            self.sock.close()
+            while True:
+                msg = child.recv(4)
+                if not msg:
+                    os._exit(0)
+                child.send(msg)
+        child.close()
+
+    def __call__(self) -> None:
+        self.sock.send(b"\x01\x00\x00\x00")
+        self.sock.recv(4)
+
+    def close(self) -> None:
+        self.sock.close()
+        os.waitpid(self.pid, 0)
 
 
-def raw_rtt(mock: MockVmbus, guid: str, n: int) -> list[float]:
-    """The echo round trip at the ring level, without the channel layer (mock's RawGuest)."""
-    out = []
-    with RawGuest(mock.root, guid, unmask_with_write=False) as g:
-        for i in range(n + n // 10):
-            t = time.perf_counter()
-            g.primary.send(b"x" * 64, PacketType.DATA_INBAND, 1, i + 1)
-            pkt = g.recv(5)
-            if i >= n // 10:
-                out.append(time.perf_counter() - t)
-            assert pkt is not None and pkt.transaction_id == i + 1
-    return out
+class RawEcho:
+    """The echo round trip at the ring level, without the channel layer (mock's RawGuest):
+    write, signal, then read / unmask / fence / re-check / block."""
+
+    def __init__(self, mock: MockVmbus, guid: str) -> None:
+        self.guest = RawGuest(mock.root, guid, unmask_with_write=False)
+        self.n = 0
+
+    def __call__(self) -> None:
+        self.n += 1
+        self.guest.primary.send(b"x" * 64, PacketType.DATA_INBAND, 1, self.n)
+        pkt = self.guest.recv(5)
+        assert pkt is not None and pkt.transaction_id == self.n
+
+    def close(self) -> None:
+        self.guest.close()
 
 
 # -- channel round trips -----------------------------------------------------------------------
@@ -114,45 +120,89 @@ def echo_device(mock: MockVmbus, monitored: bool) -> str:
     return str(guid)
 
 
-def timed_requests(ch: Channel, n: int, payload: bytes = b"x" * 64) -> list[float]:
-    for _ in range(n // 10):
-        ch.send_request(payload, timeout=10)
-    out = []
-    for _ in range(n):
+class Requests:
+    """send_request round trips on an enabled channel; ``handoff``: a separate thread
+    holds the lead all the time (ch.run()), so the requester only ever follows."""
+
+    def __init__(self, mock: MockVmbus, dispatch: str, monitored: bool = False,
+                 handoff: bool = False) -> None:
+        self.ch = Vmbus(mock.root).channel(echo_device(mock, monitored),
+                                           dispatch="caller" if handoff else dispatch)
+        self.ch.enable()
+        self.runner: threading.Thread | None = None
+        if handoff:
+            self.runner = threading.Thread(target=self.ch.run, daemon=True)
+            self.runner.start()
+            time.sleep(0.05)
+
+    def __call__(self) -> None:
+        self.ch.send_request(b"x" * 64, timeout=10)
+
+    def close(self) -> None:
+        self.ch.disable()
+        if self.runner is not None:
+            self.runner.join(5)
+
+
+def interleaved(subjects: dict[str, Callable[[], None]], rounds: int, per_round: int,
+                cpu_pid: int | None = None) -> dict[str, dict[str, float]]:
+    """Each subject measured in ``rounds`` blocks, interleaved, so machine noise hits all alike.
+
+    Also CPU per call of this process and (``cpu_pid``) of the mock process.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in subjects}
+    cpu: dict[str, list[float]] = {k: [0.0, 0.0, 0] for k in subjects}
+    for fn in subjects.values():  # warm up
+        for _ in range(per_round // 5):
+            fn()
+    perf = time.perf_counter
+    for _ in range(rounds):
+        for name, fn in subjects.items():
+            out = samples[name]
+            h0 = proc_cpu(cpu_pid) if cpu_pid else 0.0
+            g0 = time.process_time()
+            for _ in range(per_round):
+                t = perf()
+                fn()
+                out.append(perf() - t)
+            c = cpu[name]
+            c[0] += time.process_time() - g0
+            c[1] += (proc_cpu(cpu_pid) - h0) if cpu_pid else 0.0
+            c[2] += per_round
+    res = {}
+    for name in subjects:
+        g, h, n = cpu[name]
+        res[name] = {**summary(samples[name]), "guest_cpu_us": round(g / n * 1e6, 1)}
+        if cpu_pid and name != "pingpong":
+            res[name]["mock_cpu_us"] = round(h / n * 1e6, 1)
+    return res
+
+
+def on_packet_pingpong(mock: MockVmbus, monitored: bool, n: int) -> dict[str, Any]:
+    """The background thread's own round trip: on_packet sends the echo back, n times."""
+    ch = Vmbus(mock.root).channel(echo_device(mock, monitored))
+    done = threading.Event()
+    count = 0
+
+    def on_packet(c: Channel, p: Any) -> None:
+        nonlocal count
+        count += 1
+        if count >= n:
+            done.set()
+        else:
+            c.send(p.payload)
+
+    ch.on_packet(on_packet)
+    ch.enable()
+    try:
+        time.sleep(0.05)
         t = time.perf_counter()
-        ch.send_request(payload, timeout=10)
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def rtt(mock: MockVmbus, guid: str, dispatch: str, n: int) -> tuple[list[float], dict[str, float]]:
-    """send_request round trips; also CPU per request of this process and the mock."""
-    ch = Vmbus(mock.root).channel(guid, dispatch=dispatch)
-    ch.enable()
-    try:
-        assert mock.pid is not None
-        h0, g0 = proc_cpu(mock.pid), time.process_time()
-        samples = timed_requests(ch, n)
-        total = n + n // 10
-        cpu = {"guest_cpu_us": round((time.process_time() - g0) / total * 1e6, 1),
-               "mock_cpu_us": round((proc_cpu(mock.pid) - h0) / total * 1e6, 1)}
-        return samples, cpu
+        ch.send(b"x" * 64)
+        done.wait(60)
+        dt = time.perf_counter() - t
+        return {"mean_us": round(dt / n * 1e6, 1), "n": n, "monitored": monitored}
     finally:
         ch.disable()
-
-
-def rtt_handoff(mock: MockVmbus, guid: str, n: int) -> list[float]:
-    """A dispatcher thread always holds the lead (ch.run()); the requester only follows."""
-    ch = Vmbus(mock.root).channel(guid, dispatch="caller")
-    ch.enable()
-    runner = threading.Thread(target=ch.run, daemon=True)
-    runner.start()
-    time.sleep(0.05)
-    try:
-        return timed_requests(ch, n)
-    finally:
-        ch.disable()
-        runner.join(5)
 
 
 def rtt_asyncio(mock: MockVmbus, guid: str, n: int) -> list[float]:
@@ -209,6 +259,7 @@ def stream_out(mock: MockVmbus, size: int, n: int, batch: int = 1) -> dict[str, 
                 ch.send(payload, timeout=10)
         else:
             group = [payload] * batch
+            n = n // batch * batch
             for _ in range(n // batch):
                 ch.send_batch(group, timeout=10)
         while mock.host_stats(guid)["packets_in"] < n:
@@ -234,10 +285,9 @@ def stream_in(mock: MockVmbus, guid: str, size: int, n: int) -> dict[str, float]
     ch.on_packet(on_packet)
     ch.enable()
     try:
-        done = threading.Event()
         t = time.perf_counter()
-        cmd = threading.Thread(target=lambda: (mock.command(guid, "send", payload=b"h" * size, count=n),
-                                               done.set()))
+        cmd = threading.Thread(target=mock.command, args=(guid, "send"),
+                               kwargs={"payload": b"h" * size, "count": n})
         cmd.start()
         while got < n:
             ch.poll(0.01)
@@ -252,47 +302,56 @@ def stream_in(mock: MockVmbus, guid: str, size: int, n: int) -> dict[str, float]
 # -- main --------------------------------------------------------------------------------------
 
 def run(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    n = 2000 if quick else 5000
+    rounds, per_round = (4, 500) if quick else (10, 1000)
     res: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "kernel_generation": "6.18",
+        "kernel_generation": "6.18", "rounds": rounds, "per_round": per_round,
     }
-    res["pingpong"] = summary(pingpong(n))
-    log(f"ping-pong                       {res['pingpong']}")
     with MockVmbus(kernel="6.18") as mock:
+        subjects: dict[str, Any] = {
+            "pingpong": PingPong(),
+            "raw": RawEcho(mock, echo_device(mock, monitored=False)),
+            "rtt_caller": Requests(mock, "caller"),
+            "rtt_thread": Requests(mock, "thread"),
+            "rtt_handoff": Requests(mock, "caller", handoff=True),
+        }
+        try:
+            res.update(interleaved(subjects, rounds, per_round, mock.pid))
+        finally:
+            for subject in subjects.values():
+                subject.close()
+        for name in subjects:
+            log(f"{name:12} {res[name]}")
+        slow = Requests(mock, "caller", monitored=True)
+        try:
+            res["rtt_monitored"] = interleaved({"m": slow}, 2, per_round // 2, mock.pid)["m"]
+        finally:
+            slow.close()
+        log(f"{'rtt_monitored':12} {res['rtt_monitored']}")
+        for monitored in (False, True):
+            key = f"on_packet_{'monitored' if monitored else 'unmonitored'}"
+            res[key] = on_packet_pingpong(mock, monitored, 1000 if quick else 3000)
+            log(f"{key:12} {res[key]}")
         fast = echo_device(mock, monitored=False)
-        res["raw"] = summary(raw_rtt(mock, fast, n))
-        log(f"raw ring-level echo             {res['raw']}")
-        for mode in ("caller", "thread"):
-            samples, cpu = rtt(mock, fast, mode, n)
-            res[f"rtt_{mode}"] = {**summary(samples), **cpu}
-            log(f"send_request ({mode:6})          {res[f'rtt_{mode}']}")
-        res["rtt_handoff"] = summary(rtt_handoff(mock, fast, n))
-        log(f"send_request (hand-off)         {res['rtt_handoff']}")
-        res["rtt_asyncio"] = summary(rtt_asyncio(mock, fast, n))
-        log(f"await request (asyncio)         {res['rtt_asyncio']}")
-        slow = echo_device(mock, monitored=True)
-        samples, cpu = rtt(mock, slow, "caller", n // 4)
-        res["rtt_monitored"] = {**summary(samples), **cpu}
-        log(f"send_request (monitored)        {res['rtt_monitored']}")
+        res["rtt_asyncio"] = summary(rtt_asyncio(mock, fast, rounds * per_round // 2))
+        log(f"{'rtt_asyncio':12} {res['rtt_asyncio']}")
         res["pipelined"] = pipelined(mock, fast, 10_000 if quick else 50_000)
-        log(f"pipelined asyncio requests      {res['pipelined']}")
+        log(f"{'pipelined':12} {res['pipelined']}")
         for size in (64, 4096):
             count = (20_000 if size == 64 else 5_000) // (2 if quick else 1)
             res[f"stream_out_{size}"] = stream_out(mock, size, count)
             log(f"one-way guest->host {size:5} B     {res[f'stream_out_{size}']}")
-            res[f"stream_out_batch_{size}"] = stream_out(mock, size, count, batch=16)
-            log(f"  ... send_batch of 16          {res[f'stream_out_batch_{size}']}")
+            batch = 16 if size == 64 else 8  # a batch must fit the 64 KiB ring at once
+            res[f"stream_out_batch_{size}"] = stream_out(mock, size, count, batch=batch)
+            log(f"  ... send_batch of {batch:2}          {res[f'stream_out_batch_{size}']}")
             res[f"stream_in_{size}"] = stream_in(mock, fast, size, count)
             log(f"one-way host->guest {size:5} B     {res[f'stream_in_{size}']}")
-    res["pingpong_after"] = summary(pingpong(n))
-    log(f"ping-pong (again)               {res['pingpong_after']}")
-    pp = min(res["pingpong"]["median_us"], res["pingpong_after"]["median_us"])
-    res["ratio_caller_to_pingpong"] = round(res["rtt_caller"]["median_us"] / pp, 2)
-    res["ratio_raw_to_pingpong"] = round(res["raw"]["median_us"] / pp, 2)
-    log(f"median round trip / ping-pong: channel {res['ratio_caller_to_pingpong']}x, "
-        f"raw ring-level {res['ratio_raw_to_pingpong']}x")
+    pp = res["pingpong"]["median_us"]
+    for name in ("raw", "rtt_caller", "rtt_thread", "rtt_handoff"):
+        res[f"ratio_{name}"] = round(res[name]["median_us"] / pp, 2)
+    log("median round trip / ping-pong: " + ", ".join(
+        f"{name} {res[f'ratio_{name}']}x" for name in ("raw", "rtt_caller", "rtt_thread", "rtt_handoff")))
     return res
 
 

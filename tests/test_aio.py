@@ -238,3 +238,33 @@ def test_100k_request_response_pairs_with_checksums() -> None:
         asyncio.run(main())
         stats = m.host_stats(guid)
         assert stats["packets_in"] == 100_000 and stats["packets_out"] == 100_000
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("polled", [False, True])
+def test_subchannels_under_asyncio(echo: Echo, polled: bool) -> None:
+    """Subchannels are dispatched by the loop too; polled ones by a loop timer."""
+    m, guid, ch = echo
+    ch.poll_subchannels = polled
+
+    async def main() -> None:
+        async with ch.enabled():
+            await asyncio.to_thread(m.offer_subchannels, guid, 2)
+            subs = await asyncio.to_thread(ch.open_subchannels, 2, 5.0)
+            replies = await asyncio.gather(*(s.request(b"s%d" % s.relid, timeout=5) for s in subs))
+            assert replies == [pad8(b"s%d" % s.relid) for s in subs]
+            assert all(s._polled is polled for s in subs)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_asyncio_dispatch_needs_a_running_loop(echo: Echo) -> None:
+    from pyvmbus import InvalidState
+
+    _, _, ch = echo
+    with pytest.raises(InvalidState, match="event loop"):
+        ch.enable(dispatch="asyncio")
+    assert ch.state is S.DISABLED
+    ch.enable()  # nothing was left open
+    assert ch.send_request(b"ok", timeout=5) == pad8(b"ok")

@@ -640,3 +640,40 @@ def test_full_tx_in_on_started_raises_ring_full(echo: Echo) -> None:
     with pytest.raises(RingFull):
         ch.enable()
     echo.mock.fault(echo.guid, "resume")
+
+
+@pytest.mark.timeout(30)
+def test_counters_survive_close_and_accumulate(echo: Echo) -> None:
+    ch = echo.ch
+    for _ in range(2):
+        ch.enable()
+        for i in range(5):
+            ch.send_request(b"c%d" % i, timeout=5)
+        ch.disable()
+    c = ch.counters.as_dict()
+    assert c["requests"] == 10 and c["packets_out"] == 10 and c["packets_in"] == 10
+    assert c["bytes_out"] == 20 and c["bytes_in"] == 80  # replies come back padded to 8
+    assert c["signals"] >= 2 and c["interrupts"] >= 2  # kept after the close
+    assert c["signals"] == ch.counters.signals and set(c) >= {"late_completions", "ring_full_waits"}
+
+
+@pytest.mark.timeout(30)
+def test_background_thread_does_not_linger_after_its_own_cycles(echo: Echo) -> None:
+    """Only a caller's release makes the dispatcher thread step aside for LINGER.
+
+    If its own releases counted, every packet after one it dispatched would wait LINGER
+    (5 ms) for the next poll: a send from on_packet answered by the host, for example.
+    """
+    ch = echo.ch
+    threads: list[threading.Thread] = []
+    ch.on_packet(lambda c, p: threads.append(threading.current_thread()))
+    ch.enable()
+    disp = ch._disp
+    assert disp is not None
+    time.sleep(0.02)  # past LINGER: the background thread polls the fd
+    before = disp._last_release
+    for i in range(3):
+        echo.host_send(b"h%d" % i)
+        wait_until(lambda i=i: len(threads) == i + 1, what="the background thread's delivery")
+    assert all(t is disp._thread for t in threads)
+    assert disp._last_release == before

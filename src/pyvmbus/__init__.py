@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .bus import Vmbus
+from .channel import Channel
 from .errors import (
     AlreadyBound,
     BindFailed,
@@ -22,13 +24,16 @@ from .errors import (
     VmbusError,
 )
 from .guid import Guid, parse_guid
+from .lifecycle import ChannelState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyBound",
     "BindFailed",
+    "Channel",
     "ChannelClosed",
+    "ChannelState",
     "DeviceNotFound",
     "DeviceRescinded",
     "DriverNotLoaded",
@@ -43,6 +48,7 @@ __all__ = [
     "RingFull",
     "Timeout",
     "UsageError",
+    "Vmbus",
     "VmbusError",
     "__version__",
     "parse_guid",

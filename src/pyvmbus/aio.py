@@ -55,21 +55,24 @@ def _resolver(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]],
 
 
 def _schedule_signal(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
-    """Signal once per loop turn: every packet written in this turn rides on one signal.
+    """Signal once per loop turn, for every packet written in it.
 
-    Deferring is safe: the host reads everything published when it is signalled, and a
-    write only asks for a signal when the ring was empty before it (so the later writes
-    of the turn do not ask). Without it, a host that drains at once makes every send of
-    a pipelined workload signal (measured: one signal per request, 64 deep).
+    Without this, a host that drains as soon as it is signalled makes every send of a
+    pipelined workload find the ring empty and signal (measured: one signal per request
+    64 deep, ~5k requests/s; with it one signal per turn and ~10x the rate). Signalling
+    the first write at once and deferring only the rest was measured too: the early
+    wakeup lets the host preempt the turn and halves the rate. A lone request pays one
+    pass of the loop's ready queue (a few us). Deferring is safe: the host reads
+    everything published when it is signalled.
     """
     if channel._signal_due and not channel._flush_scheduled:
         channel._flush_scheduled = True
 
-        def flush() -> None:
+        def end_of_turn() -> None:
             channel._flush_scheduled = False
             channel._flush_signal()
 
-        loop.call_soon(flush)
+        loop.call_soon(end_of_turn)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

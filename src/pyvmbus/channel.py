@@ -7,20 +7,26 @@ the I/O that table asks for.
 Dispatch
     One :class:`Dispatcher` per open uio device: the kernel has one event counter for the
     primary channel and all its subchannels, so one wakeup means "scan every ring". A
-    cycle is: wait on the fd -> for every channel with data: mask, drain, deliver ->
-    store mask 0 in every owned ring and write 1 to the fd -> full fence -> re-check every
-    ring, and drain again if anything arrived (nobody would interrupt us for it) -> wait.
-    The client owns every mask on every kernel generation (SPEC.md section 8): it never
-    assumes the kernel masked on an interrupt or on open.
+    cycle is: wait on the fd -> drain every ring that has data and deliver -> unmask
+    every owned ring found masked (store 0, then one write of 1 to the fd) -> full fence
+    -> re-check every ring, and drain again if anything arrived (nobody would interrupt
+    us for it) -> wait. The client owns every mask on every kernel generation (SPEC.md
+    section 8): it stores mask=1 right after open and when a subchannel appears, unmasks
+    when dispatch starts, and reads the mask word after each drain instead of assuming
+    what the kernel did (5.15-6.17 mask on every interrupt, 6.18 / 6.6-lts / OpenHCL
+    never do). It does not mask itself while draining: a read that finds the ring empty
+    after the read-index store is the re-check the protocol needs, and on 6.18 this
+    saves an fd write (and, for a non-monitored channel, a host wakeup) per interrupt.
+    Nothing blocks until a cycle has completed that sequence (``_armed``).
 
 Leader / follower
     Whoever holds the dispatch lead polls the fd and drains; every callback runs on that
     thread. A thread that waits for a completion (or for room in a full ring) takes the
     lead itself when nobody holds it, so its completion needs no hand-off between threads;
     otherwise it sleeps until the leader delivers it. With ``dispatch="thread"`` a
-    background thread leads while no caller does (it polls the fd without the lead and
-    steps aside for ``LINGER`` after a caller let go, so back-to-back requests keep leading
-    themselves); with ``dispatch="caller"`` nothing runs unless a caller waits, calls
+    background thread leads while no caller does (it polls the fd without the lead, and
+    steps aside for ``LINGER`` after a caller -- never itself -- let go, so back-to-back
+    requests keep leading themselves); with ``dispatch="caller"`` nothing runs unless a caller waits, calls
     :meth:`Channel.poll` / :meth:`Channel.run`, or :mod:`pyvmbus.aio` drives it
     (``dispatch="asyncio"``: ``loop.add_reader`` on the fd, no threads).
     A callback that waits (send_request in on_packet) runs a nested cycle on the same
@@ -110,12 +116,26 @@ _F = TypeVar("_F", bound=Callable[..., object])
 
 
 class ChannelCounters:
-    """Per-channel counters; read them any time (``channel.counters``), never reset."""
+    """Per-channel counters; read them any time (``channel.counters``), never reset.
 
-    __slots__ = ("bytes_in", "bytes_out", "cancelled", "drains", "late_completions",
-                 "packets_in", "packets_out", "requests", "ring_full_waits", "unhandled")
+    ``signals`` and ``interrupts`` are kept by the signal mechanism and the dispatcher
+    while the channel is open and folded in when it closes. ``interrupts`` counts the uio
+    events the device's dispatcher consumed while this channel was open: the kernel has
+    one event counter for the primary and its subchannels, so they see the same events.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_events_at_open", "_interrupts", "_owner", "_signals", "bytes_in", "bytes_out",
+                 "cancelled", "drains", "late_completions", "packets_in", "packets_out", "requests",
+                 "ring_full_waits", "unhandled")
+
+    _NAMES = ("bytes_in", "bytes_out", "cancelled", "drains", "interrupts", "late_completions",
+              "packets_in", "packets_out", "requests", "ring_full_waits", "signals", "unhandled")
+
+    def __init__(self, owner: Channel | None = None) -> None:
+        self._owner = owner
+        self._signals = 0
+        self._interrupts = 0
+        self._events_at_open = 0
         self.packets_in = 0
         """Packets read from the RX ring (completions included)."""
         self.bytes_in = 0
@@ -137,9 +157,39 @@ class ChannelCounters:
         self.unhandled = 0
         """Packets delivered while no on_packet handler or packets() reader was set."""
 
+    @property
+    def signals(self) -> int:
+        """Signals sent to the host (after writes and after reads that freed awaited room)."""
+        sig = self._owner._signal if self._owner is not None else None
+        return self._signals + (sig.signals if sig is not None else 0)
+
+    @property
+    def interrupts(self) -> int:
+        """uio events consumed while this channel was open (shared with its device's channels)."""
+        disp = self._owner._disp if self._owner is not None else None
+        live = disp.events - self._events_at_open if disp is not None and not disp.closed else 0
+        return self._interrupts + live
+
+    def _opened(self, disp: Dispatcher) -> None:
+        self._events_at_open = disp.events
+
+    def _fold(self) -> None:
+        """The channel closes: keep what its signal object and dispatcher counted."""
+        owner = self._owner
+        if owner is None:
+            return
+        sig = owner._signal
+        if sig is not None:
+            self._signals += sig.signals
+            sig.signals = 0
+        disp = owner._disp
+        if disp is not None:
+            self._interrupts += disp.events - self._events_at_open
+            self._events_at_open = disp.events
+
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in sorted(self.__slots__)}
+        return {name: getattr(self, name) for name in self._NAMES}
 
 
 class _Request:
@@ -204,6 +254,8 @@ class Dispatcher:
         self.events = 0
         self.event_count = 0
         self.cycles = 0
+        self.delivered = 0
+        """Packets handed to on_packet / packets() readers."""
         self.stopping = False
         self.closed = False
         self.reason = ""
@@ -226,6 +278,7 @@ class Dispatcher:
         self._poller.register(self._wake_fd, select.POLLIN)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._cycle_hooks: list[Callable[[], None]] = []
         self._before_unmask: Callable[[], None] | None = None
         """Test hook: runs after the drain, before the unmask step (no-lost-wakeup tests)."""
@@ -248,16 +301,22 @@ class Dispatcher:
             import asyncio
 
             self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
             self._loop.add_reader(self._uio_fd, self._on_readable)
+            if self.polled:
+                self._aio_poll_tick()
         self.kick()
 
     def add(self, ch: Channel) -> None:
         """Dispatch ``ch`` too (a subchannel that appeared); unmasked unless it is polled."""
         self.channels = (*self.channels, ch)
         if ch._polled:
+            if not self.polled and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._aio_poll_tick)
             self.polled = True
         elif ch._rx is not None:
-            ch._rx.interrupt_mask = 0
+            ch._rx.interrupt_mask = 0  # unmask: store 0 and write 1, as for the primary
+            self.dev.irqcontrol(True)
             shm.fence()
         self.kick()
 
@@ -277,7 +336,13 @@ class Dispatcher:
             finally:
                 closed_now = True
         self._leader = 0
-        self._last_release = time.monotonic()
+        if threading.current_thread() is not self._thread:
+            # Only a caller's release makes the background thread step aside for LINGER
+            # (so back-to-back requests keep leading themselves). Its own release must
+            # not: it would sleep LINGER after every cycle it ran, and an answer to a
+            # packet sent from on_packet would wait for it (measured: 5.3 ms vs 0.27 ms
+            # per exchange on a monitored echo; docs/performance.md).
+            self._last_release = time.monotonic()
         self._lead.release()
         if self._followers:
             with self._cond:
@@ -350,8 +415,12 @@ class Dispatcher:
         if self.stopping:
             return
         self._rescan = True
-        if self._leader == threading.get_ident():
+        me = threading.get_ident()
+        if self._leader == me:
             return  # the running cycle re-checks before it blocks
+        if self._loop is not None and me != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.kick)  # asyncio: callbacks on the loop only
+            return
         if self._try_lead():
             try:
                 self._cycle(0)
@@ -361,8 +430,12 @@ class Dispatcher:
             self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake_fd, 1)
+        """Interrupt a blocked leader's poll (close, kick). Never after the fd is closed:
+        its number may belong to someone else by then."""
+        with self._close_lock:
+            if not self.closed:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self._wake_fd, 1)
 
     # -- the cycle ---------------------------------------------------------------------------
 
@@ -378,6 +451,13 @@ class Dispatcher:
         try:
             if ready:
                 event = self._consume_event()
+            elif self._armed and not self._rescan and self._data_waiting():
+                # The packet we would wait for is already there (a host that answered
+                # before we got here): drain without the poll + read. The event stays
+                # pending and is consumed by the next cycle that does poll (harmless: a
+                # cycle that finds nothing); a ring the kernel masked meanwhile has that
+                # event pending too, so nothing can be missed.
+                pass
             else:
                 if self._rescan or not self._armed:
                     # Block only after a complete drain -> unmask -> fence -> re-check. A
@@ -411,6 +491,13 @@ class Dispatcher:
                 self._cond.notify_all()
         return delivered
 
+    def _data_waiting(self) -> bool:
+        for ch in self.channels:
+            rx = ch._rx
+            if rx is not None and rx.available_to_read():
+                return True
+        return False
+
     def _consume_event(self) -> bool:
         count = self.dev.read_event()
         if count is None:
@@ -429,7 +516,7 @@ class Dispatcher:
         with the fd write SPEC.md section 8 asks for, then fenced and re-checked. The mask
         word is read, never assumed, on every generation. Returns packets delivered.
         """
-        delivered = 0
+        start = self.delivered
         self._armed = False
         while True:
             busy = False
@@ -437,13 +524,12 @@ class Dispatcher:
                 rx = ch._rx
                 if rx is None:
                     continue
-                if rx.available_to_read():
+                if ch._drain(rx):
                     busy = True
-                    delivered += ch._drain(rx)
                     if self.stopping:
-                        return delivered
+                        return self.delivered - start
                 elif ch._inbox and not self._depth and ch._lc.policy.packets:
-                    delivered += ch._deliver()
+                    ch._deliver()
             hook = self._before_unmask
             if hook is not None:
                 hook()
@@ -463,7 +549,7 @@ class Dispatcher:
                             ch._rx.interrupt_mask = 1
             elif not busy:
                 self._armed = True
-                return delivered  # nothing read, nothing masked: armed and empty
+                return self.delivered - start  # nothing read, nothing masked: armed and empty
             # Full fence between the mask stores (and our read-index stores) and the
             # re-check's load of the write index: the host stores its write index, then
             # loads our mask and read index, so one of us sees the other's store. Without
@@ -478,7 +564,7 @@ class Dispatcher:
                     break
             if not again:
                 self._armed = True
-                return delivered
+                return self.delivered - start
 
     # -- the drivers -------------------------------------------------------------------------
 
@@ -510,6 +596,17 @@ class Dispatcher:
             self.request_close("error: dispatcher thread failed")
             if self._try_lead():
                 self._unlead()
+
+    def _aio_poll_tick(self) -> None:
+        """asyncio: look at the polled (masked) channels every ``poll_interval``."""
+        if self.stopping or self._loop is None:
+            return
+        if self._try_lead():
+            try:
+                self._cycle(0)
+            finally:
+                self._unlead()
+        self._loop.call_later(self.poll_interval, self._aio_poll_tick)
 
     def _on_readable(self) -> None:
         """asyncio reader callback: one non-blocking cycle when the fd is readable."""
@@ -583,9 +680,10 @@ class Dispatcher:
         for ch in self.channels:
             ch._release()
         self.dev.close()
-        with contextlib.suppress(OSError):
-            os.close(self._wake_fd)
-        self.closed = True
+        with self._close_lock:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._wake_fd)
         with self._cond:
             self._cond.notify_all()
 
@@ -621,7 +719,7 @@ class Channel:
       "disabled", "rescinded", "host crashed...", "corrupt: ..." or "error: ...".
     """
 
-    def __init__(self, root: str | os.PathLike[str] = "/", guid: str = "", *, dispatch: str = "thread",
+    def __init__(self, root: str | os.PathLike[str], guid: str, *, dispatch: str = "thread",
                  poll_subchannels: bool = False, poll_interval: float = 0.001,
                  request_timeout: float = 30.0, send_timeout: float = 30.0,
                  _parent: Channel | None = None) -> None:
@@ -642,7 +740,7 @@ class Channel:
         self.relid: int | None = None
         self.monitor_id: int | None = None
         self.name = str(self.guid)
-        self.counters = ChannelCounters()
+        self.counters = ChannelCounters(self)
         self.last_error: BaseException | None = None
         """The exception that closed the channel (a raising callback, a corrupt ring)."""
         self._lc = Lifecycle(self.name)
@@ -760,6 +858,14 @@ class Channel:
         mode = self.dispatch if dispatch is None else dispatch
         if mode not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, not {mode!r}")
+        if mode == "asyncio":
+            import asyncio
+
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise InvalidState(self.name, self.state.value, "enable with dispatch='asyncio'",
+                                   "no running event loop: use `async with channel.enabled()`") from None
         with self._state_lock:
             self._lc.enable()
         self.last_error = None
@@ -783,6 +889,7 @@ class Channel:
         disp = Dispatcher(dev, self.name, mode, self.poll_interval)
         disp.channels = (self,)
         self._disp = disp
+        self.counters._opened(disp)
         with self._state_lock:
             self._lc.fire(Event.OPENED)
         self._run_start_callback(self._cb_started, "on_started")
@@ -790,8 +897,14 @@ class Channel:
             self._lc.fire(Event.STARTED)
         try:
             disp.start()  # own the mask: unmask (store 0 + write 1), dispatch, re-check
-        except DeviceRescinded as exc:
-            disp.request_close("host crashed" if isinstance(exc, HostCrashed) else "rescinded")
+        except BaseException as exc:
+            if isinstance(exc, HostCrashed):
+                reason = "host crashed"
+            elif isinstance(exc, DeviceRescinded):
+                reason = "rescinded"
+            else:
+                reason = f"error: dispatch did not start: {exc!r}"
+            disp.request_close(reason)
             disp.finish_close(timeout)
             raise
         self._run_start_callback(self._cb_post_started, "on_post_started")
@@ -892,6 +1005,7 @@ class Channel:
                 req.callback(req)
 
     def _release(self) -> None:
+        self.counters._fold()
         with self._state_lock:
             if self._lc.state is ChannelState.CLOSING:
                 self._lc.fire(Event.CLOSED)
@@ -905,11 +1019,11 @@ class Channel:
     # -- receiving (runs on the thread holding the lead) -------------------------------------
 
     def _drain(self, rx: RingBuffer) -> int:
-        """Read every packet of the RX ring; route completions; deliver the rest."""
+        """Read every packet of the RX ring, route completions, deliver the rest (when the
+        state allows and no callback of this thread is running). Returns packets read."""
         inbox = self._inbox
         pending = self._pending
         counters = self.counters
-        counters.drains += 1
         got = 0
         nbytes = 0
         comp = PacketType.COMP
@@ -933,15 +1047,16 @@ class Channel:
                 # Everything published at the batch's load of the write index is read;
                 # what came since is found by the dispatcher's fence + re-check.
                 break
+        if not got:
+            return 0
+        counters.drains += 1
         counters.packets_in += got
         counters.bytes_in += nbytes
-        if inbox and not self._disp_depth() and self._lc.policy.packets:
-            return self._deliver()
-        return 0
-
-    def _disp_depth(self) -> int:
-        disp = self._disp
-        return disp._depth if disp is not None else 0
+        if inbox and self._lc.policy.packets:
+            disp = self._disp
+            if disp is not None and not disp._depth:
+                self._deliver()
+        return got
 
     def _complete_request(self, pkt: Packet) -> bool:
         with self._req_lock:
@@ -994,6 +1109,7 @@ class Channel:
             self._fatal(exc, f"error: callback raised {exc!r}")
         finally:
             disp._depth -= 1
+        disp.delivered += n
         return n
 
     def _fatal(self, exc: BaseException, reason: str) -> None:
@@ -1280,6 +1396,7 @@ class Channel:
             relid, sub.monitor_id, int_page=_opt_map(dev, "int_page"),
             monitor_page=_opt_map(dev, "monitor_page"), write_one=_writer(dev), subchannel=True)
         sub._tx, sub._rx, sub._dev, sub._disp = tx, rx, dev, disp
+        sub.counters._opened(disp)
         sub._polled = self.poll_subchannels
         sub._cb_packet = self._cb_packet
         sub._cb_complete = self._cb_complete
@@ -1328,10 +1445,9 @@ class Channel:
         if sig is not None:
             out["signal"] = sig.info()
             out["signal_reason"] = sig.reason
-            out["counters"]["signals"] = sig.signals
         disp = self._disp
         if disp is not None:
-            out["interrupts"] = disp.events
+            out["interrupts"] = self.counters.interrupts
             out["event_count"] = disp.event_count
         for key, ring in (("tx", self._tx), ("rx", self._rx)):
             if ring is not None:
@@ -1355,8 +1471,9 @@ class Channel:
                          "with b15b7 but without d062463)")
         c = self.counters
         lines.append(f"  in {c.packets_in} packets / {c.bytes_in} B, out {c.packets_out} packets / "
-                     f"{c.bytes_out} B, ring-full waits {c.ring_full_waits}, requests {c.requests} "
-                     f"(cancelled {c.cancelled}, late completions dropped {c.late_completions})")
+                     f"{c.bytes_out} B, signals {c.signals}, interrupts {c.interrupts}, ring-full "
+                     f"waits {c.ring_full_waits}, requests {c.requests} (cancelled {c.cancelled}, "
+                     f"late completions dropped {c.late_completions})")
         lines.extend("  " + s.describe().replace("\n", "\n  ") for s in self._subs)
         return "\n".join(lines)
 

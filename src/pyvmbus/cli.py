@@ -1,15 +1,490 @@
-"""The ``vmbus`` command line (click). Commands arrive with the CLI issue; this is the group."""
+"""The ``vmbus`` command line (click): thin commands over pyvmbus, tested through CliRunner.
+
+Each command resolves its DEVICE through :class:`~pyvmbus.cli_state.CliState`, builds
+plain data (:mod:`pyvmbus.cli_views`, keys pinned in :mod:`pyvmbus.cli_schema`) and prints
+it as text or JSON lines (:mod:`pyvmbus.cli_output`). Expected errors are caught once, in
+:class:`VmbusGroup`, and become one line on stderr and an exit code from
+:data:`pyvmbus.cli_errors.EXIT_CODES`. docs/cli.md is generated from this file's help
+(``python -m pyvmbus.cli_docs``) and a test keeps it in sync.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
 import click
+from click.shell_completion import CompletionItem
 
 from . import __version__
+from .cli_enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run_enable, stop_on_signals
+from .cli_errors import EXIT_INTERRUPTED, error_line, exit_code
+from .cli_output import Output
+from .cli_state import MOCK_DEVICES, CliState, device_names, known_device_words, setup_logging
+from .cli_text import render_bind, render_list, render_restore, render_ring, render_show, render_unbind
+from .cli_views import MappedRings, device_detail, list_devices, ring_from_sysfs
+from .cli_watch import poll_events, udev_available, udev_events
+from .errors import AlreadyBound, NotPermitted, VmbusError
+from .mock.generations import DEFAULT_GENERATION, GENERATIONS
+from .sysfs import Sysfs
 
-__all__ = ["main"]
+__all__ = ["VmbusGroup", "main"]
+
+_HELP_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group()
-@click.version_option(__version__, prog_name="vmbus")
-def main() -> None:
-    """Drive Hyper-V VMBus devices from userspace through uio_hv_generic."""
+class VmbusGroup(click.Group):
+    """A click group that turns expected errors into one stderr line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VmbusError as exc:
+            _fail(ctx, exc)
+        except PermissionError as exc:
+            _fail(ctx, NotPermitted(str(exc.filename or "?"), "access"))
+        except KeyboardInterrupt:
+            click.echo("vmbus: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def _fail(ctx: click.Context, exc: BaseException) -> None:
+    state = ctx.find_object(CliState)
+    code = exit_code(exc)
+    line = error_line(exc)
+    if state is not None and state.verbose > 1:
+        traceback.print_exception(exc)
+    if state is not None and state.json:
+        click.echo(json.dumps({"error": line, "type": type(exc).__name__, "exit_code": code}), err=True)
+    else:
+        click.echo(f"vmbus: error: {line}", err=True)
+    ctx.exit(code)
+
+
+# -- completion ---------------------------------------------------------------------------------
+def _complete_device(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """GUIDs and class names under --root (or /); class names alone with --mock."""
+    params = ctx.find_root().params
+    words: list[str]
+    if params.get("mock"):
+        words = [*MOCK_DEVICES]
+    else:
+        root = params.get("root") or Path("/")
+        try:
+            words = device_names(Sysfs(root))
+        except Exception:  # completion must never fail loudly
+            words = []
+    seen: list[str] = []
+    for w in words:
+        if w.startswith(incomplete.lower()) and w not in seen:
+            seen.append(w)
+    return [CompletionItem(w) for w in seen]
+
+
+def _complete_mock_device(ctx: click.Context, param: click.Parameter,
+                          incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(w) for w in known_device_words() if w.startswith(incomplete.lower())]
+
+
+def _json_option(f: Any) -> Any:
+    """``--json`` after the command too (``vmbus list --json`` = ``vmbus --json list``)."""
+
+    def set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        state = ctx.find_object(CliState)
+        if value and state is not None:
+            state.json = True
+
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False, callback=set_json,
+                        help="Print JSON lines (same as 'vmbus --json ...').")(f)
+
+
+_DEVICE_ARG = click.argument("device", shell_complete=_complete_device)
+_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
+# -- the group --------------------------------------------------------------------------------
+@click.group(cls=VmbusGroup, context_settings=_HELP_SETTINGS)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="VMBUS_ROOT",
+              help="Work under this root instead of / (root/sys, root/dev): e.g. the folder of "
+                   "'vmbus mock serve'. Env: VMBUS_ROOT.")
+@click.option("--mock", is_flag=True,
+              help="Run the command against a fresh mock VMBus (network, scsi, heartbeat, shutdown, "
+                   "timesync, fcopy and echo devices) that lives as long as the command.")
+@click.option("--kernel", type=click.Choice(list(GENERATIONS)), default=None,
+              help=f"With --mock (and for demo / mock serve): the uio_hv_generic generation the mock "
+                   f"kernel behaves as [default: {DEFAULT_GENERATION}].")
+@click.option("--json", "json_mode", is_flag=True,
+              help="Machine-readable output: one JSON object per line (schemas in docs/cli.md).")
+@click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug and tracebacks).")
+@click.version_option(__version__, "-V", "--version", prog_name="vmbus")
+@click.pass_context
+def main(ctx: click.Context, root: Path | None, mock: bool, kernel: str | None, json_mode: bool,
+         verbose: int) -> None:
+    """Drive Hyper-V VMBus devices from Linux userspace through uio_hv_generic.
+
+    DEVICE is an instance GUID (braces and case do not matter, a unique prefix of 4+ hex
+    digits will do) or a class name that exactly one device has (heartbeat, fcopy, ...).
+
+    \b
+    First steps:
+      vmbus demo                      the whole path on a mock bus, in seconds
+      vmbus --mock list               what a guest's bus looks like
+      sudo vmbus list                 the devices of this Hyper-V / Azure guest
+      sudo vmbus enable heartbeat     bind, open and watch a channel (Ctrl-C restores)
+
+    Shell completion: eval "$(_VMBUS_COMPLETE=bash_source vmbus)" (zsh_source, fish_source).
+    Exit codes and JSON schemas: docs/cli.md.
+    """
+    from_env = ctx.get_parameter_source("root") is click.core.ParameterSource.ENVIRONMENT
+    if root is not None and mock:
+        if not from_env:
+            raise click.UsageError("--root and --mock exclude each other (--mock makes its own root)")
+        root = None
+    if kernel is not None and not mock and ctx.invoked_subcommand not in ("demo", "mock"):
+        raise click.UsageError("--kernel only applies with --mock (and to 'demo' and 'mock serve')")
+    ctx.obj = CliState(root_option=root, mock=mock, kernel=kernel, json=json_mode, verbose=verbose,
+                       on_close=ctx.call_on_close)
+    ctx.call_on_close(setup_logging(verbose))
+
+
+# -- list / show ------------------------------------------------------------------------------
+@main.command("list")
+@_json_option
+@click.pass_obj
+def list_cmd(state: CliState) -> None:
+    """List the VMBus devices: instance, class, relid, driver, uio node, monitored."""
+    fs = state.sysfs()
+    rows = list_devices(fs)
+    Output(state.json).emit({"root": str(fs.root), "devices": rows}, lambda: render_list(rows))
+
+
+@main.command()
+@_DEVICE_ARG
+@_json_option
+@click.pass_obj
+def show(state: CliState, device: str) -> None:
+    """Show everything about DEVICE: attributes, channels, uio maps, ring state, and how the
+    host will be signalled and why."""
+    dev = state.device(device)
+    data = device_detail(state.root(), dev)
+    Output(state.json).emit(data, lambda: render_show(data))
+
+
+# -- bind / unbind / restore ---------------------------------------------------------------------
+@main.command()
+@_DEVICE_ARG
+@click.option("--force", is_flag=True,
+              help="Bind even when a guard rail refuses (a mounted disk, the default route, this SSH "
+                   "session).")
+@click.option("--timeout", type=_SECONDS, metavar="S", default=10.0, show_default=True,
+              help="Seconds to wait for the uio node.")
+@_json_option
+@click.pass_obj
+def bind(state: CliState, device: str, force: bool, timeout: float) -> None:
+    """Bind DEVICE to uio_hv_generic (remembering its driver for 'vmbus restore')."""
+    from .binding import read_record
+
+    dev = state.device(device)
+    root = state.root()
+    previous = dev.driver
+    already = False
+    try:
+        uio = state.bus().bind(dev.guid, force=force, timeout=timeout)
+    except AlreadyBound:
+        already = True
+        uio = dev.uio_name or "?"
+        record = read_record(root, dev.guid)
+        previous = record.previous_driver if record is not None else None
+    data = {"device": str(dev.guid), "class": _class(dev), "driver": "uio_hv_generic", "uio": uio,
+            "node": str(root / "dev" / uio), "previous_driver": previous, "already": already}
+    Output(state.json).emit(data, render_bind(data))
+
+
+@main.command()
+@_DEVICE_ARG
+@click.option("--force", is_flag=True, help="Unbind even when a guard rail refuses.")
+@click.option("--timeout", type=_SECONDS, metavar="S", default=10.0, show_default=True,
+              help="Seconds to wait for the driver to let go.")
+@_json_option
+@click.pass_obj
+def unbind(state: CliState, device: str, force: bool, timeout: float) -> None:
+    """Release DEVICE from its driver (it stays unbound; 'vmbus restore' binds it again)."""
+    dev = state.device(device)
+    previous = state.bus().unbind(dev.guid, force=force, timeout=timeout)
+    data = {"device": str(dev.guid), "class": _class(dev), "previous_driver": previous}
+    Output(state.json).emit(data, render_unbind(data))
+
+
+@main.command()
+@_DEVICE_ARG
+@click.option("--timeout", type=_SECONDS, metavar="S", default=10.0, show_default=True,
+              help="Seconds to wait for the driver to bind.")
+@_json_option
+@click.pass_obj
+def restore(state: CliState, device: str, timeout: float) -> None:
+    """Give DEVICE back to the driver it had before 'vmbus bind' (and clear driver_override)."""
+    dev = state.device(device)
+    driver = state.bus().restore(dev.guid, timeout=timeout)
+    data = {"device": str(dev.guid), "class": _class(dev), "driver": driver}
+    Output(state.json).emit(data, render_restore(data))
+
+
+def _class(dev: Any) -> str:
+    from .cli_state import class_label
+
+    return class_label(dev)
+
+
+# -- enable / demo ----------------------------------------------------------------------------
+def _parse_sends(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[bytes, ...]:
+    try:
+        return tuple(parse_send(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@_DEVICE_ARG
+@click.option("--count", type=click.IntRange(min=1), metavar="N", default=None,
+              help="Stop after N packets (on_packet deliveries plus replies to --send).")
+@click.option("--timeout", type=_SECONDS, metavar="S", default=None,
+              help="Stop after S seconds (with --count: fail, exit 8, if fewer packets came).")
+@click.option("--send", "sends", multiple=True, callback=_parse_sends, metavar="HEX|@FILE",
+              help="Send these bytes from on_post_started and print the reply (repeatable).")
+@click.option("--no-wait", is_flag=True,
+              help="Send --send packets without asking for a completion (replies, if any, arrive "
+                   "as packets).")
+@click.option("--reply-timeout", type=_SECONDS, metavar="S", default=5.0,
+              show_default=True, help="Seconds to wait for each reply.")
+@click.option("--preview", type=click.IntRange(min=0), metavar="N", default=16, show_default=True,
+              help="Payload bytes shown per packet.")
+@click.option("--force", is_flag=True, help="Bind even when a guard rail refuses.")
+@_json_option
+@click.pass_obj
+def enable(state: CliState, device: str, count: int | None, timeout: float | None, sends: tuple[bytes, ...],
+           no_wait: bool, reply_timeout: float, preview: int, force: bool) -> None:
+    """Open DEVICE's channel and print each lifecycle event and packet until Ctrl-C.
+
+    Binds DEVICE to uio_hv_generic first if needed; on exit (Ctrl-C, SIGTERM, --count,
+    --timeout, or the host closing the channel) it disables the channel and, if it did the
+    binding, restores the driver the device had.
+    """
+    dev = state.device(device)
+    opts = EnableOptions(count=count, timeout=timeout, reply_timeout=reply_timeout, force=force,
+                         sends=tuple(SendSpec(p, wait=not no_wait) for p in sends))
+    out = Output(state.json, preview=preview)
+    out.echo(f"enabling {dev.guid} ({_class(dev)}); Ctrl-C to stop")
+    run_enable(state.bus(), dev, opts, out)
+
+
+@main.command()
+@_json_option
+@click.pass_obj
+def demo(state: CliState) -> None:
+    """Start a mock VMBus and run 'enable' on its echo device with a few requests (seconds)."""
+    run_demo(state.kernel or DEFAULT_GENERATION, Output(state.json))
+
+
+# -- ring ---------------------------------------------------------------------------------------
+@main.command()
+@_DEVICE_ARG
+@click.option("--map", "use_map", is_flag=True,
+              help="Read the ring headers through the uio node (needs uio_hv_generic; adds "
+                   "pending_send_size and feature bits). Opens the channel if nobody holds it open.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.01), metavar="S", default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(min=1), metavar="N", default=None,
+              help="With --watch: stop after N refreshes.")
+@_json_option
+@click.pass_obj
+def ring(state: CliState, device: str, use_map: bool, watch: bool, interval: float,
+         count: int | None) -> None:
+    """Show DEVICE's ring state: indices, bytes used and free, masks, pending_send_size, feature
+    bits, counters.
+
+    Without --map the numbers come from sysfs (in_read_index, channels/N/read_avail, ...),
+    which the kernel keeps for any allocated ring and anyone may read; sysfs has no
+    pending_send_size or feature bits.
+    """
+    dev = state.device(device)
+    out = Output(state.json)
+    mapped = MappedRings(state.root(), dev) if use_map else None
+    flag = StopFlag()
+    out.on_broken = lambda: flag.stop("output closed")
+    tty = sys.stdout.isatty()
+    try:
+        with stop_on_signals(flag):
+            shown = 0
+            while True:
+                data = mapped.read() if mapped is not None else ring_from_sysfs(dev)
+                if watch and tty and not state.json:
+                    click.echo("\x1b[H\x1b[J", nl=False)
+                elif watch and shown and not state.json:
+                    click.echo("")
+                out.emit(data, render_ring(data) if not state.json else None)
+                shown += 1
+                if not watch or (count is not None and shown >= count) or flag.wait(interval):
+                    break
+    finally:
+        if mapped is not None:
+            mapped.close()
+
+
+# -- watch --------------------------------------------------------------------------------------
+@main.command()
+@click.option("--poll", "force_poll", is_flag=True, help="Diff sysfs snapshots even where udev runs.")
+@click.option("--interval", type=click.FloatRange(min=0.005), metavar="S", default=0.05, show_default=True,
+              help="Seconds between snapshots when polling.")
+@click.option("--count", type=click.IntRange(min=1), metavar="N", default=None, help="Stop after N events.")
+@click.option("--timeout", type=_SECONDS, metavar="S", default=None,
+              help="Stop after S seconds.")
+@_json_option
+@click.pass_obj
+def watch(state: CliState, force_poll: bool, interval: float, count: int | None,
+          timeout: float | None) -> None:
+    """Print add, remove, bind and unbind events of VMBus devices and their uio nodes.
+
+    On a real guest they are udev's events (pyudev); under --mock / --root, or with --poll,
+    they come from diffing sysfs snapshots every --interval seconds.
+    """
+    root = state.root()
+    out = Output(state.json)
+    use_udev = not force_poll and udev_available(root)
+    flag = StopFlag()
+    out.on_broken = lambda: flag.stop("output closed")
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+
+    def stop() -> bool:
+        if deadline is not None and time.monotonic() >= deadline:
+            flag.stop("timeout")
+        return flag.is_set()
+
+    source = "udev" if use_udev else "poll"
+    how = "udev events" if use_udev else f"sysfs snapshots every {interval * 1000:g} ms"
+    out.emit({"event": "watching", "t": 0.0, "root": str(root), "source": source},
+             f"watching VMBus and uio devices under {root} ({how}); Ctrl-C to stop")
+    seen = 0
+    with stop_on_signals(flag):
+        events = udev_events(root, stop) if use_udev else poll_events(root, stop, interval)
+        for ev in events:
+            out.event(ev.as_dict(time.monotonic() - start))
+            seen += 1
+            if (count is not None and seen >= count) or flag.is_set():
+                break
+
+
+# -- mock serve -----------------------------------------------------------------------------------
+@main.group(cls=VmbusGroup, context_settings=_HELP_SETTINGS)
+def mock() -> None:
+    """The mock VMBus: a fake sysfs root, mock kernel and mock host, for tests and demos."""
+
+
+def _check_mock_devices(ctx: click.Context, param: click.Parameter,
+                        values: tuple[str, ...]) -> tuple[str, ...]:
+    from .guid import is_guid
+
+    known = known_device_words()
+    for v in values:
+        if v.lower() not in known and not is_guid(v):
+            raise click.BadParameter(f"{v!r} is not a device class, mock model or class GUID; "
+                                     f"known: {', '.join(known)}")
+    return tuple(v if is_guid(v) else v.lower() for v in values)
+
+
+@mock.command()
+@click.option("--root", "serve_root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Build the mock under this new or empty folder (removed again on exit) "
+                   "[default: a temporary folder].")
+@click.option("--device", "devices", multiple=True, callback=_check_mock_devices,
+              shell_complete=_complete_mock_device, metavar="CLASS",
+              help="Offer a device of this class or mock model (repeatable) [default: network, scsi, "
+                   "heartbeat, shutdown, timesync, fcopy, echo].")
+@click.option("--kernel", "serve_kernel", type=click.Choice(list(GENERATIONS)), default=None,
+              help=f"uio_hv_generic generation [default: the global --kernel, or {DEFAULT_GENERATION}].")
+@click.option("--timeout", type=_SECONDS, metavar="S", default=None,
+              help="Stop after S seconds [default: run until Ctrl-C / SIGTERM].")
+@_json_option
+@click.pass_obj
+def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], serve_kernel: str | None,
+          timeout: float | None) -> None:
+    """Run a mock VMBus in the foreground for other processes to use with --root.
+
+    \b
+    In another shell:
+      vmbus --root DIR list
+      vmbus --root DIR enable echo --send 68656c6c6f
+      python -c 'import pyvmbus; print(pyvmbus.Vmbus(root="DIR").devices())'
+    """
+    from .cli_views import list_devices
+    from .mock import MockVmbus
+
+    root = serve_root if serve_root is not None else state.root_option
+    made: Path | None = None
+    if root is not None:
+        root = root.absolute()
+        if root.exists() and any(root.iterdir()):
+            raise click.UsageError(f"{root} is not empty: give a new or empty folder "
+                                   "(an old mock root can be removed with rm -rf)")
+        made = root
+    kernel = serve_kernel or state.kernel or DEFAULT_GENERATION
+    out = Output(state.json)
+    start = time.monotonic()
+    flag = StopFlag()
+    out.on_broken = lambda: flag.stop("output closed")
+    try:
+        with stop_on_signals(flag), MockVmbus(kernel=kernel, devices=devices or MOCK_DEVICES,
+                                               root=root) as m:
+            rows = list_devices(Sysfs(m.root))
+            data = {"event": "serving", "t": round(time.monotonic() - start, 3), "root": str(m.root),
+                    "kernel": m.generation.name, "pid": m.pid, "devices": rows}
+            out.emit(data, lambda: (
+                f"mock VMBus (kernel {m.generation.name}) serving under {m.root}\n"
+                f"{render_list(rows)}\n"
+                f"use it with: vmbus --root {m.root} list    (or VMBUS_ROOT={m.root}); Ctrl-C stops it"))
+            deadline = None if timeout is None else start + timeout
+            while not flag.is_set():
+                if not m.alive:
+                    flag.stop("the mock process died")
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    flag.stop("timeout")
+                    break
+                flag.wait(0.2 if left is None else min(0.2, left))
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+    out.emit({"event": "stopped", "t": round(time.monotonic() - start, 3), "why": flag.why},
+             f"mock VMBus stopped ({flag.why})")
+
+
+# -- plug-ins -----------------------------------------------------------------------------------
+def _register_plugins(group: click.Group) -> None:
+    """Commands that live in other modules: ``vmbus ic ...`` and ``vmbus fcopy-daemon`` (issue 6).
+
+    pyvmbus.cli_ic defines ``register(main)``, which adds its commands to this group; they
+    take :class:`~pyvmbus.cli_state.CliState` with ``@click.pass_obj`` and get the same
+    --root/--mock/--json handling and error mapping.
+    """
+    try:
+        module = importlib.import_module(f"{__package__}.cli_ic")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.cli_ic":
+            raise
+        return
+    module.register(group)
+
+
+_register_plugins(main)  # <- vmbus ic ... / vmbus fcopy-daemon plug in here (pyvmbus/cli_ic.py)
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m pyvmbus.cli
+    sys.exit(main(prog_name="vmbus"))

@@ -413,6 +413,9 @@ class UioDevice:
             raise DeviceRescinded(dev, f"{path} vanished while being opened") from None
         except ConnectionRefusedError:
             raise HostCrashed(dev, f"nobody serves {path}: the mock kernel is gone") from None
+        except (ConnectionResetError, BrokenPipeError):
+            # The node was being torn down (rescind) while we connected.
+            raise DeviceRescinded(dev, f"{path} went away while being opened") from None
         except _Gone as exc:
             raise (DeviceRescinded(dev, exc.detail) if exc.rescinded else HostCrashed(dev, exc.detail)) \
                 from None
@@ -429,6 +432,8 @@ class UioDevice:
                     mm = transport.map(index, size)
                 except PermissionError:
                     raise NotPermitted(str(path), f"mmap map{index}") from None
+                except (ConnectionResetError, BrokenPipeError):
+                    raise DeviceRescinded(dev, f"{path} went away while its maps arrived") from None
                 self._mmaps.append(mm)
                 self.maps.append(UioMap(index, map_name, size, np.frombuffer(mm, dtype=np.uint8)))
         except BaseException:

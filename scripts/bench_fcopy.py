@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Benchmark guest file copy (fcopy) through the mock, next to floors measured in the same run.
+
+Figures (nothing is asserted):
+
+- ``ring_floor``: write + read of one WRITE_TO_FILE message (6224 bytes: IC headers plus a
+  6 KiB fragment) through one :class:`~pyvmbus.ring.RingBuffer` of the fcopy channel's size,
+  in this process: what the ring engine alone allows, in MiB/s of file data;
+- ``service``: the host model's :class:`~pyvmbus.mock.ic_models.FcopySender` driving
+  :class:`~pyvmbus.ic.FcopyService` in-process (``pump``: build, handle, answer, write the
+  file), no channel and no other process;
+- ``mock``: the whole path. ``vmbus fcopy-daemon``'s runner (:class:`IcRunner`, dispatch on
+  its own thread) on a mock VMBus; the mock host process sends the file in 6 KiB fragments,
+  one message in flight at a time as Hyper-V does, so every fragment costs one round trip
+  between the two processes. Timed from the guest's "started" to its "completed" event;
+  CPU seconds per MiB of both processes;
+- ``latency``: the round trip of a packet sent from inside on_packet (echo device), for the
+  issue reported by the IC author: with the default background dispatch thread and a
+  monitored channel it takes ~5 ms (the thread lingers after its own cycle, see
+  docs/performance.md), vs send_request from the caller's thread, and vs the runner's
+  caller-driven dispatch.
+
+    python scripts/bench_fcopy.py             # ~30 s
+    python scripts/bench_fcopy.py --quick     # ~10 s
+    python scripts/bench_fcopy.py --json      # one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pyvmbus.bus import Vmbus
+from pyvmbus.classes import class_by_name
+from pyvmbus.ic import FcopyEvent, FcopyService
+from pyvmbus.ic.messages import DATA_FRAGMENT, FCOPY_INSTANCE_GUID, DoFcopy, IcMsgType, build_message
+from pyvmbus.ic.runner import IcRunner
+from pyvmbus.mock import MockVmbus
+from pyvmbus.mock.generations import generation
+from pyvmbus.mock.ic_models import FcopySender, pump
+from pyvmbus.packet import PacketType
+from pyvmbus.ring import RingBuffer
+
+__all__ = ["main"]
+
+MIB = 1024 * 1024
+HEADER = 4096
+
+
+def _dest_base() -> str | None:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+def ring_floor(seconds: float, ring_size: int) -> dict[str, Any]:
+    """MiB/s of file data for write+read pairs of one full WRITE_TO_FILE message."""
+    msg = build_message(IcMsgType.FCOPY, DoFcopy(0, os.urandom(DATA_FRAGMENT)).pack())
+    ring = RingBuffer.init(bytearray(ring_size))
+    write, read = ring.write, ring.read
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while time.perf_counter() < end:
+        for _ in range(200):
+            write(msg, PacketType.DATA_INBAND, 0, 1)
+            read()
+        n += 200
+    dt = time.perf_counter() - t0
+    return {"message_bytes": len(msg), "pairs_per_s": round(n / dt),
+            "mib_s": round(n * DATA_FRAGMENT / dt / MIB, 1), "ring_size": ring_size}
+
+
+def service_inproc(size: int) -> dict[str, Any]:
+    """The host model and the guest service in one process: protocol + file writes."""
+    with tempfile.TemporaryDirectory(dir=_dest_base()) as d:
+        data = os.urandom(size)
+        svc = FcopyService([d], fsync=False)
+        host = FcopySender()
+        pump(host, svc)  # negotiation
+        host.send_file(data, "f.bin", d)
+        t0 = time.perf_counter()
+        msgs = pump(host, svc)
+        dt = time.perf_counter() - t0
+        assert host.transfer_state == "done", host.snapshot()
+        assert Path(d, "f.bin").stat().st_size == size
+    return {"mib_s": round(size / dt / MIB, 1), "messages": msgs, "us_per_message": round(dt / msgs * 1e6, 1)}
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def through_mock(kernel: str, size: int, runs: int) -> dict[str, Any]:
+    """fcopy through the runner and the mock host, ``runs`` files of ``size`` bytes."""
+    rates: list[float] = []
+    guest_cpu: list[float] = []
+    host_cpu: list[float] = []
+    with tempfile.TemporaryDirectory(dir=_dest_base()) as d, MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("fcopy", instance=FCOPY_INSTANCE_GUID)
+        src = Path(d) / "source.bin"
+        src.write_bytes(os.urandom(size))
+        dest = Path(d) / "dest"
+        dest.mkdir()
+        marks: dict[str, float] = {}
+        done = threading.Event()
+
+        def on_event(ev: FcopyEvent) -> None:
+            marks[ev.kind] = time.perf_counter()
+            if ev.kind != "started":
+                done.set()
+
+        svc = FcopyService([dest], fsync=False, on_event=on_event)
+        runner = IcRunner(mock.root, guid, svc)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not svc.negotiated:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the fcopy channel did not come up")
+            time.sleep(0.01)
+        pid = mock.pid or 0
+        for i in range(runs):
+            done.clear()
+            marks.clear()
+            c0, h0 = _self_cpu(), _cpu(pid)
+            mock.command(guid, "send_file", source=str(src), file_name=f"f{i}.bin", dest=str(dest),
+                         flags=1)
+            if not done.wait(120):
+                raise RuntimeError("the transfer did not finish")
+            c1, h1 = _self_cpu(), _cpu(pid)
+            if "completed" not in marks:
+                raise RuntimeError(f"the transfer failed: {svc.last_event}")
+            dt = marks["completed"] - marks["started"]
+            rates.append(size / dt / MIB)
+            guest_cpu.append((c1 - c0) / (size / MIB))
+            host_cpu.append((h1 - h0) / (size / MIB))
+        if (dest / "f0.bin").read_bytes() != src.read_bytes():
+            raise RuntimeError("the copy differs from the source")
+        runner.stop()
+        thread.join(10)
+    msgs = -(-size // DATA_FRAGMENT) + 2
+    med = statistics.median(rates)
+    return {"kernel": kernel, "file_mib": round(size / MIB, 1), "runs": runs,
+            "mib_s_median": round(med, 1), "mib_s_best": round(max(rates), 1),
+            "us_per_message": round(size / MIB / med / msgs * 1e6, 1),
+            "guest_cpu_s_per_mib": round(statistics.median(guest_cpu), 4),
+            "host_cpu_s_per_mib": round(statistics.median(host_cpu), 4)}
+
+
+def echo_latency(kernel: str, monitored: bool, dispatch: str, n: int) -> dict[str, Any]:
+    """Median round trip of a packet sent from on_packet, and of send_request (thread mode)."""
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo", monitored=monitored)
+        bus = Vmbus(mock.root)
+        bus.bind(guid)
+        ch = bus.channel(guid, dispatch=dispatch)
+        stamps: list[float] = []
+        finished = threading.Event()
+
+        def on_packet(ch: Any, pkt: Any) -> None:
+            stamps.append(time.perf_counter())
+            if len(stamps) >= n:
+                finished.set()
+                return
+            ch.send(b"x" * 64)
+
+        ch.on_packet(on_packet)
+        ch.enable()
+        ch.send(b"x" * 64)
+        if dispatch == "caller":
+            deadline = time.monotonic() + 60
+            while not finished.is_set() and time.monotonic() < deadline:
+                ch.poll(0.25)
+        else:
+            finished.wait(60)
+        gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
+        out: dict[str, Any] = {"kernel": kernel, "monitored": monitored, "dispatch": dispatch,
+                               "on_packet_rtt_us": round(statistics.median(gaps) * 1e6, 1) if gaps else None}
+        if dispatch == "thread":
+            rtts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                ch.send_request(b"y" * 64, timeout=10)
+                rtts.append(time.perf_counter() - t0)
+            out["send_request_rtt_us"] = round(statistics.median(rtts) * 1e6, 1)
+        ch.disable()
+        bus.restore(guid)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "date": datetime.date.today().isoformat(),
+            "load": [round(x, 2) for x in os.getloadavg()]}
+
+
+def report(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"fcopy benchmark (Python {m['python']}, {m['cpus']} CPUs {m['machine']}, load {m['load']})", ""]
+    rf = res["ring_floor"]
+    lines.append(f"ring floor     {rf['mib_s']:8.1f} MiB/s   ({rf['pairs_per_s']} write+read pairs/s of "
+                 f"{rf['message_bytes']}-byte messages, ring {rf['ring_size']:#x})")
+    sv = res["service"]
+    lines.append(f"service        {sv['mib_s']:8.1f} MiB/s   (in-process host model + FcopyService, "
+                 f"{sv['us_per_message']} us a message)")
+    for mk in res["mock"]:
+        lines.append(f"mock {mk['kernel']:<8}  {mk['mib_s_median']:8.1f} MiB/s   (best {mk['mib_s_best']}, "
+                     f"{mk['file_mib']} MiB x {mk['runs']}; {mk['us_per_message']} us a message round trip; "
+                     f"CPU s/MiB guest {mk['guest_cpu_s_per_mib']}, host {mk['host_cpu_s_per_mib']})")
+    lines.append("")
+    for lt in res["latency"]:
+        extra = f", send_request {lt['send_request_rtt_us']} us" if "send_request_rtt_us" in lt else ""
+        lines.append(f"echo {lt['kernel']} {'monitored    ' if lt['monitored'] else 'not monitored'} "
+                     f"dispatch={lt['dispatch']:<6}: send from on_packet -> next on_packet "
+                     f"{lt['on_packet_rtt_us']} us{extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller files, fewer runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--size", type=float, default=None, help="file size in MiB [32; --quick: 8]")
+    p.add_argument("--kernel", action="append", default=None,
+                   help="mock kernel generation(s) [6.18 and 6.10]")
+    args = p.parse_args(argv)
+    size = int((args.size or (8 if args.quick else 32)) * MIB)
+    runs = 2 if args.quick else 3
+    kernels = args.kernel or ["6.18", "6.10"]
+    ring_size = generation("6.18").ring_size(class_by_name("fcopy"))  # header page included
+    res: dict[str, Any] = {"machine": machine()}
+    res["ring_floor"] = ring_floor(0.5 if args.quick else 2.0, ring_size)
+    res["service"] = service_inproc(size)
+    res["mock"] = [through_mock(k, size, runs) for k in kernels]
+    n = 100 if args.quick else 300
+    res["latency"] = [echo_latency("6.18", True, "thread", n), echo_latency("6.18", False, "thread", n),
+                      echo_latency("6.18", True, "caller", n)]
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

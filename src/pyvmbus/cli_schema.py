@@ -1,0 +1,150 @@
+"""The ``--json`` schema of every ``vmbus`` command: the keys of each object, with a note each.
+
+One table read by the tests (every key of every object a command prints must be here, and
+nothing else) and by docs/cli.md. Keys are only ever added, with a note in the changelog;
+a key whose value is unknown is ``null``, never missing.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["EVENT_COMMON", "SCHEMAS"]
+
+_DEVICE_ROW: Final = {
+    "guid": "instance GUID (lower case, no braces)",
+    "class": "class short name (network, scsi, heartbeat, ...; mock models such as echo; unknown)",
+    "class_guid": "class GUID",
+    "relid": "primary channel relid (sysfs id)",
+    "driver": "bound driver, or null",
+    "uio": "uio node name (uio0) when bound to uio_hv_generic, else null",
+    "monitored": "true when the channel has a monitor id",
+    "monitor_id": "monitor id, or null",
+}
+
+_CHANNEL: Final = {
+    "relid": "channel relid",
+    "subchannel_id": "0 for the primary, 1.. for subchannels",
+    "cpu": "target CPU",
+    "monitor_id": "monitor id, or null",
+    "in_mask": "inbound (host->guest) ring interrupt mask",
+    "out_mask": "outbound (guest->host) ring interrupt mask",
+    "read_avail": "bytes waiting in the inbound ring",
+    "write_avail": "bytes free in the outbound ring",
+    "events": "signals sent to the host (kernel count)",
+    "interrupts": "interrupts from the host (kernel count)",
+    "intr_in_full": "kernel counter",
+    "intr_out_empty": "kernel counter",
+    "out_full_first": "kernel counter",
+    "out_full_total": "kernel counter",
+    "ring_file": "path of channels/<relid>/ring, or null before it appears",
+    "ring_file_size": "its st_size, or null",
+}
+
+_RING_SIDE: Final = {
+    "read_index": "read index (byte offset into the data area)",
+    "write_index": "write index",
+    "interrupt_mask": "interrupt_mask word of the ring header",
+    "bytes_used": "bytes written and not yet read",
+    "bytes_free": "bytes free for the writer",
+    "data_size": "data area size (ring size minus the header page)",
+    "occupancy": "bytes_used / data_size (0..1)",
+    "pending_send_size": "pending_send_sz (null from sysfs)",
+    "feature_bits": "feature_bits (null from sysfs)",
+}
+
+_SIGNAL: Final = {
+    "mechanism": "monitor-page or fd-write",
+    "relid": "relid whose bit is set (monitor-page)",
+    "monitor_id": "monitor id, or null",
+    "int_page_word_offset": "(monitor-page only) byte offset of the word in the interrupt page",
+    "int_page_bit_mask": "(monitor-page only) bit mask in that word",
+    "monitor_pending_offset": "(monitor-page only) offset of trigger_group[id/32].pending",
+    "monitor_bit_mask": "(monitor-page only) bit mask in that word",
+    "reason": "why this mechanism",
+    "notes": "kernel-generation notes (list of strings)",
+    "subchannels": "per subchannel: relid, mechanism, reason",
+}
+
+EVENT_COMMON: Final = {"event": "event name", "t": "seconds since the command started"}
+
+SCHEMAS: Final[dict[str, dict[str, str]]] = {
+    "error": {
+        "error": "the one-line message (also the fix)",
+        "type": "exception class name",
+        "exit_code": "the exit code",
+    },
+    "list": {"root": "the root read", "devices": "list of list.device"},
+    "list.device": _DEVICE_ROW,
+    "show": {
+        "guid": "instance GUID", "path": "sysfs directory", "class": "class short name",
+        "class_guid": "class GUID", "class_description": "what the class is, or null",
+        "relid": "primary relid", "state": "sysfs state (0 offer, 1 opening, 2 open, 3 opened)",
+        "state_name": "state as a word", "monitored": "has a monitor id", "monitor_id": "or null",
+        "driver": "bound driver or null", "driver_override": "or null",
+        "numa_node": "or null", "vendor": "PCI vendor id (0x1414)",
+        "device_type": "kernel dev_type index", "channel_vp_mapping": "[[relid, cpu], ...]",
+        "net_interfaces": "interfaces the driver registered",
+        "attributes": "every readable file of the device directory: name -> text or null",
+        "channels": "list of show.channel", "uio": "show.uio or null",
+        "ring": "{tx, rx: ring.side, note}", "signal": "show.signal",
+        "bind_record": "what 'vmbus bind' saved for restore, or null",
+        "guard_rails": "why binding would hurt this system (empty: safe)",
+    },
+    "show.channel": _CHANNEL,
+    "show.uio": {"name": "uioN", "node": "device node path", "driver_name": "uio_hv_generic",
+                 "version": "driver version", "event": "cumulative interrupt count",
+                 "maps": "list of {index, name, addr, size, offset}"},
+    "show.signal": _SIGNAL,
+    "ring": {
+        "device": "instance GUID", "class": "class short name",
+        "source": "sysfs (kernel attributes) or map (ring headers through the uio node)",
+        "state": "sysfs state", "channel_open": "state == 3",
+        "driver": "bound driver", "uio": "uio node or null", "uio_events": "uio event count or null",
+        "channels": "list of show.channel", "note": "where the numbers come from",
+        "tx": "ring.side: guest->host ring", "rx": "ring.side: host->guest ring",
+    },
+    "ring.side": _RING_SIDE,
+    "bind": {"device": "instance GUID", "class": "class short name", "driver": "uio_hv_generic",
+             "uio": "uio node name", "node": "device node path",
+             "previous_driver": "driver it had (restore puts it back)",
+             "already": "true when it was bound to uio_hv_generic already"},
+    "unbind": {"device": "instance GUID", "class": "class short name",
+               "previous_driver": "driver it was released from (null if none)"},
+    "restore": {"device": "instance GUID", "class": "class short name",
+                "driver": "driver bound now (null if none)"},
+    "enable.bound": {**EVENT_COMMON, "device": "GUID", "uio": "uio node",
+                     "previous_driver": "driver it had; restored on exit"},
+    "enable.opened": {**EVENT_COMMON, "device": "GUID", "relid": "relid", "monitor_id": "or null"},
+    "enable.started": {**EVENT_COMMON, "device": "GUID"},
+    "enable.post_started": {**EVENT_COMMON, "device": "GUID"},
+    "enable.sent": {**EVENT_COMMON, "device": "GUID", "length": "payload bytes",
+                    "transaction_id": "its transaction id", "completion_requested": "bool"},
+    "enable.reply": {**EVENT_COMMON, "device": "GUID", "request_length": "bytes sent",
+                     "length": "reply payload bytes", "payload_hex": "first --preview bytes"},
+    "enable.packet": {**EVENT_COMMON, "device": "GUID", "type": "packet type number",
+                      "type_name": "DATA_INBAND, COMP, ...", "flags": "descriptor flags",
+                      "transaction_id": "transaction id", "length": "payload bytes",
+                      "payload_hex": "first --preview bytes, hex"},
+    "enable.processing_complete": {**EVENT_COMMON, "device": "GUID", "count": "packets in the batch"},
+    "enable.closed": {**EVENT_COMMON, "device": "GUID", "reason": "disabled, rescinded, ..."},
+    "enable.restored": {**EVENT_COMMON, "device": "GUID", "driver": "driver bound again, or null"},
+    "enable.note": {**EVENT_COMMON, "device": "GUID", "message": "text"},
+    "enable.stopped": {**EVENT_COMMON, "device": "GUID",
+                       "why": "count, timeout, SIGINT, SIGTERM, closed or error",
+                       "packets": "packets received (on_packet and replies)",
+                       "replies": "replies to --send"},
+    "demo.demo": {**EVENT_COMMON, "root": "the mock's root", "kernel": "mock kernel generation",
+                  "device": "the echo device's GUID"},
+    "watch.watching": {**EVENT_COMMON, "root": "root watched",
+                       "source": "udev (pyudev) or poll (sysfs snapshots)"},
+    "watch.action": {**EVENT_COMMON, "subsystem": "vmbus or uio",
+                     "name": "GUID (vmbus) or uioN (uio)", "device": "instance GUID or null",
+                     "class": "class short name or null", "driver": "driver (bind/unbind) or null"},
+    "mock.serving": {**EVENT_COMMON, "root": "pass it as --root / Vmbus(root=...)",
+                     "kernel": "generation", "pid": "mock process id",
+                     "devices": "list of list.device"},
+    "mock.stopped": {**EVENT_COMMON, "why": "SIGINT, SIGTERM or timeout"},
+}
+"""Object name -> {key: note}. ``enable.*`` events also make up ``demo``'s stream;
+``watch.action`` covers the add, remove, bind, unbind and change events."""

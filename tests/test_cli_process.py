@@ -1,0 +1,121 @@
+"""The ``vmbus`` console script as real processes: demo, signals, a served mock, a closed pipe."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from click.testing import CliRunner
+
+from pyvmbus.cli import main
+
+_SCRIPT = Path(sys.executable).with_name("vmbus")
+VMBUS = [str(_SCRIPT)] if _SCRIPT.exists() else [
+    sys.executable, "-c", "import sys; from pyvmbus.cli import main; sys.exit(main(prog_name='vmbus'))"]
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*VMBUS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def read_json_until(stream: IO[str], event: str, timeout: float) -> list[dict[str, Any]]:
+    """JSON lines from ``stream`` up to and including the first with ``event``."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = stream.readline()
+        if not line:
+            break
+        obj = json.loads(line)
+        seen.append(obj)
+        if obj.get("event") == event:
+            return seen
+    raise AssertionError(f"no {event!r} event within {timeout} s; got {seen}")
+
+
+@pytest.mark.timeout(60)
+def test_demo_as_a_process_finishes_in_seconds() -> None:
+    t0 = time.monotonic()
+    res = subprocess.run([*VMBUS, "demo"], capture_output=True, text=True, timeout=50,
+                         stdin=subprocess.DEVNULL)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert took < 10, f"demo took {took:.1f} s"
+    assert res.stderr == ""
+    assert "reply" in res.stdout and "restored" in res.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_enable_stops_cleanly_on_a_signal(sig: signal.Signals) -> None:
+    proc = start("--mock", "--json", "enable", "echo")
+    try:
+        assert proc.stdout is not None
+        read_json_until(proc.stdout, "post_started", 30)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    evs = [json.loads(line) for line in out.splitlines()]
+    names = [e["event"] for e in evs]
+    assert names[-3:] == ["closed", "restored", "stopped"]
+    assert evs[-1]["why"] == sig.name
+
+
+@pytest.mark.timeout(60)
+def test_mock_serve_for_other_processes(tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    proc = start("--json", "mock", "serve", "--root", str(root), "--device", "echo", "--device", "fcopy")
+    try:
+        assert proc.stdout is not None
+        serving = read_json_until(proc.stdout, "serving", 30)[-1]
+        assert serving["root"] == str(root)
+        r = CliRunner().invoke(main, ["--root", str(root), "--json", "list"], prog_name="vmbus")
+        assert r.exit_code == 0, r.output
+        assert sorted(d["class"] for d in json.loads(r.stdout)["devices"]) == ["echo", "fcopy"]
+        r = CliRunner().invoke(main, ["--root", str(root), "enable", "echo", "--send", "6869", "--count", "1",
+                                      "--timeout", "10"], prog_name="vmbus")
+        assert r.exit_code == 0, r.output
+        assert "68 69 00 00 00 00 00 00  |hi......|" in r.stdout
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert json.loads(out.splitlines()[-1]) == {"event": "stopped", "t": pytest.approx(0, abs=60),
+                                                "why": "SIGINT"}
+    assert not root.exists()
+
+
+@pytest.mark.timeout(60)
+def test_closed_pipe_stops_a_stream_quietly() -> None:
+    proc = start("--json", "demo")  # like 'vmbus --json demo | head -1'
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        read_json_until(proc.stdout, "demo", 30)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
