@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+
+def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``cond`` every 2 ms until it holds (True) or ``timeout`` passes (False): the
+    mock reacts asynchronously, as the kernel does. ``from conftest import until``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 def _on_hyperv() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -268,3 +269,34 @@ def test_asyncio_dispatch_needs_a_running_loop(echo: Echo) -> None:
     assert ch.state is S.DISABLED
     ch.enable()  # nothing was left open
     assert ch.send_request(b"ok", timeout=5) == pad8(b"ok")
+
+
+@pytest.mark.timeout(30)
+def test_async_send_waiting_for_room_fails_at_once_on_rescind(mock: MockVmbus) -> None:
+    """A coroutine waiting for room in a full ring gets ChannelClosed when the channel
+    closes, not when its send_timeout runs out (nothing else would wake it)."""
+    guid, ch = echo_channel(mock)
+
+    async def main() -> tuple[BaseException | None, float]:
+        async with ch.enabled():
+            await asyncio.to_thread(mock.fault, guid, "stall")
+            tx = ch._tx
+            assert tx is not None
+            sender = asyncio.create_task(_send_all(ch, tx.data_size // 2024 + 6))
+            while ch.counters.ring_full_waits == 0:
+                await asyncio.sleep(0.002)
+            t0 = time.monotonic()
+            await asyncio.to_thread(mock.rescind, guid)
+            try:
+                await asyncio.wait_for(sender, 5)
+            except BaseException as exc:
+                return exc, time.monotonic() - t0
+            return None, time.monotonic() - t0
+
+    try:
+        exc, dt = asyncio.run(main())
+        assert isinstance(exc, ChannelClosed) and exc.reason == "rescinded", exc
+        assert dt < 2.0
+    finally:
+        with contextlib.suppress(Exception):
+            mock.remove_device(guid)

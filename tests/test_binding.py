@@ -16,6 +16,7 @@ from pyvmbus import binding
 from pyvmbus.binding import bind, guard_rails, read_record, record_path, restore, unbind, wait_for_uio
 from pyvmbus.errors import (
     AlreadyBound,
+    BindFailed,
     DeviceNotFound,
     DeviceRescinded,
     DriverNotLoaded,
@@ -198,16 +199,60 @@ def test_failed_roll_back_says_what_to_do(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.timeout(20)
-def test_old_kernel_refuses_unmonitored_and_bind_rolls_back(tmp_path: Path) -> None:
-    core = make(tmp_path, "5.15")
+@pytest.mark.parametrize("gen", ["5.15", "6.6-lts"])
+@pytest.mark.parametrize("override", [True, False], ids=["driver_override", "new_id"])
+def test_old_kernel_refuses_unmonitored_and_bind_fails_fast(tmp_path: Path, gen: str,
+                                                             override: bool) -> None:
+    """The failed probe (-ENOTSUPP in the mock's dmesg) ends the bind at once, by both methods."""
+    core = make(tmp_path, gen, driver_override=override)
     hb = core.add_device("heartbeat", monitored=False)
     with core, core.running():
         assert core.tree.driver_of(hb) == "hv_utils"
-        with pytest.raises(Timeout) as exc:
-            bind(tmp_path, hb, timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(BindFailed) as exc:
+            bind(tmp_path, hb, timeout=10.0)
+        assert time.monotonic() - t0 < 5  # not the 10 s timeout
         msg = str(exc.value)
-        assert "monitor id" in msg and "hv_utils was bound again" in msg and "-524" in msg
+        assert exc.value.guid == hb and exc.value.driver == "uio_hv_generic"
+        assert "524" in msg and "ENOTSUPP" in msg and "monitor id" in msg and ">= 6.10" in msg
+        assert "hv_utils was bound again" in msg
         assert core.tree.driver_of(hb) == "hv_utils" and read_record(tmp_path, hb) is None
+        assert core.driver_override(hb) is None
+
+
+@pytest.mark.timeout(20)
+def test_old_kernel_binds_a_monitored_channel(tmp_path: Path) -> None:
+    """The fast failure reads only this bind's log lines: an earlier refusal does not count."""
+    core = make(tmp_path, "5.15")
+    hb = core.add_device("heartbeat", monitored=False)
+    with core, core.running():
+        with pytest.raises(BindFailed):
+            bind(tmp_path, hb, timeout=5.0)
+        assert bind(tmp_path, NET, timeout=5.0) == "uio0"
+
+
+@pytest.mark.timeout(20)
+def test_real_kernel_probe_failure_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real kernel the write returns after the probe: still unbound then means it failed.
+
+    drivers_probe_store returns success when the probe failed (device_attach bound nothing),
+    so the errno is not known; the error names the likely reason for a channel without a
+    monitor id. (No driver core runs here, like a kernel whose probe refused the device.)
+    """
+    with make(tmp_path) as core:
+        monkeypatch.setattr(binding, "_is_real_root", lambda root: True)
+        monkeypatch.setattr(os, "geteuid", lambda: 0)
+        assert core.unbind("hv_storvsc", SCSI) == 0  # monitored and unbound, for the 2nd case
+        t0 = time.monotonic()
+        with pytest.raises(BindFailed) as exc:
+            bind(tmp_path, FCOPY, timeout=10.0)
+        assert time.monotonic() - t0 < 5
+        msg = str(exc.value)
+        assert "still unbound" in msg and "drivers_probe" in msg and "monitor id" in msg
+        assert "left unbound as before" in msg and read_record(tmp_path, FCOPY) is None
+        with pytest.raises(BindFailed, match="see dmesg") as exc:
+            bind(tmp_path, SCSI, force=True, timeout=10.0)
+        assert "monitor id" not in str(exc.value)
 
 
 @pytest.mark.timeout(20)

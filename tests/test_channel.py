@@ -677,3 +677,158 @@ def test_background_thread_does_not_linger_after_its_own_cycles(echo: Echo) -> N
         wait_until(lambda i=i: len(threads) == i + 1, what="the background thread's delivery")
     assert all(t is disp._thread for t in threads)
     assert disp._last_release == before
+
+
+# -- concurrency review: wakeups, closing under load, counters ---------------------------------
+
+@pytest.mark.timeout(30)
+def test_no_lost_wakeup_on_a_subchannel(echo: Echo) -> None:
+    """The drain -> unmask -> fence -> re-check window of a subchannel, on every generation.
+
+    As for the primary: the hook masks the subchannel's ring after the drain and has the
+    host write into it; the host does not interrupt a masked ring, so only our re-check
+    of every ring (the subchannels share the device's one event counter) finds them.
+    """
+    ch = echo.ch
+    got: list[bytes] = []
+    ch.on_packet(lambda c, p: got.append(p.payload) if c.is_subchannel else None)
+    ch.enable()
+    echo.mock.offer_subchannels(echo.guid, 1)
+    (sub,) = ch.open_subchannels(1, timeout=5)
+    disp = ch._disp
+    assert disp is not None
+    counts: dict[str, int] = {}
+    fired = threading.Event()
+
+    def sub_interrupts() -> int:
+        return int(echo.mock.host_stats(echo.guid)["channels"][sub.relid]["interrupts"])
+
+    def hook() -> None:
+        if fired.is_set() or not got:
+            return
+        fired.set()
+        rx = sub._rx
+        assert rx is not None
+        rx.interrupt_mask = 1
+        counts["before"] = sub_interrupts()
+        echo.mock.command(echo.guid, "send", subchannel=sub.subchannel_index, payload=b"late", count=3)
+        counts["after"] = sub_interrupts()
+
+    disp._before_unmask = hook
+    sub.send(b"first")
+    wait_until(lambda: len(got) == 4, timeout=2, what="the subchannel packets written in the window")
+    assert got == [pad8(b"first"), *[pad8(b"late")] * 3]
+    assert counts["after"] == counts["before"]
+
+
+@pytest.mark.timeout(30)
+def test_waiters_on_many_threads_fail_at_once_on_rescind(mock: MockVmbus) -> None:
+    """Requests outstanding on several threads (leader and followers) all end with
+    ChannelClosed("rescinded") well inside their timeout; on_closed runs once; no
+    dispatcher thread is left behind."""
+    e = make_echo(mock)
+    try:
+        ch = e.ch
+        closed: list[str] = []
+        ch.on_closed(lambda c, r: closed.append(r))
+        ch.enable()
+        disp = ch._disp
+        assert disp is not None and disp._thread is not None
+        mock.fault(e.guid, "stall")  # the host stops reading: nothing is ever answered
+        errors: list[BaseException] = []
+
+        def ask(i: int) -> None:
+            try:
+                ch.send_request(b"q%d" % i, timeout=20)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(ch._pending) == 4, what="four outstanding requests")
+        t0 = time.monotonic()
+        mock.rescind(e.guid)
+        for t in threads:
+            t.join(5)
+        assert time.monotonic() - t0 < 2.0
+        assert len(errors) == 4 and all(isinstance(x, ChannelClosed) for x in errors), errors
+        assert {x.reason for x in errors if isinstance(x, ChannelClosed)} == {"rescinded"}
+        wait_until(lambda: bool(closed), timeout=1.0, what="on_closed")
+        assert closed == ["rescinded"]
+        disp._thread.join(2)
+        assert not disp._thread.is_alive()
+        assert not any(t.name == f"vmbus-dispatch-{ch.name}" for t in threading.enumerate())
+    finally:
+        drop(e)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("monitored", [True, False], ids=["monitored", "fd-write"])
+def test_disable_while_other_threads_send(mock: MockVmbus, monitored: bool) -> None:
+    """Senders racing disable() see their packets go out or ChannelClosed, nothing else
+    (no OSError from a closed fd, no write to a reused fd, no crash)."""
+    if not monitored and mock.generation.refuses_unmonitored:
+        pytest.skip(f"{mock.generation.name} refuses channels without a monitor id")
+    e = make_echo(mock, monitored=monitored)
+    try:
+        ch = e.ch
+        for _round in range(3):
+            ch.enable()
+            outcome: list[BaseException | None] = []
+            started = threading.Barrier(4)
+
+            def spam(started: threading.Barrier = started, outcome: list[BaseException | None] = outcome
+                     ) -> None:
+                started.wait()
+                try:
+                    while True:
+                        ch.send(b"s" * 64, timeout=5)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            threads = [threading.Thread(target=spam) for _ in range(3)]
+            for t in threads:
+                t.start()
+            started.wait()
+            time.sleep(0.02)
+            ch.disable()
+            for t in threads:
+                t.join(5)
+            assert len(outcome) == 3
+            assert all(isinstance(x, ChannelClosed) for x in outcome), outcome
+            assert ch.state is S.DISABLED and ch._dev is None
+    finally:
+        drop(e)
+
+
+@pytest.mark.timeout(60)
+def test_counters_exact_with_concurrent_senders(echo: Echo) -> None:
+    """packets/bytes out, requests and ring-full waits are counted under the locks that
+    serialise them, so threads switching as often as possible lose no increment."""
+    import sys
+
+    ch = echo.ch
+    ch.enable()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        def work() -> None:
+            for i in range(300):
+                ch.send(b"c" * 24)
+                if i % 10 == 0:
+                    ch.send_request(b"r", timeout=10)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        sys.setswitchinterval(old)
+    c = ch.counters
+    assert c.requests == 4 * 30
+    assert c.packets_out == 4 * (300 + 30)
+    assert c.bytes_out == 4 * (300 * 24 + 30)
+    wait_until(lambda: echo.host("packets_in") == c.packets_out, what="the host to read everything")
+    assert c.signals == echo.host("signals") or c.signals >= 1

@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 
 from pyvmbus import cli_ic
 from pyvmbus.cli import main
+from pyvmbus.cli_schema import SCHEMAS
 from pyvmbus.errors import ChannelClosed
 from pyvmbus.ic import ShutdownAction
 from pyvmbus.ic.messages import FCOPY_INSTANCE_GUID, CopyFlags
@@ -51,7 +52,12 @@ def run(*args: str) -> Result:
 
 
 def events(result: Result) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    """The JSON lines of a command; each must have exactly the keys its schema pins."""
+    evs = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    for ev in evs:
+        name = f"ic.{ev['service']}.summary" if ev["event"] == "summary" else f"ic.{ev['event']}"
+        assert set(ev) == set(SCHEMAS[name]), f"{name}: {sorted(set(ev) ^ set(SCHEMAS[name]))}"
+    return evs
 
 
 def of(evs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -109,8 +115,25 @@ def test_commands_are_registered() -> None:
 
 
 def test_bad_file_mode_is_a_usage_error() -> None:
-    r = run("--mock", "ic", "fcopy", "--file-mode", "9x")
+    r = run("--mock", "ic", "fcopy", "--dest-root", "/tmp", "--file-mode", "9x")
     assert r.exit_code == 2 and "octal" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["ic", "fcopy"], ["fcopy-daemon"]])
+def test_fcopy_needs_an_explicit_dest_root(argv: list[str]) -> None:
+    r = run("--mock", *argv, "--timeout", "1")
+    assert r.exit_code == 2
+    assert "give --dest-root DIR" in r.stderr and "--dest-root /" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_service_refuses_a_device_of_another_class() -> None:
+    r = run("--mock", "--json", "ic", "heartbeat", "echo", "--timeout", "1")
+    assert r.exit_code == 2 and r.stdout == ""
+    err = json.loads(r.stderr)
+    assert err["type"] == "WrongClass" and "is a echo device, not heartbeat" not in err["error"]
+    assert "an echo device, not heartbeat" in err["error"] and "vmbus list" in err["error"]
+    r = run("--mock", "fcopy-daemon", "--device", "timesync", "--dest-root", "/tmp", "--timeout", "1")
+    assert r.exit_code == 2 and "a timesync device, not fcopy" in r.stderr
 
 
 # -- the services ------------------------------------------------------------------------------
@@ -124,7 +147,7 @@ def test_heartbeat_with_mock_counts_and_restores() -> None:
     assert [e["event"] for e in evs[:3]] == ["bound", "enabled", "negotiated"]
     assert evs[2]["version"] == "3.0" and evs[0]["previous_driver"] == "hv_utils"
     assert of(evs, "restored")[0]["driver"] == "hv_utils"
-    assert of(evs, "stopped")[0]["why"] == "until"
+    assert of(evs, "stopped")[0]["why"] == "count"
     assert of(evs, "summary")[0]["beats"] == 1
 
 
@@ -296,7 +319,8 @@ def test_fcopy_refuses_escapes(mock: MockVmbus, tmp_path: Path) -> None:
 def test_fcopy_text_output_and_wide_root_note(mock: MockVmbus, tmp_path: Path) -> None:
     guid = mock.add_device("fcopy")
     host = Host(mock, guid, _send(mock, guid, data=b"hello", file_name="t.txt", dest=str(tmp_path)))
-    r = run("--root", str(mock.root), "ic", "fcopy", guid, "--no-fsync", "--count", "1", "--timeout", "15")
+    r = run("--root", str(mock.root), "ic", "fcopy", guid, "--dest-root", "/", "--no-fsync", "--count", "1",
+            "--timeout", "15")
     host.join()
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "t.txt").read_bytes() == b"hello"
@@ -305,6 +329,14 @@ def test_fcopy_text_output_and_wide_root_note(mock: MockVmbus, tmp_path: Path) -
 
 
 # -- the daemon --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_fcopy_daemon_json_prints_the_events_on_stdout(tmp_path: Path) -> None:
+    r = run("--mock", "fcopy-daemon", "--json", "--dest-root", str(tmp_path), "--timeout", "1")
+    assert r.exit_code == 0, r.stderr
+    kinds = [e["event"] for e in events(r)]
+    assert kinds[:2] == ["bound", "enabled"] and kinds[-1] == "stopped"
 
 
 @pytest.mark.timeout(40)
@@ -339,7 +371,7 @@ def test_fcopy_daemon_logs_with_journal_priorities(tmp_path: Path, monkeypatch: 
 @pytest.mark.timeout(30)
 def test_fcopy_daemon_without_a_device_exits_not_found() -> None:
     with MockVmbus(devices=["heartbeat"]) as m:
-        r = run("--root", str(m.root), "fcopy-daemon", "--timeout", "1")
+        r = run("--root", str(m.root), "fcopy-daemon", "--dest-root", "/tmp", "--timeout", "1")
     assert r.exit_code == 3
     assert "Guest Service Interface" in r.stderr and "Traceback" not in r.stderr
 

@@ -119,3 +119,64 @@ def test_closed_pipe_stops_a_stream_quietly() -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+@pytest.mark.timeout(90)
+def test_mock_fault_rescinds_a_device_under_a_running_enable(tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    serve = start("--json", "mock", "serve", "--root", str(root), "--device", "echo")
+    enable: subprocess.Popen[str] | None = None
+    try:
+        assert serve.stdout is not None
+        read_json_until(serve.stdout, "serving", 30)
+        enable = start("--root", str(root), "--json", "enable", "echo")
+        assert enable.stdout is not None
+        guid = read_json_until(enable.stdout, "post_started", 30)[-1]["device"]
+        r = CliRunner().invoke(main, ["--json", "mock", "fault", "echo", "rescind", "--root", str(root)],
+                               prog_name="vmbus")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout) == {"device": guid, "class": "echo", "kind": "rescind", "relid": None}
+        out, err = enable.communicate(timeout=30)
+        assert enable.returncode == 9, err  # the host's doing: exit 9, one line, no traceback
+        assert "rescinded" in err and "Traceback" not in err and err.count("\n") == 1
+        evs = [json.loads(line) for line in out.splitlines()]
+        assert {"event": "closed", "reason": "rescinded"}.items() <= of_kind(evs, "closed").items()
+        fault = read_json_until(serve.stdout, "fault", 10)[-1]
+        assert fault["kind"] == "rescind" and fault["device"] == guid
+        r = CliRunner().invoke(main, ["--root", str(root), "mock", "fault", guid[:8], "reoffer"],
+                               prog_name="vmbus")
+        assert r.exit_code == 0, r.output
+        assert "offered again as relid" in r.stdout
+        r = CliRunner().invoke(main, ["--root", str(root), "--json", "show", "echo"], prog_name="vmbus")
+        assert r.exit_code == 0 and json.loads(r.stdout)["guid"] == guid
+        r = CliRunner().invoke(main, ["--root", str(root), "mock", "fault", "nosuch", "stall"],
+                               prog_name="vmbus")
+        assert r.exit_code == 3 and "nosuch" in r.stderr and r.stderr.count("\n") == 1
+        serve.send_signal(signal.SIGINT)
+        serve.communicate(timeout=30)
+    finally:
+        for proc in (serve, enable):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert serve.returncode == 0
+
+
+def of_kind(evs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return next(e for e in evs if e["event"] == kind)
+
+
+def test_mock_fault_needs_a_served_root(tmp_path: Path) -> None:
+    r = fault_cli("echo", "rescind", env={"VMBUS_ROOT": ""})
+    assert r.exit_code == 2 and "--root DIR" in r.stderr
+    r = fault_cli("echo", "rescind", "--root", str(tmp_path))
+    assert r.exit_code == 10 and "vmbus mock serve --root" in r.stderr
+    (tmp_path / "sys" / "bus" / "vmbus").mkdir(parents=True)
+    r = fault_cli("echo", "crash", "--root", str(tmp_path))
+    assert r.exit_code == 10 and "no 'vmbus mock serve' answers" in r.stderr
+    r = fault_cli("echo", "explode", "--root", str(tmp_path))
+    assert r.exit_code == 2 and "rescind" in r.stderr
+
+
+def fault_cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(main, ["mock", "fault", *args], prog_name="vmbus", env=env)

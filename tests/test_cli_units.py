@@ -6,7 +6,7 @@ import pytest
 
 from pyvmbus import errors
 from pyvmbus.cli_enable import parse_send
-from pyvmbus.cli_errors import EXIT_CODES, NoVmbus, error_line, exit_code
+from pyvmbus.cli_errors import EXIT_CODES, NoVmbus, WrongClass, error_line, exit_code
 from pyvmbus.cli_output import bar, packet_event, render_event, table, type_name
 from pyvmbus.cli_schema import SCHEMAS
 from pyvmbus.cli_watch import DevSnap, WatchEvent, diff, event_from_udev
@@ -14,6 +14,7 @@ from pyvmbus.packet import Packet
 
 G = "0b609730-1b14-457f-881b-bc9d246510c4"
 
+IC_SUMMARY = "event t device service requests answered dropped negotiations unknown_types errors"
 # A changed key is a changed contract: update this pin, docs/cli.md and the changelog together.
 PINNED = {
     "error": "error type exit_code",
@@ -51,6 +52,28 @@ PINNED = {
     "watch.action": "event t subsystem name device class driver",
     "mock.serving": "event t root kernel pid devices",
     "mock.stopped": "event t why",
+    "mock.fault": "event t device class kind relid",
+    "mock fault": "device class kind relid",
+    "ic.bound": "event t device uio previous_driver",
+    "ic.enabled": "event t device relid attempt",
+    "ic.negotiated": "event t device service framework version",
+    "ic.negotiation_failed": "event t device service offered",
+    "ic.closed": "event t device reason",
+    "ic.waiting": "event t device what timeout",
+    "ic.action_failed": "event t device error",
+    "ic.restored": "event t device driver",
+    "ic.note": "event t device message",
+    "ic.stopped": "event t device why packets answered",
+    "ic.shutdown_request": "event t device action flags force reason_code timeout_seconds message command "
+                           "performed outcome",
+    "ic.sample": "event t device offset_ns host_ns host_time sync format flags",
+    "ic.clock_set": "event t device step_ns",
+    "ic.clock_not_set": "event t device why",
+    "ic.fcopy": "event t device kind path size status reason",
+    "ic.heartbeat.summary": IC_SUMMARY + " beats last_seq",
+    "ic.shutdown.summary": IC_SUMMARY + " accepted",
+    "ic.timesync.summary": IC_SUMMARY + " samples last_offset_ns",
+    "ic.fcopy.summary": IC_SUMMARY + " files_completed bytes_written",
 }
 
 
@@ -69,7 +92,7 @@ def test_exit_code_table_is_consistent() -> None:
         assert row.meaning
         for cls in row.errors:
             assert issubclass(cls, errors.VmbusError)
-            assert cls.__name__ in errors.__all__ or cls is NoVmbus
+            assert cls.__name__ in errors.__all__ or cls in (NoVmbus, WrongClass)
 
 
 @pytest.mark.parametrize(("exc", "code"), [

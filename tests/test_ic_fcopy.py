@@ -391,6 +391,19 @@ def fcopy_ops(draw: st.DrawFn, root: str) -> list[bytes]:
     return ops
 
 
+def open_fds_under(path: Path) -> list[str]:
+    """Targets of this process's open fds that lie under ``path`` (files or directories)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target == str(path) or target.startswith(f"{path}/"):
+            found.append(target)
+    return found
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_operation_sequences(tmp_path: Path, data: st.DataObject) -> None:
@@ -402,13 +415,14 @@ def test_fuzz_operation_sequences(tmp_path: Path, data: st.DataObject) -> None:
     root.mkdir()
     (base / "outside").mkdir()
     (root / "link").symlink_to(base / "outside")
-    fds = len(os.listdir("/proc/self/fd"))
     svc = FcopyService([root], fsync=False)
     for msg in data.draw(fcopy_ops(str(root))):
         resp = svc.handle(msg)
         assert resp is not None and resp[25] == 5 and svc.stats.errors == 0, svc.stats.last_error
     svc.close()
-    assert len(os.listdir("/proc/self/fd")) == fds
+    # Counting all fds is racy in a full run (other tests' threads open and close theirs);
+    # what matters is that nothing the service opened under this tree stays open.
+    assert open_fds_under(base) == []
     assert leftovers(base / "outside") == []
     assert sorted(p.name for p in base.iterdir()) == ["outside", "root"]
     assert not [p for p in root.rglob("*") if p.name.endswith(".fcopy-part")]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from conftest import until
 from pyvmbus import binding
 from pyvmbus.errors import ChannelClosed, DeviceNotFound, RingCorrupt, RingFull
 from pyvmbus.mock import MockVmbus
@@ -19,15 +19,6 @@ from pyvmbus.mock.guest import RawGuest
 from pyvmbus.mock.host import INT_PAGE_SEND_OFFSET, monitor_word
 from pyvmbus.packet import PacketType
 from pyvmbus.shm import fetch_or32, load32
-
-
-def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 @pytest.mark.timeout(30)

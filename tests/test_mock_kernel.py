@@ -4,11 +4,11 @@ the shared event counter, subchannels, rescind, probe refusals, sysfs counters."
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from conftest import until
 from pyvmbus import binding
 from pyvmbus.errors import DeviceRescinded
 from pyvmbus.mock import MockVmbus
@@ -19,15 +19,6 @@ from pyvmbus.sysfs import Sysfs
 
 GENS = list(GENERATIONS)
 ALLOWS_UNMONITORED = [g for g in GENS if not generation(g).refuses_unmonitored]
-
-
-def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def dev_dir(mock: MockVmbus, guid: str) -> Path:

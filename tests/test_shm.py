@@ -61,6 +61,19 @@ def test_bounds_and_alignment(backend: shm.AtomicBackend) -> None:
     assert buf == bytearray(16)
 
 
+def test_no_buffer_export_outlives_a_call(backend: shm.AtomicBackend) -> None:
+    """Each call holds the buffer only while its atomic runs: the mmap closes afterwards
+    (an export left behind would make close() raise BufferError, and a released one
+    during the call would let close() unmap the word under it)."""
+    m = mmap.mmap(-1, 4096)
+    backend.store32(m, 0, 5)
+    assert backend.fetch_or32(m, 0, 2) == 5 and backend.load32(m, 0) == 7
+    m.close()
+    assert m.closed
+    with pytest.raises(ValueError):
+        backend.load32(m, 0)  # a closed mmap exports nothing: an error, never a stray access
+
+
 def test_read_only_buffer_refused_for_writes(backend: shm.AtomicBackend) -> None:
     with pytest.raises((TypeError, BufferError, ValueError)):
         backend.store32(bytes(8), 0, 1)

@@ -8,25 +8,16 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pyvmbus import binding
+from conftest import until
+from pyvmbus import binding, uio
 from pyvmbus.errors import DeviceNotFound, DeviceRescinded, HostCrashed, VmbusError
 from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.guest import RawGuest
 from pyvmbus.uio import MOCK_ACK, MOCK_OK, UioDevice, connect_unix
-
-
-def _until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def _fake_uio_sysfs(root: Path, name: str, sizes: list[int]) -> None:
@@ -57,6 +48,38 @@ def test_kernel_transport_on_a_character_device(tmp_path: Path) -> None:
         dev.irqcontrol(True)
         assert select.select([dev.fileno()], [], [], 0)[0]
     dev.close()  # idempotent
+
+
+def test_kernel_maps_sit_at_k_pages_and_their_in_page_offset(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Map k is read at k * PAGE_SIZE of the node, and a region that does not start on a
+    page boundary (sysfs ``addr`` & ~PAGE_MASK: the 4 KiB int page kzalloc'd inside a
+    64 KiB page on older 64K kernels) starts that far into its mapping.
+
+    A regular file stands in for the character device (it is told to count as one), so
+    the bytes each map shows can be checked.
+    """
+    page = uio.PAGE_SIZE
+    node = tmp_path / "dev" / "uio0"
+    node.parent.mkdir()
+    image = bytearray(3 * page + page)
+    for k in range(3):
+        image[k * page : (k + 1) * page] = bytes([0x10 + k]) * page
+    image[2 * page + 0x800 : 2 * page + 0x804] = b"INT!"  # the int page at +0x800 of map 2's page
+    node.write_bytes(image)
+    _fake_uio_sysfs(tmp_path, "uio0", [page, 4096, 4096])
+    maps = tmp_path / "sys" / "class" / "uio" / "uio0" / "maps"
+    (maps / "map0" / "addr").write_text("0x00000001a0000000\n")  # page-aligned: no skew
+    (maps / "map2" / "addr").write_text(f"0x{0xFFFF888012340000 + 0x800:016x}\n")
+    monkeypatch.setattr(uio.stat, "S_ISCHR", lambda mode: True)
+    with UioDevice.open(tmp_path, "uio0", "g") as dev:
+        assert dev.kind == "kernel"
+        m0, m1, m2 = (dev.maps[k].array for k in range(3))
+        assert len(m0) == page and set(m0.tobytes()) == {0x10}
+        assert len(m1) == 4096 and set(m1.tobytes()) == {0x11}  # no addr file: at the start
+        assert len(m2) == 4096 and m2[:4].tobytes() == b"INT!" and m2[4] == 0x12
+        m2[8] = 0x99  # writes land in the node's memory, at the skewed place
+    assert node.read_bytes()[2 * page + 0x808] == 0x99
 
 
 def test_open_errors(tmp_path: Path) -> None:
@@ -130,7 +153,7 @@ def test_wire_is_exactly_4_byte_reads_and_writes() -> None:
         assert in_mask() == 1
         assert any("-EINVAL" in line for line in mock.kernel_log())
         sock.send(struct.pack("=i", 1))  # on the node socket: asynchronous irqcontrol
-        assert _until(lambda: in_mask() == 0)
+        assert until(lambda: in_mask() == 0)
         mock.command(guid, "send", payload=b"x" * 8)
         event = sock.recv(64)
         assert len(event) == 4 and struct.unpack("=I", event)[0] == 1

@@ -50,19 +50,34 @@ parse_u32(PyObject *obj, uint32_t *out)
     return 0;
 }
 
+/*
+ * The common head of the three word operations: check the argument count, parse the
+ * offset and (for writers, nvalues == 1) the u32 value, then pin the word.  Writers ask
+ * for a writable buffer.  On success the caller holds *view and releases it right after
+ * its atomic, so the buffer (an mmap, say) cannot go away while the atomic runs.
+ */
+static int
+word_args(PyObject *const *args, Py_ssize_t nargs, int nvalues, const char *usage,
+          Py_buffer *view, uint32_t **word, uint32_t *value)
+{
+    if (nargs != 2 + nvalues) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
+    if (off == -1 && PyErr_Occurred())
+        return -1;
+    if (nvalues && parse_u32(args[2], value) < 0)
+        return -1;
+    return get_word(args[0], off, nvalues, view, word);
+}
+
 static PyObject *
 atomic_load32(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     uint32_t *w;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "load32(buf, offset)");
-        return NULL;
-    }
-    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
-    if (off == -1 && PyErr_Occurred())
-        return NULL;
-    if (get_word(args[0], off, 0, &view, &w) < 0)
+    if (word_args(args, nargs, 0, "load32(buf, offset)", &view, &w, NULL) < 0)
         return NULL;
     uint32_t v = __atomic_load_n(w, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&view);
@@ -74,16 +89,7 @@ atomic_store32(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     uint32_t *w, v;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "store32(buf, offset, value)");
-        return NULL;
-    }
-    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
-    if (off == -1 && PyErr_Occurred())
-        return NULL;
-    if (parse_u32(args[2], &v) < 0)
-        return NULL;
-    if (get_word(args[0], off, 1, &view, &w) < 0)
+    if (word_args(args, nargs, 1, "store32(buf, offset, value)", &view, &w, &v) < 0)
         return NULL;
     __atomic_store_n(w, v, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&view);
@@ -95,16 +101,7 @@ atomic_fetch_or32(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     uint32_t *w, v;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "fetch_or32(buf, offset, mask)");
-        return NULL;
-    }
-    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
-    if (off == -1 && PyErr_Occurred())
-        return NULL;
-    if (parse_u32(args[2], &v) < 0)
-        return NULL;
-    if (get_word(args[0], off, 1, &view, &w) < 0)
+    if (word_args(args, nargs, 1, "fetch_or32(buf, offset, mask)", &view, &w, &v) < 0)
         return NULL;
     uint32_t old = __atomic_fetch_or(w, v, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&view);

@@ -159,7 +159,7 @@ async def request(channel: Channel, payload: Any, timeout: float | None = None) 
         with channel._req_lock:
             channel._pending.pop(req.txid, None)
         raise
-    channel.counters.requests += 1
+    channel._count_request()
     if not req.done:
         # A timer instead of asyncio.wait_for: no extra task per request.
         timer = loop.call_later(t, _settle, fut)

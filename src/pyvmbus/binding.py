@@ -41,6 +41,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ class BindRecord:
 
 
 def record_path(root: str | os.PathLike[str], guid: str) -> Path:
+    """Where :func:`bind` remembers the previous driver: it must survive this process."""
     return Path(root) / "run" / "pyvmbus" / f"{guid}.json"
 
 
@@ -170,8 +172,78 @@ def _strerror(code: int) -> str:
     return f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
 
 
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``cond`` with a growing delay until it holds or ``timeout`` passes."""
+# -- how a failed probe shows ---------------------------------------------------------------------
+# A real kernel runs every store() synchronously, but a probe that fails does not always fail the
+# write: bind_store returns the probe's error (device_driver_attach), while drivers_probe_store
+# returns success when device_attach merely bound nothing (__device_attach_driver turns a probe
+# error into "no match, try the next driver"). So after the write returns the device is either
+# bound or the probe failed. The mock's files cannot fail a write; its driver core records the
+# errno in its dmesg instead (root/run/mock/kernel.log, lines written by mock/driver_core.py).
+_MOCK_PROBE_FAILED = re.compile(r"(\S+) (\S+): probe with driver \S+ failed with error -(\d+)")
+_MOCK_WRITE_FAILED = re.compile(r"write '(.*)' to (\S+): -([A-Z0-9]+) ")
+
+
+def _mock_log(root: Path) -> Path:
+    return root / "run" / "mock" / "kernel.log"
+
+
+def _log_mark(root: Path) -> int:
+    """Where the mock's kernel log ends now (0 without one): only later lines are about us."""
+    try:
+        return _mock_log(root).stat().st_size
+    except OSError:
+        return 0
+
+
+def _errno_named(name: str) -> int:
+    return _ENOTSUPP if name == "ENOTSUPP" else int(getattr(errno, name, errno.EIO))
+
+
+def _mock_failure(root: Path, mark: int, guid: Guid, final: Path) -> int | None:
+    """The errno of a failed uio_hv_generic probe of ``guid``, or of the ``final`` write, logged
+    by the mock kernel after ``mark``; None if it logged neither."""
+    try:
+        with open(_mock_log(root), "rb") as f:
+            f.seek(mark)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    what = f"{final.parent.name}/{final.name}" if final.name == "bind" else final.name
+    for line in text.splitlines():
+        if guid not in line:
+            continue
+        probe = _MOCK_PROBE_FAILED.search(line)
+        if probe is not None and probe[1] == UIO_DRIVER and probe[2] == guid:
+            return int(probe[3])
+        write = _MOCK_WRITE_FAILED.search(line)
+        if write is not None and write[1].strip() == guid and write[2] == what:
+            return _errno_named(write[3])
+    return None
+
+
+def _probe_failed(dev: VmbusDevice, code: int | None, after: str) -> BindFailed:
+    """BindFailed naming the errno (when known) and the likely reason."""
+    if code is not None:
+        detail = f"the probe failed with {_strerror(code)}"
+    else:
+        detail = f"the probe failed: the device is still unbound after the write to {after} returned"
+    if code == _ENOTSUPP:
+        detail += " (dmesg: 'vmbus channel requires hypercall'); use a kernel >= 6.10 for this device"
+    elif not dev.monitored:
+        detail += ("; this channel has no monitor id, and uio_hv_generic before 6.10 refuses such "
+                   "channels (dmesg: 'vmbus channel requires hypercall'): use a kernel >= 6.10")
+    else:
+        detail += "; see dmesg"
+    return BindFailed(dev.guid, UIO_DRIVER, detail)
+
+
+def _wait(cond: Callable[[], bool], timeout: float,
+          pause: Callable[[float], object] | None = None) -> bool:
+    """Check ``cond`` until it holds or ``timeout`` passes.
+
+    Between checks ``pause(seconds_left)`` blocks (a udev monitor's poll); by default a
+    sleep growing from 2 to 50 ms, quick for the mock and cheap for a slow kernel.
+    """
     deadline = time.monotonic() + timeout
     delay = _POLL_MIN
     while True:
@@ -180,6 +252,9 @@ def _wait(cond: Callable[[], bool], timeout: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
+        if pause is not None:
+            pause(left)
+            continue
         time.sleep(min(delay, left))
         delay = min(delay * 2, _POLL_MAX)
 
@@ -230,6 +305,8 @@ def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeou
     previous = old.previous_driver if old is not None and current is None else current
     _save_record(rootp, BindRecord(str(g), previous, method,
                                    str(class_guid) if method == "new_id" else None, time.time()))
+    mark = _log_mark(rootp)
+    final_path = final[0]
     try:
         for path, text in writes:
             err = _write(path, text, g, "bind")
@@ -245,7 +322,18 @@ def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeou
                 raise DeviceRescinded(g, f"it vanished while being bound ({path.name}: {_strerror(err)})")
             raise BindFailed(g, UIO_DRIVER, f"writing {text.strip()!r} to {path} gave {_strerror(err)}; "
                              "see dmesg")
-        return wait_for_uio(rootp, g, timeout)
+        if _is_real_root(rootp) and dev.driver is None:
+            # The kernel probed synchronously inside the write (see _MOCK_PROBE_FAILED): an
+            # unbound device now means the probe failed; waiting would only use up the timeout.
+            raise _probe_failed(dev, None, str(final_path))
+
+        def failed() -> BindFailed | None:
+            if dev.driver == UIO_DRIVER:
+                return None  # bound: the node is on its way
+            code = _mock_failure(rootp, mark, g, final_path)
+            return None if code is None else _probe_failed(dev, code, str(final_path))
+
+        return _wait_for_uio(rootp, dev, timeout, failed)
     except (BindFailed, Timeout) as exc:
         note = _roll_back(rootp, g, previous, min(timeout, 5.0))
         if isinstance(exc, Timeout):
@@ -362,13 +450,20 @@ def wait_for_uio(root: str | os.PathLike[str], guid: str, timeout: float = 10.0)
     :class:`DeviceRescinded` if the device vanishes meanwhile.
     """
     rootp = Path(root)
-    fs = Sysfs(rootp)
-    dev = fs.device(guid)
+    return _wait_for_uio(rootp, Sysfs(rootp).device(guid), timeout, lambda: None)
+
+
+def _wait_for_uio(rootp: Path, dev: VmbusDevice, timeout: float,
+                  failed: Callable[[], BindFailed | None]) -> str:
+    """:func:`wait_for_uio`, which also stops at once when ``failed()`` returns an error."""
     found: list[str] = []
 
     def ready() -> bool:
         name = dev.uio_name  # DeviceRescinded when the device is gone
         if name is None or not (rootp / "dev" / name).exists() or dev.driver != UIO_DRIVER:
+            error = failed()
+            if error is not None:
+                raise error
             return False
         found.append(name)
         return True
@@ -389,7 +484,7 @@ def wait_for_uio(root: str | os.PathLike[str], guid: str, timeout: float = 10.0)
 def _mock_log_tail(root: Path, guid: Guid) -> str:
     """The mock kernel's last log lines about the device (its dmesg), when the root is a mock's."""
     try:
-        lines = (root / "run" / "mock" / "kernel.log").read_text().splitlines()
+        lines = _mock_log(root).read_text().splitlines()
     except OSError:
         return ""
     mine = [line for line in lines if guid in line][-3:]
@@ -410,14 +505,8 @@ def _wait_udev(ready: Callable[[], bool], timeout: float) -> bool:
         monitor.start()
     except Exception:  # no libudev, no netlink socket: polling works everywhere
         return _wait(ready, timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        if ready():
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        monitor.poll(timeout=min(left, 0.25))  # any event, or a quarter second, re-checks
+    # Any uio / vmbus event, or a quarter second without one, re-checks.
+    return _wait(ready, timeout, lambda left: monitor.poll(timeout=min(left, 0.25)))
 
 
 # -- guard rails ----------------------------------------------------------------------------------

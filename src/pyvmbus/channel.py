@@ -208,6 +208,34 @@ class _Request:
         return self.done
 
 
+class _DeviceGuard:
+    """Serialises the fd writes of threads that do not hold the lead with the device's close.
+
+    A sender signals the host with a write of 1 to the uio fd from any thread, while the
+    teardown (on another thread) closes that fd: unguarded, the write could land on
+    whatever the fd number was reused for, or fail with a raw EBADF. Under this lock a
+    write either runs before the close or finds the device closed (:class:`ChannelClosed`).
+    The dispatcher's own irqcontrol writes need no guard: the teardown holds the lead.
+    """
+
+    __slots__ = ("dev", "lock")
+
+    def __init__(self, dev: UioDevice) -> None:
+        self.dev = dev
+        self.lock = threading.Lock()
+
+    def write_one(self) -> None:
+        with self.lock:
+            dev = self.dev
+            if dev.closed:
+                raise ChannelClosed(dev.device, "closed while signalling the host")
+            dev.irqcontrol(True)
+
+    def close(self) -> None:
+        with self.lock:
+            self.dev.close()
+
+
 def split_rings(buf: npt.NDArray[np.uint8], what: str, page_size: int = PAGE_SIZE
                 ) -> tuple[RingBuffer, RingBuffer]:
     """(TX, RX) rings of a TX+RX ring pair: TX first, each half the buffer, header = page.
@@ -245,8 +273,10 @@ class Dispatcher:
     ``event_count`` is the kernel's cumulative count from the last one.
     """
 
-    def __init__(self, dev: UioDevice, name: str, mode: str, poll_interval: float) -> None:
+    def __init__(self, dev: UioDevice, name: str, mode: str, poll_interval: float,
+                 guard: _DeviceGuard | None = None) -> None:
         self.dev = dev
+        self.guard = guard if guard is not None else _DeviceGuard(dev)
         self.name = name
         self.mode = mode
         self.poll_interval = poll_interval
@@ -316,7 +346,7 @@ class Dispatcher:
             self.polled = True
         elif ch._rx is not None:
             ch._rx.interrupt_mask = 0  # unmask: store 0 and write 1, as for the primary
-            self.dev.irqcontrol(True)
+            self.guard.write_one()  # not the leader: a teardown may be closing the fd
             shm.fence()
         self.kick()
 
@@ -329,26 +359,32 @@ class Dispatcher:
         return False
 
     def _unlead(self) -> None:
-        closed_now = False
-        if self.stopping and not self.closed:
-            try:
-                self._teardown()
-            finally:
-                closed_now = True
-        self._leader = 0
-        if threading.current_thread() is not self._thread:
-            # Only a caller's release makes the background thread step aside for LINGER
-            # (so back-to-back requests keep leading themselves). Its own release must
-            # not: it would sleep LINGER after every cycle it ran, and an answer to a
-            # packet sent from on_packet would wait for it (measured: 5.3 ms vs 0.27 ms
-            # per exchange on a monitored echo; docs/performance.md).
-            self._last_release = time.monotonic()
-        self._lead.release()
-        if self._followers:
-            with self._cond:
-                self._cond.notify_all()
-        if closed_now:
-            self._report_closed()
+        while True:
+            closed_now = False
+            if self.stopping and not self.closed:
+                try:
+                    self._teardown()
+                finally:
+                    closed_now = True
+            self._leader = 0
+            if threading.current_thread() is not self._thread:
+                # Only a caller's release makes the background thread step aside for
+                # LINGER (so back-to-back requests keep leading themselves). Its own
+                # release must not: it would sleep LINGER after every cycle it ran, and an
+                # answer to a packet sent from on_packet would wait for it (measured: 5.3
+                # ms vs 0.27 ms per exchange on a monitored echo; docs/performance.md).
+                self._last_release = time.monotonic()
+            self._lead.release()
+            if self._followers:
+                with self._cond:
+                    self._cond.notify_all()
+            if closed_now:
+                self._report_closed()
+                return
+            # A close requested after the check above by a thread that could not lead
+            # then (a sender whose signal found the device gone) is ours to finish.
+            if not self.stopping or self.closed or not self._try_lead():
+                return
 
     @property
     def leading(self) -> bool:
@@ -633,6 +669,8 @@ class Dispatcher:
             ch._begin_close(reason)
         if reason != "disabled":
             _log.info("channel %s closing: %s", self.name, reason)
+        for hook in list(self._cycle_hooks):  # asyncio senders waiting for room: look again
+            hook()
         self._wake()
         with self._cond:
             self._cond.notify_all()
@@ -679,7 +717,7 @@ class Dispatcher:
                 self._loop.remove_reader(self._uio_fd)
         for ch in self.channels:
             ch._release()
-        self.dev.close()
+        self.guard.close()  # waits for a sender's fd write in progress
         with self._close_lock:
             self.closed = True
             with contextlib.suppress(OSError):
@@ -749,6 +787,7 @@ class Channel:
         self._rx: RingBuffer | None = None
         self._signal: HostSignal | None = None
         self._dev: UioDevice | None = None
+        self._guard: _DeviceGuard | None = None
         self._disp: Dispatcher | None = None
         self._polled = False
         self._tx_lock = threading.Lock()
@@ -882,11 +921,12 @@ class Channel:
             self._tx = self._rx = None
             self._signal = None
             self._dev = None
-            dev.close()
+            guard, self._guard = self._guard, None
+            (guard.close if guard is not None else dev.close)()
             with self._state_lock:
                 self._lc.fire(Event.OPEN_FAILED)
             raise
-        disp = Dispatcher(dev, self.name, mode, self.poll_interval)
+        disp = Dispatcher(dev, self.name, mode, self.poll_interval, self._guard)
         disp.channels = (self,)
         self._disp = disp
         self.counters._opened(disp)
@@ -943,15 +983,17 @@ class Channel:
             # Own the mask from the first moment (never assume what open() left there):
             # masked until dispatch runs, so nobody interrupts before we listen.
             rx.interrupt_mask = 1
+            guard = _DeviceGuard(dev)
             self._signal = HostSignal.for_channel(
                 relid, monitor_id, int_page=_opt_map(dev, "int_page"),
-                monitor_page=_opt_map(dev, "monitor_page"), write_one=_writer(dev))
+                monitor_page=_opt_map(dev, "monitor_page"), write_one=guard.write_one)
         except BaseException:
             dev.close()
             raise
         self.relid = relid
         self.monitor_id = monitor_id
         self._tx, self._rx, self._dev = tx, rx, dev
+        self._guard = guard
         self._polled = False
         self._inbox.clear()
         self._subs = []
@@ -1011,6 +1053,7 @@ class Channel:
                 self._lc.fire(Event.CLOSED)
         self._tx = self._rx = None
         self._dev = None
+        self._guard = None
         self._inbox.clear()
         self._cancelled.clear()
         if self.parent is None:
@@ -1077,7 +1120,7 @@ class Channel:
             if txid not in self._cancelled:
                 return False
             del self._cancelled[txid]
-        self.counters.late_completions += 1
+            self.counters.late_completions += 1
         return True
 
     def _deliver(self) -> int:
@@ -1111,6 +1154,19 @@ class Channel:
             disp._depth -= 1
         disp.delivered += n
         return n
+
+    def _device_lost(self, exc: DeviceRescinded) -> None:
+        """A sender's signal found the device rescinded (or the host dead): close now, so
+        on_closed runs even when no thread is dispatching (the lead's holder, if any,
+        finishes the teardown as it lets go)."""
+        disp = self._disp
+        if disp is None:
+            return
+        reason = "rescinded"
+        if isinstance(exc, HostCrashed):
+            reason = f"host crashed: {exc.detail}" if exc.detail else "host crashed"
+        if disp.request_close(reason):
+            disp.finish_close(0.0)
 
     def _fatal(self, exc: BaseException, reason: str) -> None:
         self.last_error = exc
@@ -1167,16 +1223,20 @@ class Channel:
                 signal = tx.write(payload, packet_type, flags, txid)
             except RingFull as full:
                 return full.needed
+            counters = self.counters  # under the lock: senders on several threads
+            counters.packets_out += 1
+            counters.bytes_out += _nbytes(payload)
         if signal:
             if defer:
                 self._signal_due = True
             else:
                 sig = self._signal
                 if sig is not None:
-                    sig.signal()
-        counters = self.counters
-        counters.packets_out += 1
-        counters.bytes_out += _nbytes(payload)
+                    try:
+                        sig.signal()
+                    except DeviceRescinded as exc:  # HostCrashed too
+                        self._device_lost(exc)
+                        raise
         return 0
 
     def _flush_signal(self) -> None:
@@ -1191,8 +1251,8 @@ class Channel:
     @contextlib.contextmanager
     def _blocked(self, tx: RingBuffer) -> Iterator[None]:
         """Count a writer waiting for room; the last one to leave clears pending_send_size."""
-        self.counters.ring_full_waits += 1
         with self._tx_lock:
+            self.counters.ring_full_waits += 1
             self._blocked_senders += 1
         try:
             yield
@@ -1210,11 +1270,11 @@ class Channel:
         deadline = time.monotonic() + timeout
         with self._blocked(tx):
             while True:
+                if disp.stopping:  # before the write: nothing goes out once closing began
+                    raise self._not_open("send")
                 needed = self._write(tx, payload, packet_type, flags, txid, needed)
                 if not needed:
                     return
-                if disp.stopping:
-                    raise self._not_open("send")
                 # Any dispatch cycle may have been the host's "room now" interrupt: retry.
                 if not disp.wait_for(disp.next_cycle(), deadline):
                     raise Timeout(f"room for {needed} bytes in the TX ring of {self.name} "
@@ -1239,16 +1299,21 @@ class Channel:
                 signal = tx.write_batch(specs)
             except RingFull:
                 signal = None
+            else:
+                counters = self.counters
+                counters.packets_out += len(specs)
+                counters.bytes_out += sum(_nbytes(p) for p in payloads)
         if signal is None:
             for p, t in zip(payloads, txids, strict=True):
                 self.send(p, completion_requested, packet_type=packet_type, transaction_id=t,
                           timeout=timeout)
             return txids
         if signal and self._signal is not None:
-            self._signal.signal()
-        counters = self.counters
-        counters.packets_out += len(specs)
-        counters.bytes_out += sum(_nbytes(p) for p in payloads)
+            try:
+                self._signal.signal()
+            except DeviceRescinded as exc:
+                self._device_lost(exc)
+                raise
         return txids
 
     def complete(self, packet: Packet, payload: Payload = b"") -> None:
@@ -1265,8 +1330,12 @@ class Channel:
             with self._req_lock:
                 self._pending.pop(req.txid, None)
             raise
-        self.counters.requests += 1
+        self._count_request()
         return req
+
+    def _count_request(self) -> None:
+        with self._req_lock:
+            self.counters.requests += 1
 
     def _cancel(self, req: _Request) -> bool:
         """Cancel a request whose wait ended; False if its completion won the race."""
@@ -1277,7 +1346,7 @@ class Channel:
             cancelled[req.txid] = None
             if len(cancelled) > CANCELLED_MEMORY:
                 del cancelled[next(iter(cancelled))]
-        self.counters.cancelled += 1
+            self.counters.cancelled += 1
         return True
 
     def send_request(self, payload: Payload, timeout: float | None = None) -> bytes:
@@ -1394,7 +1463,7 @@ class Channel:
         rx.interrupt_mask = 1  # masked until it is dispatched (and for good when polled)
         sub._signal = HostSignal.for_channel(
             relid, sub.monitor_id, int_page=_opt_map(dev, "int_page"),
-            monitor_page=_opt_map(dev, "monitor_page"), write_one=_writer(dev), subchannel=True)
+            monitor_page=_opt_map(dev, "monitor_page"), write_one=disp.guard.write_one, subchannel=True)
         sub._tx, sub._rx, sub._dev, sub._disp = tx, rx, dev, disp
         sub.counters._opened(disp)
         sub._polled = self.poll_subchannels
@@ -1486,13 +1555,6 @@ def _opt_map(dev: UioDevice, name: str) -> npt.NDArray[np.uint8] | None:
         return dev.map(name).array
     except KeyError:
         return None
-
-
-def _writer(dev: UioDevice) -> Callable[[], None]:
-    def write_one() -> None:
-        dev.irqcontrol(True)
-
-    return write_one
 
 
 class _Enabled:

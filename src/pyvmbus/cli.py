@@ -25,8 +25,9 @@ from click.shell_completion import CompletionItem
 from . import __version__
 from .cli_enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run_enable, stop_on_signals
 from .cli_errors import EXIT_INTERRUPTED, error_line, exit_code
+from .cli_mockctl import FAULT_KINDS, MockControl, render_fault, send_fault
 from .cli_output import Output
-from .cli_state import MOCK_DEVICES, CliState, device_names, known_device_words, setup_logging
+from .cli_state import MOCK_DEVICES, CliState, device_names, json_option, known_device_words, setup_logging
 from .cli_text import render_bind, render_list, render_restore, render_ring, render_show, render_unbind
 from .cli_views import MappedRings, device_detail, list_devices, ring_from_sysfs
 from .cli_watch import poll_events, udev_available, udev_events
@@ -92,18 +93,6 @@ def _complete_mock_device(ctx: click.Context, param: click.Parameter,
     return [CompletionItem(w) for w in known_device_words() if w.startswith(incomplete.lower())]
 
 
-def _json_option(f: Any) -> Any:
-    """``--json`` after the command too (``vmbus list --json`` = ``vmbus --json list``)."""
-
-    def set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-        state = ctx.find_object(CliState)
-        if value and state is not None:
-            state.json = True
-
-    return click.option("--json", "json_flag", is_flag=True, expose_value=False, callback=set_json,
-                        help="Print JSON lines (same as 'vmbus --json ...').")(f)
-
-
 _DEVICE_ARG = click.argument("device", shell_complete=_complete_device)
 _SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -155,7 +144,7 @@ def main(ctx: click.Context, root: Path | None, mock: bool, kernel: str | None, 
 
 # -- list / show ------------------------------------------------------------------------------
 @main.command("list")
-@_json_option
+@json_option
 @click.pass_obj
 def list_cmd(state: CliState) -> None:
     """List the VMBus devices: instance, class, relid, driver, uio node, monitored."""
@@ -166,7 +155,7 @@ def list_cmd(state: CliState) -> None:
 
 @main.command()
 @_DEVICE_ARG
-@_json_option
+@json_option
 @click.pass_obj
 def show(state: CliState, device: str) -> None:
     """Show everything about DEVICE: attributes, channels, uio maps, ring state, and how the
@@ -184,7 +173,7 @@ def show(state: CliState, device: str) -> None:
                    "session).")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=10.0, show_default=True,
               help="Seconds to wait for the uio node.")
-@_json_option
+@json_option
 @click.pass_obj
 def bind(state: CliState, device: str, force: bool, timeout: float) -> None:
     """Bind DEVICE to uio_hv_generic (remembering its driver for 'vmbus restore')."""
@@ -211,7 +200,7 @@ def bind(state: CliState, device: str, force: bool, timeout: float) -> None:
 @click.option("--force", is_flag=True, help="Unbind even when a guard rail refuses.")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=10.0, show_default=True,
               help="Seconds to wait for the driver to let go.")
-@_json_option
+@json_option
 @click.pass_obj
 def unbind(state: CliState, device: str, force: bool, timeout: float) -> None:
     """Release DEVICE from its driver (it stays unbound; 'vmbus restore' binds it again)."""
@@ -225,7 +214,7 @@ def unbind(state: CliState, device: str, force: bool, timeout: float) -> None:
 @_DEVICE_ARG
 @click.option("--timeout", type=_SECONDS, metavar="S", default=10.0, show_default=True,
               help="Seconds to wait for the driver to bind.")
-@_json_option
+@json_option
 @click.pass_obj
 def restore(state: CliState, device: str, timeout: float) -> None:
     """Give DEVICE back to the driver it had before 'vmbus bind' (and clear driver_override)."""
@@ -265,7 +254,7 @@ def _parse_sends(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--preview", type=click.IntRange(min=0), metavar="N", default=16, show_default=True,
               help="Payload bytes shown per packet.")
 @click.option("--force", is_flag=True, help="Bind even when a guard rail refuses.")
-@_json_option
+@json_option
 @click.pass_obj
 def enable(state: CliState, device: str, count: int | None, timeout: float | None, sends: tuple[bytes, ...],
            no_wait: bool, reply_timeout: float, preview: int, force: bool) -> None:
@@ -284,7 +273,7 @@ def enable(state: CliState, device: str, count: int | None, timeout: float | Non
 
 
 @main.command()
-@_json_option
+@json_option
 @click.pass_obj
 def demo(state: CliState) -> None:
     """Start a mock VMBus and run 'enable' on its echo device with a few requests (seconds)."""
@@ -302,7 +291,7 @@ def demo(state: CliState) -> None:
               help="Seconds between refreshes with --watch.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", default=None,
               help="With --watch: stop after N refreshes.")
-@_json_option
+@json_option
 @click.pass_obj
 def ring(state: CliState, device: str, use_map: bool, watch: bool, interval: float,
          count: int | None) -> None:
@@ -345,7 +334,7 @@ def ring(state: CliState, device: str, use_map: bool, watch: bool, interval: flo
 @click.option("--count", type=click.IntRange(min=1), metavar="N", default=None, help="Stop after N events.")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=None,
               help="Stop after S seconds.")
-@_json_option
+@json_option
 @click.pass_obj
 def watch(state: CliState, force_poll: bool, interval: float, count: int | None,
           timeout: float | None) -> None:
@@ -411,7 +400,7 @@ def _check_mock_devices(ctx: click.Context, param: click.Parameter,
               help=f"uio_hv_generic generation [default: the global --kernel, or {DEFAULT_GENERATION}].")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=None,
               help="Stop after S seconds [default: run until Ctrl-C / SIGTERM].")
-@_json_option
+@json_option
 @click.pass_obj
 def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], serve_kernel: str | None,
           timeout: float | None) -> None:
@@ -421,6 +410,7 @@ def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], se
     In another shell:
       vmbus --root DIR list
       vmbus --root DIR enable echo --send 68656c6c6f
+      vmbus --root DIR mock fault echo rescind      (then: reoffer)
       python -c 'import pyvmbus; print(pyvmbus.Vmbus(root="DIR").devices())'
     """
     from .cli_views import list_devices
@@ -450,20 +440,48 @@ def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], se
                 f"{render_list(rows)}\n"
                 f"use it with: vmbus --root {m.root} list    (or VMBUS_ROOT={m.root}); Ctrl-C stops it"))
             deadline = None if timeout is None else start + timeout
-            while not flag.is_set():
-                if not m.alive:
-                    flag.stop("the mock process died")
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    flag.stop("timeout")
-                    break
-                flag.wait(0.2 if left is None else min(0.2, left))
+            def on_fault(ev: dict[str, Any]) -> None:
+                ev = {**ev, "t": round(time.monotonic() - start, 3)}
+                out.emit(ev, lambda: f"{ev['t']:8.3f}  fault     {render_fault(ev)}")
+
+            with MockControl(m, on_fault) as ctl:
+                while not flag.is_set():
+                    if not m.alive:
+                        flag.stop("the mock process died")
+                        break
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        flag.stop("timeout")
+                        break
+                    ctl.serve(0.2 if left is None else min(0.2, left))
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
     out.emit({"event": "stopped", "t": round(time.monotonic() - start, 3), "why": flag.why},
              f"mock VMBus stopped ({flag.why})")
+
+
+@mock.command()
+@click.argument("device", shell_complete=_complete_device)
+@click.argument("kind", type=click.Choice(FAULT_KINDS))
+@click.option("--root", "fault_root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The folder of the running 'vmbus mock serve' [default: the global --root / VMBUS_ROOT].")
+@json_option
+@click.pass_obj
+def fault(state: CliState, device: str, kind: str, fault_root: Path | None) -> None:
+    """Make the host of a running 'vmbus mock serve' misbehave: KIND is rescind, reoffer or
+    remove (the device), or a host fault (corrupt, stall, resume, storm, crash).
+
+    \b
+    For example, while 'vmbus --root DIR enable echo' runs in another shell:
+      vmbus mock fault echo rescind --root DIR     enable ends: closed, rescinded (exit 9)
+      vmbus mock fault echo reoffer --root DIR     the host offers it again (a new relid)
+    """
+    root = fault_root if fault_root is not None else state.root_option
+    if root is None or state.mock:
+        raise click.UsageError("give the folder of a running 'vmbus mock serve' with --root DIR")
+    data = send_fault(root, device, kind)
+    Output(state.json).emit(data, lambda: render_fault(data))
 
 
 # -- plug-ins -----------------------------------------------------------------------------------

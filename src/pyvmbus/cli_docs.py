@@ -38,7 +38,8 @@ command (`--mock`), or on any root given with `--root DIR` (for example a bus se
   that says what to do, and an exit code from the table below. `-vv` adds the traceback.
 - **`--json`** (before or after the command) prints one JSON object per line: one line for
   one-shot commands, one line per event for streaming ones (`enable`, `demo`, `watch`,
-  `ring --watch`, `mock serve`). The keys are listed below; they are only ever added to.
+  `ring --watch`, `mock serve`, `ic ...`, `fcopy-daemon`). The keys are listed below;
+  they are only ever added to.
 - **Shell completion** is click's: add one line to your shell's startup file.
 
   ```sh
@@ -111,7 +112,10 @@ def render() -> str:
     parts.append("## JSON schemas\n")
     parts.append("Every object a command prints with `--json`, and its keys. `enable.*` events also make "
                  "up `demo`'s stream (after its `demo` event); `watch.action` is the shape of every "
-                 "add / remove / bind / unbind / change event. Errors go to stderr as `error`.\n")
+                 "add / remove / bind / unbind / change event. `ic.*` are the events of `vmbus ic "
+                 "heartbeat|shutdown|timesync|fcopy` (and of `vmbus fcopy-daemon --json`); each ends "
+                 "with its service's `ic.<service>.summary`. `mock.fault` is what `mock serve` prints "
+                 "when `mock fault` reaches it. Errors go to stderr as `error`.\n")
     for name, keys in SCHEMAS.items():
         parts.append(f"### `{name}`\n\n| key | meaning |\n|---|---|")
         parts.extend(f"| `{k}` | {v} |" for k, v in keys.items())

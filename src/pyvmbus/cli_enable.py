@@ -14,7 +14,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -120,17 +120,20 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    """SIGINT and SIGTERM set ``flag`` (reason: the signal's name) instead of raising.
+def stop_on_signals(flag: StopFlag | Callable[[str], object]) -> Iterator[None]:
+    """SIGINT and SIGTERM stop ``flag`` (a :class:`StopFlag`, or any ``stop(why)``
+    function; reason: the signal's name) instead of raising, so the command cleans up in
+    order and a second Ctrl-C only repeats the request.
 
     Only the main thread can install handlers; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stop = flag.stop if isinstance(flag, StopFlag) else flag
 
     def handler(signum: int, frame: object) -> None:
-        flag.stop(signal.Signals(signum).name)
+        stop(signal.Signals(signum).name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -41,6 +41,7 @@ __all__ = [
     "EXIT_USAGE",
     "ExitCode",
     "NoVmbus",
+    "WrongClass",
     "error_line",
     "exit_code",
     "hint_for",
@@ -63,6 +64,16 @@ class NoVmbus(UsageError):
             msg = (f"no VMBus under {root} ({bus} does not exist): start one there with "
                    f"'vmbus mock serve --root {root}', or use --mock")
         super().__init__(msg)
+
+
+class WrongClass(UsageError):
+    """A ``vmbus ic`` service was pointed at a device of another class."""
+
+    def __init__(self, guid: str, cls: str, wanted: str) -> None:
+        self.guid, self.cls, self.wanted = guid, cls, wanted
+        article = "an" if cls[:1] in "aeiou" else "a"
+        super().__init__(f"{guid} is {article} {cls} device, not {wanted}: give the {wanted} device "
+                         f"(its GUID or '{wanted}'; run 'vmbus list' to see the devices)")
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,8 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(EXIT_OK, "ok", (), "success (also: enable/watch/ring --watch stopped by Ctrl-C, "
              "SIGTERM, --count or --timeout)", ""),
     ExitCode(EXIT_FAILURE, "error", (VmbusError,), "any other pyvmbus error", ""),
-    ExitCode(EXIT_USAGE, "usage", (), "bad command line (click's usage errors)", "see 'vmbus --help'"),
+    ExitCode(EXIT_USAGE, "usage", (WrongClass,), "bad command line (click's usage errors; a 'vmbus ic' "
+             "service given a device of another class)", "see 'vmbus --help'"),
     ExitCode(EXIT_NOT_FOUND, "not-found", (DeviceNotFound, InvalidGuid),
              "no such device, or the name matches several", "run 'vmbus list' to see the devices"),
     ExitCode(4, "permission", (NotPermitted,), "not allowed to read/write a sysfs file or the uio node",
@@ -130,7 +142,11 @@ def _row(exc: BaseException) -> ExitCode | None:
 
 
 def exit_code(exc: BaseException) -> int:
-    """The exit code for ``exc`` (:data:`EXIT_FAILURE` for an unlisted VmbusError)."""
+    """The exit code for ``exc`` (:data:`EXIT_FAILURE` for an unlisted VmbusError; an error
+    relayed from another process carries the code it had there as ``cli_exit_code``)."""
+    relayed = getattr(exc, "cli_exit_code", None)
+    if isinstance(relayed, int):
+        return relayed
     row = _row(exc)
     return row.code if row is not None else EXIT_FAILURE
 

@@ -13,8 +13,12 @@ Safety rules, checked here and tested:
   command says what it would have run.
 - timesync: the offset is reported; the clock is set (clock_settime(CLOCK_REALTIME), on
   the host's SYNC requests only) only with ``--set-clock``, and never from a mock bus.
-- fcopy: files land only below the ``--dest-root`` directories (default ``/``, as
-  hv_fcopy_uio_daemon); see :mod:`pyvmbus.ic.fcopy` for what is refused.
+- fcopy: files land only below the ``--dest-root`` directories, which must be given:
+  a tool that writes, as root, files whose names and paths the host chose should not
+  pick "anywhere" by itself (hv_fcopy_uio_daemon writes anywhere; ``--dest-root /`` does
+  the same, with a note). See :mod:`pyvmbus.ic.fcopy` for what is refused.
+- every ``vmbus ic`` command checks that DEVICE is of its class (serving heartbeat on
+  the network device would only confuse the host).
 
 ``vmbus fcopy-daemon`` is the replacement for tools/hv/hv_fcopy_uio_daemon: it finds the
 file-copy device (the well-known instance eb765408-105f-49b6-b4aa-c123b64d17d4 first,
@@ -26,24 +30,23 @@ systemd/pyvmbus-fcopy.service runs it.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .cli_output import Output
-from .cli_state import CliState
+from .cli_enable import stop_on_signals
+from .cli_errors import WrongClass
+from .cli_output import Output, render_event, stamp
+from .cli_state import CliState, class_label, json_option
 from .errors import DeviceNotFound, Timeout
 from .ic import (
     FcopyEvent,
@@ -105,18 +108,12 @@ def acts_on_this_machine(root: Path) -> bool:
 
 # -- events as text -----------------------------------------------------------------------------
 
-def _stamp(ev: dict[str, Any]) -> str:
-    t = ev.get("t")
-    return f"{t:8.3f}  " if isinstance(t, (int, float)) else ""
-
-
 def render_ic_event(ev: dict[str, Any]) -> str:
-    """One text line for an event of ``vmbus ic ...``."""
+    """One text line for an event of ``vmbus ic ...`` (the ones it shares with ``vmbus
+    enable``, such as bound, closed, restored and note, are rendered by
+    :func:`~pyvmbus.cli_output.render_event`)."""
     kind = ev["event"]
-    s = _stamp(ev)
-    if kind == "bound":
-        return f"{s}bound     {ev['device']} to uio_hv_generic as /dev/{ev['uio']} " \
-               f"(was: {ev['previous_driver'] or 'no driver'})"
+    s = stamp(ev)
     if kind == "enabled":
         return f"{s}enabled   relid {ev['relid']}: waiting for the host's requests"
     if kind == "negotiated":
@@ -139,23 +136,27 @@ def render_ic_event(ev: dict[str, Any]) -> str:
     if kind == "fcopy":
         extra = f": {ev['reason']}" if ev["reason"] else ""
         return f"{s}fcopy     {ev['kind']:<9} {ev['path'] or '?'} ({ev['size']} bytes, {ev['status']}){extra}"
-    if kind == "closed":
-        return f"{s}closed    reason: {ev['reason']}"
     if kind == "waiting":
         return f"{s}waiting   for the host to offer {ev['device']} again"
     if kind == "action_failed":
         return f"{s}action failed: {ev['error']}"
-    if kind == "restored":
-        return f"{s}restored  {ev['device']} -> {ev['driver'] or 'no driver'}"
-    if kind == "note":
-        return f"{s}note      {ev['message']}"
     if kind == "stopped":
         return f"{s}stopped   ({ev['why']}): {ev['answered']} of {ev['packets']} message(s) answered"
     if kind == "summary":
         keys = ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("event", "t", "device", "service"))
         return f"{s}summary   {ev['service']}: {keys}"
-    rest = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("event", "t"))
-    return f"{s}{kind}  {rest}"
+    return render_event(ev)
+
+
+def _ic_device(state: CliState, query: str, service: type[IcService]) -> VmbusDevice:
+    """The device ``query`` names, refused when it has another known class than the
+    service's (a typo or a wrong GUID: heartbeat answers on the network device would only
+    confuse the host). Devices of an unknown class are served: the user knows best."""
+    dev = state.device(query)
+    label = class_label(dev)
+    if label not in (service.class_name, "unknown"):
+        raise WrongClass(str(dev.guid), label, service.class_name)
+    return dev
 
 
 # -- the shared run ------------------------------------------------------------------------------
@@ -191,28 +192,9 @@ class _Session:
         if self.out is not None:
             data = ev.as_dict()
             data["t"] = round(time.monotonic() - self.start, 3)
+            if data["event"] == "stopped" and data["why"] == "until":
+                data["why"] = "count"  # the runner's 'until' predicate is --count here
             self.out.emit(data, lambda: render_ic_event(data))
-
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGINT / SIGTERM stop the runner (reason: the signal's name) instead of raising.
-
-        The runner then cleans up in order (disable, remove a partial file, restore the
-        driver); a second signal only repeats the request. Main thread only.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: object) -> None:
-            self.stop(signal.Signals(signum).name)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
     def run(self, dev: VmbusDevice, svc: IcService, *, bind: bool, force: bool, timeout: float | None,
             count: int | None, done: Callable[[], int], reoffer_timeout: float | None) -> RunResult:
@@ -221,24 +203,12 @@ class _Session:
         until = None if count is None else (lambda: done() >= count)
         self.runner = IcRunner(self.state.bus(), self.guid, svc, bind=bind, force=force,
                                on_event=self.runner_event, until=until, reoffer_timeout=reoffer_timeout)
-        with self._signals():
+        with stop_on_signals(self.stop):
             result = self.runner.run(timeout)
         if result.why == "timeout" and count is not None and done() < count:
             raise Timeout(f"{count} {svc.service_name} request(s) on {self.guid} (got {done()}; try a longer "
                           "--timeout or a smaller --count)", timeout or 0.0)
         return result
-
-
-def _json_option(f: Any) -> Any:
-    """``--json`` after the command too (as the other commands take it)."""
-
-    def set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-        state = ctx.find_object(CliState)
-        if value and state is not None:
-            state.json = True
-
-    return click.option("--json", "json_flag", is_flag=True, expose_value=False, callback=set_json,
-                        help="Print JSON lines (same as 'vmbus --json ...').")(f)
 
 
 def _common(f: Any) -> Any:
@@ -254,7 +224,7 @@ def _common(f: Any) -> Any:
         click.option("--reoffer-timeout", type=click.FloatRange(min=0), default=None,
                      help="After a rescind, wait at most S seconds for the host to offer DEVICE "
                           "again [default: until stopped]."),
-        _json_option,
+        json_option,
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -290,7 +260,7 @@ def heartbeat(state: CliState, device: str, no_bind: bool, force: bool, count: i
     """Answer the host's heartbeats (seq_num + 1), so it sees the guest alive."""
     out = Output(state.json)
     session = _Session(state, out)
-    dev = state.device(device)
+    dev = _ic_device(state, device, HeartbeatService)
     svc = HeartbeatService()
     out.echo(f"serving heartbeat on {dev.guid}; Ctrl-C to stop", err=True)
     try:
@@ -319,7 +289,7 @@ def shutdown(state: CliState, device: str, allow_shutdown: bool, allow_hibernate
     """
     out = Output(state.json)
     session = _Session(state, out)
-    dev = state.device(device)
+    dev = _ic_device(state, device, ShutdownService)
     real = acts_on_this_machine(state.root())
 
     def on_shutdown(req: ShutdownRequest) -> None:
@@ -370,7 +340,7 @@ def timesync(state: CliState, device: str, set_clock: bool, no_bind: bool, force
     """
     out = Output(state.json)
     session = _Session(state, out)
-    dev = state.device(device)
+    dev = _ic_device(state, device, TimesyncService)
     real = acts_on_this_machine(state.root())
 
     def on_sample(sample: TimeSample) -> None:
@@ -405,11 +375,22 @@ def timesync(state: CliState, device: str, set_clock: bool, no_bind: bool, force
                  last_offset_ns=last.offset_ns if last is not None else None)
 
 
+def _need_dest_roots(ctx: click.Context, param: click.Parameter,
+                     values: tuple[Path, ...]) -> tuple[Path, ...]:
+    if not values and not ctx.resilient_parsing:
+        raise click.UsageError(
+            "give --dest-root DIR: the directory the host may copy files into (repeatable; "
+            "e.g. --dest-root /srv/incoming). '--dest-root /' lets the host write anywhere this "
+            "process can, as hv_fcopy_uio_daemon does", ctx)
+    return values
+
+
 _DEST_ROOT = click.option(
-    "--dest-root", "dest_roots", multiple=True, default=("/",), show_default=True,
+    "--dest-root", "dest_roots", multiple=True, metavar="DIR", callback=_need_dest_roots,
     type=click.Path(exists=True, file_okay=False, resolve_path=True, path_type=Path),
-    help="Directory the host may copy files into, with everything below it (repeatable). "
-         "A destination outside every root is refused with 'access denied'.")
+    help="Required, repeatable: a directory the host may copy files into, with everything "
+         "below it. A destination outside every root is refused with 'access denied'. "
+         "'/' allows anywhere (as hv_fcopy_uio_daemon).")
 _FILE_MODE = click.option("--file-mode", default="644", show_default=True, metavar="OCTAL",
                           callback=lambda ctx, p, v: _octal(v), help="Mode of new files (before the umask).")
 _NO_FSYNC = click.option("--no-fsync", is_flag=True,
@@ -433,7 +414,7 @@ def _fcopy_service(session: _Session, roots: Sequence[Path], file_mode: int, fsy
             finished[0] += 1
         level = logging.INFO if ev.kind in ("started", "completed") else logging.WARNING
         _log.log(level, "%s", ev)
-        session.ev("fcopy", kind=ev.kind, path=ev.path, size=ev.size, status=status_name(ev.status),
+        session.ev("fcopy", kind=ev.kind, path=ev.path or None, size=ev.size, status=status_name(ev.status),
                    reason=ev.reason)
 
     return FcopyService([str(r) for r in roots], file_mode=file_mode, fsync=fsync, on_event=on_event)
@@ -443,6 +424,9 @@ def _warn_wide_roots(roots: Sequence[Path], say: Callable[[str], None]) -> None:
     if any(str(r) == "/" for r in roots):
         say("fcopy destination root is / (as hv_fcopy_uio_daemon): the host may write wherever this "
             "process can; restrict it with --dest-root DIR")
+
+
+
 
 
 @ic.command()
@@ -464,7 +448,7 @@ def fcopy(state: CliState, device: str, dest_roots: tuple[Path, ...], file_mode:
     """
     out = Output(state.json)
     session = _Session(state, out)
-    dev = state.device(device)
+    dev = _ic_device(state, device, FcopyService)
     finished = [0]
     svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished)
     _warn_wide_roots(dest_roots, lambda text: out.echo(f"note: {text}", err=True))
@@ -548,6 +532,7 @@ def setup_daemon_logging(verbose: int, identifier: str = "vmbus-fcopy") -> loggi
               help="Exit after N files were received, cancelled or refused (for scripts and tests).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Exit after S seconds.")
+@json_option
 @click.pass_obj
 def fcopy_daemon(state: CliState, device: str | None, dest_roots: tuple[Path, ...], file_mode: int,
                  no_fsync: bool, no_bind: bool, count: int | None, timeout: float | None) -> None:
@@ -557,16 +542,17 @@ def fcopy_daemon(state: CliState, device: str | None, dest_roots: tuple[Path, ..
     Finds the file-copy device, binds it to uio_hv_generic if needed (run 'modprobe
     uio_hv_generic' first), serves Copy-VMFile requests, waits for the device across a
     rescind, and on exit gives the device back to the driver it had. Logs go to the
-    journal under systemd, else to stderr.
+    journal under systemd, else to stderr; with --json the events of 'vmbus ic fcopy'
+    also go to stdout as JSON lines.
     """
     logger = logging.getLogger("pyvmbus")
     old_level = logger.level
     handler = setup_daemon_logging(state.verbose)
     try:
         fs = state.sysfs()
-        dev = state.device(device) if device is not None else find_fcopy_device(fs)
+        dev = _ic_device(state, device, FcopyService) if device is not None else find_fcopy_device(fs)
         finished = [0]
-        session = _Session(state, None)
+        session = _Session(state, Output(True) if state.json else None)
         session.guid = str(dev.guid)
         svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished)
         _warn_wide_roots(dest_roots, _log.warning)

@@ -26,6 +26,7 @@ __all__ = [
     "fmt",
     "packet_event",
     "render_event",
+    "stamp",
     "table",
     "type_name",
 ]
@@ -94,42 +95,48 @@ def _hex_and_text(hex_text: str, length: int, preview: int) -> str:
     return f"{data.hex(' ')}{more}  |{_printable(data, preview)}|" if data else "(empty)"
 
 
-def render_event(ev: dict[str, Any], preview: int = 16) -> str:
-    """Text line(s) for one streaming event (enable, demo, watch, mock serve)."""
-    kind = ev["event"]
+def stamp(ev: dict[str, Any]) -> str:
+    """The ``t`` column of a streaming event's text line (``   1.234  ``), or '' without one."""
     t = ev.get("t")
-    stamp = f"{t:8.3f}  " if isinstance(t, (int, float)) else ""
+    return f"{t:8.3f}  " if isinstance(t, (int, float)) else ""
+
+
+def render_event(ev: dict[str, Any], preview: int = 16) -> str:
+    """Text line(s) for one streaming event (enable, demo, watch, mock serve; the events
+    ``vmbus ic`` shares with them: bound, closed, restored, note)."""
+    kind = ev["event"]
+    ts = stamp(ev)
     if kind == "packet":
-        return (f"{stamp}packet    {ev['type_name']}({ev['type']}) flags={ev['flags']:#x} "
+        return (f"{ts}packet    {ev['type_name']}({ev['type']}) flags={ev['flags']:#x} "
                 f"txid={ev['transaction_id']} len={ev['length']}  "
                 f"{_hex_and_text(ev['payload_hex'], ev['length'], preview)}")
     if kind == "reply":
-        return (f"{stamp}reply     to a {ev['request_length']}-byte request: len={ev['length']}  "
+        return (f"{ts}reply     to a {ev['request_length']}-byte request: len={ev['length']}  "
                 f"{_hex_and_text(ev['payload_hex'], ev['length'], preview)}")
     if kind == "sent":
         what = "request (completion requested)" if ev["completion_requested"] else "packet"
         txid = "" if ev["transaction_id"] is None else f" txid={ev['transaction_id']}"
-        return f"{stamp}sent      {what}{txid} len={ev['length']}"
+        return f"{ts}sent      {what}{txid} len={ev['length']}"
     if kind == "bound":
         was = ev["previous_driver"] or "no driver"
-        return f"{stamp}bound     {ev['device']} to uio_hv_generic as /dev/{ev['uio']} (was: {was})"
+        return f"{ts}bound     {ev['device']} to uio_hv_generic as /dev/{ev['uio']} (was: {was})"
     if kind == "opened":
         mon = "not monitored" if ev["monitor_id"] is None else f"monitor_id {ev['monitor_id']}"
-        return f"{stamp}opened    relid {ev['relid']} ({mon}): rings mapped, callback on_opened"
+        return f"{ts}opened    relid {ev['relid']} ({mon}): rings mapped, callback on_opened"
     if kind == "started":
-        return f"{stamp}started   callback on_started (may send, must not wait)"
+        return f"{ts}started   callback on_started (may send, must not wait)"
     if kind == "post_started":
-        return f"{stamp}post-started  callback on_post_started: packets flow from here"
+        return f"{ts}post-started  callback on_post_started: packets flow from here"
     if kind == "processing_complete":
-        return f"{stamp}processing complete: {ev['count']} packet(s) in this batch"
+        return f"{ts}processing complete: {ev['count']} packet(s) in this batch"
     if kind == "closed":
-        return f"{stamp}closed    reason: {ev['reason']}"
+        return f"{ts}closed    reason: {ev['reason']}"
     if kind == "restored":
-        return f"{stamp}restored  {ev['device']} -> {ev['driver'] or 'no driver'}"
+        return f"{ts}restored  {ev['device']} -> {ev['driver'] or 'no driver'}"
     if kind == "stopped":
-        return (f"{stamp}stopped   ({ev['why']}): {ev['packets']} packet(s), {ev['replies']} repl(ies)")
+        return (f"{ts}stopped   ({ev['why']}): {ev['packets']} packet(s), {ev['replies']} repl(ies)")
     if kind == "note":
-        return f"{stamp}note      {ev['message']}"
+        return f"{ts}note      {ev['message']}"
     if kind in ("add", "remove", "bind", "unbind", "change"):
         what = ev["name"] if ev["subsystem"] == "uio" else (ev["device"] or ev["name"])
         extra = []
@@ -140,9 +147,9 @@ def render_event(ev: dict[str, Any], preview: int = 16) -> str:
         if ev.get("driver"):
             extra.append(f"driver {ev['driver']}")
         tail = f"  ({', '.join(extra)})" if extra else ""
-        return f"{stamp}{kind:<7} {ev['subsystem']:<6} {what}{tail}"
+        return f"{ts}{kind:<7} {ev['subsystem']:<6} {what}{tail}"
     rest = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("event", "t"))
-    return f"{stamp}{kind}  {rest}"
+    return f"{ts}{kind}  {rest}"
 
 
 class Output:

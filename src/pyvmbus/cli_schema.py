@@ -68,6 +68,20 @@ _SIGNAL: Final = {
 
 EVENT_COMMON: Final = {"event": "event name", "t": "seconds since the command started"}
 
+_FAULT: Final = {
+    "device": "instance GUID", "class": "class short name",
+    "kind": "rescind, reoffer, remove, corrupt, stall, resume, storm or crash",
+    "relid": "the new relid (reoffer), else null",
+}
+
+_IC_SUMMARY: Final = {
+    **EVENT_COMMON, "device": "GUID", "service": "heartbeat, shutdown, timesync or fcopy",
+    "requests": "IC messages received", "answered": "of them answered",
+    "dropped": "not answered, as the kernel drops them (too short / too long)",
+    "negotiations": "version negotiations", "unknown_types": "messages of another type (HV_E_FAIL)",
+    "errors": "exceptions inside the service (a bug: please report)",
+}
+
 SCHEMAS: Final[dict[str, dict[str, str]]] = {
     "error": {
         "error": "the one-line message (also the fix)",
@@ -145,6 +159,54 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
                      "kernel": "generation", "pid": "mock process id",
                      "devices": "list of list.device"},
     "mock.stopped": {**EVENT_COMMON, "why": "SIGINT, SIGTERM or timeout"},
+    "mock.fault": {**EVENT_COMMON, **_FAULT},
+    "mock fault": _FAULT,
+    # vmbus ic heartbeat|shutdown|timesync|fcopy (and fcopy-daemon --json): the runner's events
+    "ic.bound": {**EVENT_COMMON, "device": "GUID", "uio": "uio node",
+                 "previous_driver": "driver it had (hv_utils, or null); restored on exit"},
+    "ic.enabled": {**EVENT_COMMON, "device": "GUID", "relid": "relid",
+                   "attempt": "1, then 2.. after each rescind and re-offer"},
+    "ic.negotiated": {**EVENT_COMMON, "device": "GUID", "service": "heartbeat, shutdown, timesync or fcopy",
+                      "framework": "framework version chosen (\"3.0\")",
+                      "version": "service version chosen (\"3.2\")"},
+    "ic.negotiation_failed": {**EVENT_COMMON, "device": "GUID", "service": "service name",
+                              "offered": "why (no version in common)"},
+    "ic.closed": {**EVENT_COMMON, "device": "GUID", "reason": "rescinded, host crashed ..., corrupt ..."},
+    "ic.waiting": {**EVENT_COMMON, "device": "GUID", "what": "what it waits for (the re-offer)",
+                   "timeout": "--reoffer-timeout seconds, or null (until stopped)"},
+    "ic.action_failed": {**EVENT_COMMON, "device": "GUID", "error": "the exception of a callback / action"},
+    "ic.restored": {**EVENT_COMMON, "device": "GUID", "driver": "driver bound again, or null"},
+    "ic.note": {**EVENT_COMMON, "device": "GUID", "message": "text"},
+    "ic.stopped": {**EVENT_COMMON, "device": "GUID",
+                   "why": "SIGINT, SIGTERM, until (--count), timeout, error, output closed",
+                   "packets": "in-band messages handed to the service", "answered": "of them answered"},
+    # ... and each service's own
+    "ic.shutdown_request": {**EVENT_COMMON, "device": "GUID", "action": "poweroff, reboot or hibernate",
+                            "flags": "shutdown_msg_data.flags", "force": "flags & 1",
+                            "reason_code": "reason_code", "timeout_seconds": "timeout_seconds",
+                            "message": "display_message", "command": "what --allow-shutdown runs",
+                            "performed": "true when it ran the command",
+                            "outcome": "what was done, in words"},
+    "ic.sample": {**EVENT_COMMON, "device": "GUID", "offset_ns": "host - guest clock, ns",
+                  "host_ns": "host time, Unix ns", "host_time": "host time, ISO 8601 UTC",
+                  "sync": "true for a SYNC (a hard request), false for a SAMPLE",
+                  "format": "\"<=3.0\" or \"4.0\" (reference-time format)", "flags": "ictimesync flags"},
+    "ic.clock_set": {**EVENT_COMMON, "device": "GUID", "step_ns": "how far the clock moved, ns"},
+    "ic.clock_not_set": {**EVENT_COMMON, "device": "GUID", "why": "mock / --root bus, or permission denied"},
+    "ic.fcopy": {**EVENT_COMMON, "device": "GUID",
+                 "kind": "started, completed, cancelled, failed or refused",
+                 "path": "destination path, or null before it is known",
+                 "size": "file_size from START, or bytes written", "status": "status sent (HV_S_OK, ...)",
+                 "reason": "why it failed / was refused, or \"\""},
+    # the last line of each 'vmbus ic' command: the service's counters
+    "ic.heartbeat.summary": {**_IC_SUMMARY, "beats": "heartbeats answered",
+                             "last_seq": "last seq_num received, or null"},
+    "ic.shutdown.summary": {**_IC_SUMMARY, "accepted": "requests answered HV_S_OK"},
+    "ic.timesync.summary": {**_IC_SUMMARY, "samples": "time messages handled",
+                            "last_offset_ns": "offset of the last one, or null"},
+    "ic.fcopy.summary": {**_IC_SUMMARY, "files_completed": "files renamed into place",
+                         "bytes_written": "bytes of those files"},
 }
 """Object name -> {key: note}. ``enable.*`` events also make up ``demo``'s stream;
-``watch.action`` covers the add, remove, bind, unbind and change events."""
+``watch.action`` covers the add, remove, bind, unbind and change events; ``ic.*`` are the
+events of ``vmbus ic ...`` (``ic.<service>.summary`` its last line)."""

@@ -19,7 +19,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
 
 from .classes import CLASSES
 from .errors import DeviceNotFound
@@ -35,6 +37,7 @@ __all__ = [
     "CliState",
     "class_label",
     "device_names",
+    "json_option",
     "known_device_words",
     "mock_model_classes",
     "resolve_device",
@@ -45,6 +48,8 @@ MOCK_DEVICES: tuple[str, ...] = ("network", "scsi", "heartbeat", "shutdown", "ti
 """What ``--mock`` offers (and ``vmbus mock serve`` without ``--device``)."""
 
 _log = logging.getLogger("pyvmbus.cli")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def mock_model_classes() -> dict[str, str]:
@@ -208,3 +213,16 @@ def known_device_words() -> list[str]:
         if name not in words:
             words.append(name)
     return words
+
+
+def json_option(f: _F) -> _F:
+    """``--json`` after the command too (``vmbus list --json`` = ``vmbus --json list``); every
+    command, the plug-in ones included, takes it from here."""
+
+    def set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        state = ctx.find_object(CliState)
+        if value and state is not None:
+            state.json = True
+
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False, callback=set_json,
+                        help="Print JSON lines (same as 'vmbus --json ...').")(f)

@@ -204,19 +204,23 @@ _RANGE = struct.Struct("<II")  # {byte_count, byte_offset} and {len, offset} ali
 _RANGE_HDR_SIZE = 8
 
 
+def _room(extra_header: bytes, fixed: int, kind: str) -> int:
+    """len(extra_header), after checking it holds the ``fixed`` part of the type's header:
+    offset8 comes from the host, and a short one must not let the parser read past it."""
+    room = len(extra_header)
+    if room < fixed:
+        offset8 = (DESCRIPTOR_SIZE + room) // 8
+        raise RingCorrupt("offset8", offset8, f"{kind} packet needs a {DESCRIPTOR_SIZE + fixed}-byte header")
+    return room
+
+
 def parse_transfer_pages(extra_header: bytes) -> TransferPages:
     """Parse the header of a DATA_USING_XFER_PAGES packet (bytes 16.. of the descriptor).
 
     RingCorrupt if the header is shorter than its fixed part or range_cnt ranges do not
     fit in it (netvsc_receive's NETVSC_XFER_HEADER_SIZE check).
     """
-    room = len(extra_header)
-    if room < _XFER_HDR.size:
-        raise RingCorrupt(
-            "offset8",
-            (DESCRIPTOR_SIZE + room) // 8,
-            f"a transfer-page packet needs a {DESCRIPTOR_SIZE + _XFER_HDR.size}-byte header",
-        )
+    room = _room(extra_header, _XFER_HDR.size, "a transfer-page")
     pageset_id, owns, _reserved, count = _XFER_HDR.unpack_from(extra_header)
     if count * _RANGE.size > room - _XFER_HDR.size:
         raise RingCorrupt(
@@ -239,13 +243,7 @@ def parse_gpa_direct(extra_header: bytes) -> tuple[GpaRange, ...]:
     is empty, its offset is not inside the first page, or the ranges overrun the header
     (the checks OpenVMM's gparange.rs makes).
     """
-    room = len(extra_header)
-    if room < _GPA_HDR.size:
-        raise RingCorrupt(
-            "offset8",
-            (DESCRIPTOR_SIZE + room) // 8,
-            f"a GPA-direct packet needs a {DESCRIPTOR_SIZE + _GPA_HDR.size}-byte header",
-        )
+    room = _room(extra_header, _GPA_HDR.size, "a GPA-direct")
     _reserved, count = _GPA_HDR.unpack_from(extra_header)
     if count == 0:
         raise RingCorrupt("rangecount", 0, "a GPA-direct packet must describe at least one range")

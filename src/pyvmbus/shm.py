@@ -87,30 +87,37 @@ def _libatomic_backend() -> AtomicBackend:
     fetch_or = lib.__atomic_fetch_or_4
     fetch_or.argtypes, fetch_or.restype = [vp, u32, cint], u32
 
-    def address(buf: Buffer, offset: int) -> int:
-        # from_buffer needs a writable buffer; it also pins an mmap while the call runs.
+    def word(buf: Buffer, offset: int) -> tuple[ctypes.c_char, int]:
+        """(pin, address) of the u32 at ``offset``. The pin is the ctypes object that holds
+        the buffer export: while the caller keeps it, an mmap under ``buf`` cannot be
+        closed (BufferError) and the address stays valid, as the C helper's Py_buffer does.
+        from_buffer needs a writable buffer."""
         mv = memoryview(buf)
         if offset < 0 or offset > mv.nbytes - 4:
             raise IndexError(
                 f"word at offset {offset} is outside the buffer of {mv.nbytes} bytes"
             )
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(mv.cast("B"))) + offset
+        pin = ctypes.c_char.from_buffer(mv.cast("B"))
+        addr = ctypes.addressof(pin) + offset
         if addr & 3:
             raise ValueError(f"word at offset {offset} is not 4-byte aligned")
-        return addr
+        return pin, addr
 
     def load32(buf: Buffer, offset: int) -> int:
-        return int(load(address(buf, offset), _SEQ_CST))
+        _pin, addr = word(buf, offset)  # ``_pin`` lives until the atomic has run
+        return int(load(addr, _SEQ_CST))
 
     def store32(buf: Buffer, offset: int, value: int) -> None:
         if not 0 <= value <= 0xFFFFFFFF:
             raise OverflowError("value does not fit in 32 bits")
-        store(address(buf, offset), value, _SEQ_CST)
+        _pin, addr = word(buf, offset)
+        store(addr, value, _SEQ_CST)
 
     def fetch_or32(buf: Buffer, offset: int, mask: int) -> int:
         if not 0 <= mask <= 0xFFFFFFFF:
             raise OverflowError("value does not fit in 32 bits")
-        return int(fetch_or(address(buf, offset), mask, _SEQ_CST))
+        _pin, addr = word(buf, offset)
+        return int(fetch_or(addr, mask, _SEQ_CST))
 
     thread_fence = getattr(lib, "atomic_thread_fence", None)
     if thread_fence is not None:

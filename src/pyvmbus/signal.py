@@ -19,6 +19,7 @@ Two mechanisms exist, and the offer decides which one a channel needs:
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -85,7 +86,7 @@ class HostSignal:
     from the offer. ``signals`` counts the signals sent.
     """
 
-    __slots__ = ("_fd_write", "_int_mask", "_int_off", "_int_page", "_mon_mask", "_mon_off",
+    __slots__ = ("_count_lock", "_fd_write", "_int_mask", "_int_off", "_int_page", "_mon_mask", "_mon_off",
                  "_mon_page", "mechanism", "monitor_id", "reason", "relid", "signal", "signals",
                  "subchannel")
 
@@ -97,6 +98,7 @@ class HostSignal:
         self.reason = reason
         self.subchannel = subchannel
         self.signals = 0
+        self._count_lock = threading.Lock()  # senders on several threads, and the dispatcher
         self._int_page: Any = None
         self._mon_page: Any = None
         self._int_off = self._int_mask = self._mon_off = self._mon_mask = 0
@@ -170,12 +172,14 @@ class HostSignal:
         # before this call by the ring engine, after its own fence) is visible first.
         shm.fetch_or32(self._int_page, self._int_off, self._int_mask)
         shm.fetch_or32(self._mon_page, self._mon_off, self._mon_mask)
-        self.signals += 1
+        with self._count_lock:
+            self.signals += 1
 
     def _signal_fd(self) -> None:
         assert self._fd_write is not None
         self._fd_write()
-        self.signals += 1
+        with self._count_lock:
+            self.signals += 1
 
     def _no_signal(self) -> None:  # pragma: no cover - replaced by every constructor
         raise RuntimeError("HostSignal built without a mechanism")

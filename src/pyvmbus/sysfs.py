@@ -200,39 +200,48 @@ class ChannelInfo:
 
     @property
     def is_primary(self) -> bool:
+        """True for the device's primary channel (the one uio map 0 holds)."""
         return self.subchannel_id == 0
 
     @property
     def monitor_id(self) -> int | None:
+        """This channel's monitor id; None when it is not monitored (hidden file or id >= 128)."""
         value = self._opt("monitor_id")
         return value if value is not None and 0 <= value < MAX_MONITOR_ID else None
 
     @property
     def monitored(self) -> bool:
+        """True when the host watches a monitor-page bit for this channel."""
         return self.monitor_id is not None
 
     @property
     def in_mask(self) -> int | None:
+        """The inbound (host->guest) ring's interrupt_mask: 1 while the guest does not want signals."""
         return self._opt("in_mask")
 
     @property
     def out_mask(self) -> int | None:
+        """The outbound ring's interrupt_mask, as the host set it."""
         return self._opt("out_mask")
 
     @property
     def read_avail(self) -> int | None:
+        """Bytes waiting in the inbound ring (a stalled reader shows here)."""
         return self._opt("read_avail")
 
     @property
     def write_avail(self) -> int | None:
+        """Free bytes in the outbound ring (0-ish: the host stopped reading)."""
         return self._opt("write_avail")
 
     @property
     def events(self) -> int | None:
+        """Signals the guest sent the host on this channel (the kernel's count, not uio's)."""
         return self._opt("events")
 
     @property
     def interrupts(self) -> int | None:
+        """Interrupts the host raised for this channel."""
         return self._opt("interrupts")
 
     @property
@@ -344,6 +353,7 @@ class VmbusDevice:
 
     @property
     def modalias(self) -> str:
+        """``vmbus:`` + the class GUID's 16 raw bytes in hex (what udev rules match on)."""
         return self._str("modalias")
 
     @property

@@ -133,8 +133,12 @@ def _read_attr(path: Path) -> str:
     return path.read_text().strip()
 
 
-def _sysfs_maps(root: Path, name: str) -> list[tuple[int, str, int]]:
-    """(index, name, size) of every map sysfs lists for uio ``name``, by index."""
+def _sysfs_maps(root: Path, name: str) -> list[tuple[int, str, int, int]]:
+    """(index, name, size, addr) of every map sysfs lists for uio ``name``, by index.
+
+    ``addr`` is 0 when the file is missing or unreadable: it only places the map inside
+    its first page (see :meth:`_KernelTransport.map`), and 0 means "at the start".
+    """
     maps_dir = root / "sys" / "class" / "uio" / name / "maps"
     out = []
     try:
@@ -150,7 +154,11 @@ def _sysfs_maps(root: Path, name: str) -> list[tuple[int, str, int]]:
             map_name = _read_attr(entry / "name")
         except FileNotFoundError:
             continue
-        out.append((index, map_name, size))
+        try:
+            addr = int(_read_attr(entry / "addr"), 0)
+        except (OSError, ValueError):
+            addr = 0
+        out.append((index, map_name, size, addr))
     out.sort()
     return out
 
@@ -161,7 +169,8 @@ class _Transport:
     def fileno(self) -> int:
         raise NotImplementedError
 
-    def map(self, index: int, size: int) -> mmap.mmap:
+    def map(self, index: int, size: int, addr: int) -> tuple[mmap.mmap, int]:
+        """Map region ``index``: (the mapping, where the region starts inside it)."""
         raise NotImplementedError
 
     def read_blocking(self) -> int:
@@ -190,9 +199,17 @@ class _KernelTransport(_Transport):
     def fileno(self) -> int:
         return self.fd
 
-    def map(self, index: int, size: int) -> mmap.mmap:
-        return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                         offset=index * PAGE_SIZE)
+    def map(self, index: int, size: int, addr: int) -> tuple[mmap.mmap, int]:
+        # uio_mmap hands out whole pages, starting with the page that holds ``addr``
+        # (uio_vma_fault: virt_to_page(mem->addr + offset)), and allows
+        # (addr & ~PAGE_MASK) + size bytes. A region that does not start on a page boundary
+        # therefore starts that far into the mapping: the int / monitor pages on 64 KiB-page
+        # kernels before 09eea7ad0b8e are 4 KiB kzalloc'd somewhere inside a 64 KiB page.
+        # The ring map (physical / IOVA) is always page-aligned, so its skew is 0.
+        skew = addr % PAGE_SIZE
+        mm = mmap.mmap(self.fd, skew + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=index * PAGE_SIZE)
+        return mm, skew
 
     def read_blocking(self) -> int:
         data = os.read(self.fd, 4)
@@ -266,13 +283,14 @@ class _MockTransport(_Transport):
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def map(self, index: int, size: int) -> mmap.mmap:
+    def map(self, index: int, size: int, addr: int) -> tuple[mmap.mmap, int]:
+        # A memfd per map holds the region from byte 0: ``addr`` means nothing here.
         if index >= len(self.fds):
             raise OSError(errno.EINVAL, f"map{index}: the mock kernel passed only {len(self.fds)} maps")
         if size > self.sizes[index]:
             raise OSError(errno.EINVAL, f"map{index}: sysfs says {size} bytes, the mock passed "
                           f"{self.sizes[index]}")
-        return mmap.mmap(self.fds[index], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return mmap.mmap(self.fds[index], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), 0
 
     def finish_open(self) -> None:
         """The maps hold their own references: drop the fds and tell the kernel we are done."""
@@ -427,15 +445,16 @@ class UioDevice:
             raise
         self = cls(rootp, name, dev, transport, kind)
         try:
-            for index, map_name, size in maps:
+            for index, map_name, size, addr in maps:
                 try:
-                    mm = transport.map(index, size)
+                    mm, start = transport.map(index, size, addr)
                 except PermissionError:
                     raise NotPermitted(str(path), f"mmap map{index}") from None
                 except (ConnectionResetError, BrokenPipeError):
                     raise DeviceRescinded(dev, f"{path} went away while its maps arrived") from None
                 self._mmaps.append(mm)
-                self.maps.append(UioMap(index, map_name, size, np.frombuffer(mm, dtype=np.uint8)))
+                array = np.frombuffer(mm, dtype=np.uint8, count=size, offset=start)
+                self.maps.append(UioMap(index, map_name, size, array))
         except BaseException:
             self.close()
             raise
@@ -572,6 +591,7 @@ class UioDevice:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (the maps are gone; the node may be open elsewhere)."""
         return self._transport is None
 
     def __enter__(self) -> UioDevice:

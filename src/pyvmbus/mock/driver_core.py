@@ -240,7 +240,14 @@ class DriverCore:
         return handled
 
     def _report(self, what: str, text: str, result: int) -> None:
-        if result < 0:
+        """Log the result of a store: a write's errno cannot reach the writer through a file.
+
+        Successful stores are logged too, so that a client that timed out can tell "the mock
+        never saw my write" from "the probe after it failed".
+        """
+        if result >= 0:
+            self.tree.log(f"write {text.strip()!r} to {what}: ok")
+        else:
             self.tree.log(f"write {text.strip()!r} to {what}: -{_errname(-result)} "
                           f"({os.strerror(-result) if -result != _ENOTSUPP else 'not supported'})")
 

@@ -255,8 +255,7 @@ class _Chan(HostChannel):
             self.rx.clear_pending_send_size()
         n = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
             else sum(len(p) for p in payload)
-        self._count("packets_out")
-        self._count("bytes_out", n)
+        self._count2("packets_out", 1, "bytes_out", n)
         if signal:
             self.host.interrupt(self)
         return True
@@ -294,6 +293,14 @@ class _Chan(HostChannel):
         self.stats[name] += n
         self.dev.totals[name] += n
 
+    def _count2(self, name: str, n: int, name2: str, n2: int) -> None:
+        """Two counters at once (packets and bytes): the per-packet path's bookkeeping."""
+        stats, totals = self.stats, self.dev.totals
+        stats[name] += n
+        totals[name] += n
+        stats[name2] += n2
+        totals[name2] += n2
+
     def flush(self) -> None:
         """Send queued packets while they fit (after the guest signalled it read some)."""
         while self.queue and self.open:
@@ -326,10 +333,10 @@ class _Chan(HostChannel):
             if not packets:
                 return
             budget -= len(packets)
+            self._count2("packets_in", len(packets), "bytes_in", sum(len(p.payload) for p in packets))
+            handle, call = self.model.packet, self.host.call_model
             for pkt in packets:
-                self._count("packets_in")
-                self._count("bytes_in", len(pkt.payload))
-                self.host.call_model(self, self.model.packet, self, pkt)
+                call(self, handle, self, pkt)
 
     def _write_corrupt(self, type_: int, flags: int, tid: int) -> bool:
         """Publish a descriptor whose len8 runs past the bytes published (fault "corrupt")."""

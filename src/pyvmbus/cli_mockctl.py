@@ -1,0 +1,182 @@
+"""``vmbus mock fault``: reach the mock host of a running ``vmbus mock serve`` from another shell.
+
+``vmbus mock serve`` owns its :class:`~pyvmbus.mock.MockVmbus` (the control connection to
+the mock process is a socket pair only it holds), so other processes cannot call
+``rescind`` or ``fault`` on it. :class:`MockControl` lets them: ``serve`` listens on
+``ROOT/run/mock/serve.sock`` (inside the mock's root, so it goes away with it) for one
+JSON line per connection, ``{"device": ..., "kind": ...}``, applies it and answers one
+JSON line. That is what a newcomer needs to see a device rescinded under ``vmbus enable``
+without writing Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .cli_errors import NoVmbus, error_line, exit_code
+from .cli_state import class_label, resolve_device
+from .errors import DeviceNotFound, VmbusError
+from .sysfs import Sysfs
+
+if TYPE_CHECKING:
+    from .mock import MockVmbus
+
+__all__ = ["DEVICE_KINDS", "FAULT_KINDS", "MockControl", "MockControlError", "control_path", "render_fault",
+           "send_fault"]
+
+DEVICE_KINDS = ("rescind", "reoffer", "remove")
+"""What happens to the device itself (MockVmbus.rescind / reoffer / remove_device)."""
+FAULT_KINDS = (*DEVICE_KINDS, "corrupt", "stall", "resume", "storm", "crash")
+"""Every KIND of ``vmbus mock fault`` (the rest are :data:`pyvmbus.mock.FAULTS`)."""
+
+_PAST = {"rescind": "rescinded", "reoffer": "offered again", "remove": "removed", "corrupt": "corrupting",
+         "stall": "stalled", "resume": "resumed", "storm": "storming", "crash": "crashed"}
+_MAX_REQUEST = 4096
+
+
+def control_path(root: str | os.PathLike[str]) -> Path:
+    """Where ``vmbus mock serve`` listens under its root."""
+    return Path(root) / "run" / "mock" / "serve.sock"
+
+
+def render_fault(data: dict[str, Any]) -> str:
+    """The text line of ``vmbus mock fault`` (and of serve's ``fault`` event)."""
+    kind = data["kind"]
+    what = f"{data['device']} ({data['class']})"
+    if kind == "reoffer":
+        return f"{what} offered again as relid {data['relid']}"
+    if kind in DEVICE_KINDS:
+        return f"{what} {_PAST[kind]} by the host"
+    return f"host fault '{kind}' on {what}"
+
+
+class MockControl:
+    """The listening side, run by ``vmbus mock serve`` between its other duties."""
+
+    def __init__(self, mock: MockVmbus, on_fault: Callable[[dict[str, Any]], object]) -> None:
+        self.mock = mock
+        self.on_fault = on_fault
+        self.path = control_path(mock.root)
+        self._gone: dict[str, str] = {}
+        """Rescinded devices (guid -> class): their directory may be gone, reoffer needs them."""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(self.path))
+        self._sock.listen(4)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ)
+
+    def __enter__(self) -> MockControl:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sel.close()
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def serve(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for one request and answer it (nothing here may raise)."""
+        if not self._sel.select(timeout):
+            return
+        try:
+            conn, _ = self._sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                request = json.loads(conn.recv(_MAX_REQUEST) or b"{}")
+                reply = self._apply(str(request.get("device", "")), str(request.get("kind", "")))
+            except (VmbusError, OSError, ValueError) as exc:
+                reply = {"ok": False, "error": error_line(exc), "type": type(exc).__name__,
+                         "exit_code": exit_code(exc)}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _resolve(self, query: str) -> tuple[str, str]:
+        try:
+            dev = resolve_device(Sysfs(self.mock.root), query)
+            return str(dev.guid), class_label(dev)
+        except DeviceNotFound:
+            q = query.strip().strip("{}").lower()
+            for guid, cls in self._gone.items():
+                if guid.startswith(q) or cls == q:
+                    return guid, cls
+            raise
+
+    def _apply(self, query: str, kind: str) -> dict[str, Any]:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        guid, cls = self._resolve(query)
+        data: dict[str, Any] = {"device": guid, "class": cls, "kind": kind, "relid": None}
+        if kind == "rescind":
+            self._gone[guid] = cls
+            self.mock.rescind(guid)
+        elif kind == "remove":
+            self._gone.pop(guid, None)
+            self.mock.remove_device(guid)
+        elif kind == "reoffer":
+            data["relid"] = self.mock.reoffer(guid)
+            self._gone.pop(guid, None)
+        else:
+            self.mock.fault(guid, kind)
+        self.on_fault({"event": "fault", **data})
+        return {"ok": True, **data}
+
+
+def send_fault(root: str | os.PathLike[str], device: str, kind: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Ask the ``vmbus mock serve`` under ``root`` to apply ``kind`` to ``device``; its answer.
+
+    Raises :class:`~pyvmbus.cli_errors.NoVmbus` when nothing serves there, and the
+    server's error (as :class:`MockControlError`) when it refused.
+    """
+    path = control_path(root)
+    if not path.exists():
+        raise NoVmbus(root) if not (Path(root) / "sys" / "bus" / "vmbus").is_dir() else _NotServed(root)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"device": device, "kind": kind}).encode() + b"\n")
+            raw = b""
+            while not raw.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        except OSError as exc:
+            raise _NotServed(root, str(exc)) from None
+    reply = json.loads(raw or b"{}")
+    if not reply.get("ok"):
+        raise MockControlError(str(reply.get("error", "no answer")), int(reply.get("exit_code", 1)))
+    reply.pop("ok")
+    return dict(reply)
+
+
+class MockControlError(VmbusError):
+    """The serving mock refused a ``vmbus mock fault`` request (its one-line reason)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        self.cli_exit_code = code
+        super().__init__(message)
+
+
+class _NotServed(NoVmbus):
+    def __init__(self, root: str | os.PathLike[str], detail: str = "") -> None:
+        super().__init__(root)
+        why = f" ({detail})" if detail else ""
+        self.args = (f"no 'vmbus mock serve' answers under {root}{why}: start one with "
+                     f"'vmbus mock serve --root {root}' (a bus from MockVmbus() in Python has no "
+                     "control socket: call its rescind() / fault() instead)",)
