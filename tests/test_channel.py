@@ -584,11 +584,26 @@ def test_raising_on_packet_closes_with_the_error(echo: Echo) -> None:
 
 # -- subchannels -----------------------------------------------------------------------------
 
+AUTO_POLLED = {"6.12-debian", "openhcl"}
+"""Where the default (poll_subchannels=None) keeps subchannels masked and polled: the crash
+window (b15b7 without d062463), and OpenHCL, whose writes touch no mask, so the probe cannot
+tell it from the crash window (polling there is only cautious)."""
+
+
+def expect_polled(gen: str, option: bool | None) -> bool:
+    return gen in AUTO_POLLED if option is None else option
+
+
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("polled", [False, True])
-def test_subchannels(echo: Echo, polled: bool) -> None:
+@pytest.mark.parametrize("option", [None, True, False], ids=["auto", "poll", "interrupts"])
+def test_subchannels(echo: Echo, option: bool | None) -> None:
+    gen = echo.mock.generation
+    if option is False and gen.subchannel_interrupt_crash:
+        pytest.skip(f"{gen.name}: forced subchannel interrupts oops the kernel (test_forced_"
+                    "subchannel_interrupts_crash_the_window_kernel)")
+    polled = expect_polled(gen.name, option)
     ch = echo.ch
-    ch.poll_subchannels = polled
+    ch.poll_subchannels = option
     got: dict[int | None, list[bytes]] = {}
     ch.on_packet(lambda c, p: got.setdefault(c.relid, []).append(p.payload))
     closed: list[int | None] = []
@@ -609,8 +624,9 @@ def test_subchannels(echo: Echo, polled: bool) -> None:
         assert s._polled is polled
         rx = s._rx
         assert rx is not None and (rx.interrupt_mask == 1) is polled
-    if polled:
-        assert "polled" in ch.describe()
+    assert ("polled" in ch.describe()) is polled
+    assert ch.info()["subchannel_interrupts"]["mode"] == ("polled" if polled else "interrupts")
+    assert echo.mock.alive
     with pytest.raises(InvalidState):
         subs[0].disable()
     ch.disable()
@@ -618,6 +634,116 @@ def test_subchannels(echo: Echo, polled: bool) -> None:
                                                           key=lambda r: r or 0)
     assert closed[-1] == ch.relid  # the primary closes last
     assert all(s.state is S.DISABLED for s in subs)
+
+
+@pytest.mark.timeout(30)
+def test_subchannel_mode_is_detected_from_the_kernels_behaviour(
+        echo: Echo, caplog: pytest.LogCaptureFixture) -> None:
+    """Default: the channel decides per kernel, says why in describe() / info(), and on the
+    crash window (6.12-debian) keeps subchannels masked and polled, so host traffic on
+    them never raises the interrupt that would oops the kernel."""
+    gen = echo.mock.generation
+    polled = expect_polled(gen.name, None)
+    ch = echo.ch
+    assert ch.poll_subchannels is None
+    got: dict[int | None, list[bytes]] = {}
+    ch.on_packet(lambda c, p: got.setdefault(c.relid, []).append(p.payload))
+    caplog.set_level("WARNING", logger="pyvmbus.channel")
+    ch.enable()
+    assert ch._disp is not None and ch._disp.masked_on_open is gen.masks_on_open
+    before = ch.info()["subchannel_interrupts"]
+    assert before["mode"] == ("interrupts" if gen.masks_on_open else "undecided")
+    echo.mock.offer_subchannels(echo.guid, 2)
+    subs = ch.open_subchannels(2, timeout=5)
+    assert [s._polled for s in subs] == [polled, polled]
+    summary = ch.info()["subchannel_interrupts"]
+    text = ch.describe()
+    if gen.masks_on_open:
+        assert "masked the primary on open" in summary["reason"]
+    elif polled:
+        assert "b15b7 without d062463" in summary["reason"] and "polling subchannels every 1 ms" \
+            in summary["reason"]
+        assert "subchannels: polled (kernel looks like b15b7 without d062463" in text
+        assert any("would crash it" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    else:
+        assert "cleared the subchannel's mask" in summary["reason"]
+    if not polled:
+        assert "subchannels: interrupts" in text
+        assert not any("would crash it" in r.getMessage() for r in caplog.records)
+    for s in subs:
+        assert (s.info()["polled_reason"] == summary["reason"])
+        rx = s._rx
+        assert rx is not None and (rx.interrupt_mask == 1) is polled
+    # traffic the host starts on every subchannel (empty -> non-empty transitions), twice
+    for round_ in range(2):
+        for index in (1, 2):
+            echo.mock.command(echo.guid, "send", subchannel=index, payload=b"h%d" % round_, count=20)
+        wait_until(lambda r=round_: all(len(got.get(s.relid, [])) == 20 * (r + 1) for s in subs),
+                   what="host packets on every subchannel")
+        time.sleep(0.01)  # the ring is empty again: the next round is a new transition
+    for s in subs:
+        assert s.send_request(b"q%d" % s.relid, timeout=5) == pad8(b"q%d" % s.relid)
+    assert echo.mock.alive
+    assert not [line for line in echo.mock.kernel_log() if "BUG:" in line]
+    stats = echo.mock.host_stats(echo.guid)
+    sub_interrupts = sum(stats["channels"][s.relid]["interrupts"] for s in subs)
+    assert (sub_interrupts == 0) if polled else (sub_interrupts > 0)
+
+
+@pytest.mark.timeout(30)
+def test_polled_subchannel_waits_for_room_without_asking_for_an_interrupt() -> None:
+    """A full TX ring on a polled subchannel: no pending_send_size (the host's "room now"
+    interrupt would oops the crash-window kernel); the dispatcher's polling finds the room."""
+    with MockVmbus(kernel="6.12-debian") as m:
+        e = make_echo(m)
+        ch = e.ch
+        ch.enable()
+        m.offer_subchannels(e.guid, 1)
+        (sub,) = ch.open_subchannels(1, timeout=5)
+        assert sub._polled
+        tx = sub._tx
+        assert tx is not None
+        m.fault(e.guid, "stall")
+        errors: list[BaseException] = []
+
+        def fill() -> None:
+            try:
+                for _ in range(tx.data_size // 4000 + 8):  # more than fits
+                    sub.send(b"f" * 4000, timeout=10)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=fill)
+        t.start()
+        wait_until(lambda: sub.counters.ring_full_waits > 0, what="a full subchannel ring")
+        assert tx.pending_send_size == 0
+        m.fault(e.guid, "resume")
+        t.join(10)
+        assert not t.is_alive() and not errors
+        assert m.alive and not [line for line in m.kernel_log() if "BUG:" in line]
+        ch.disable()
+
+
+@pytest.mark.timeout(30)
+def test_forced_subchannel_interrupts_crash_the_window_kernel() -> None:
+    """poll_subchannels=False on 6.12-debian: the first subchannel interrupt is the kernel's
+    NULL dereference; the mock dies like a crashed host and its kernel log has the BUG."""
+    with MockVmbus(kernel="6.12-debian") as m:
+        e = make_echo(m, poll_subchannels=False)
+        ch = e.ch
+        closed: list[str] = []
+        ch.on_closed(lambda c, r: closed.append(r))
+        ch.enable()
+        m.offer_subchannels(e.guid, 1)
+        (sub,) = ch.open_subchannels(1, timeout=5)
+        assert not sub._polled and "expect a kernel oops" in sub.info()["polled_reason"]
+        with pytest.raises(ChannelClosed, match="host crashed"):
+            sub.send_request(b"boom", timeout=5)
+        wait_until(lambda: bool(closed), what="on_closed after the oops")
+        assert closed[0].startswith("host crashed")
+        wait_until(lambda: not m.alive, what="the mock process to die")
+        bug = [line for line in m.kernel_log() if "BUG: kernel NULL pointer dereference" in line]
+        assert bug and f"hv_uio_channel_cb (subchannel relid {sub.relid}" in bug[0]
 
 
 @pytest.mark.timeout(30)

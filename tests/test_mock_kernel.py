@@ -10,7 +10,7 @@ import pytest
 
 from conftest import until
 from pyvmbus import binding
-from pyvmbus.errors import DeviceRescinded
+from pyvmbus.errors import DeviceRescinded, HostCrashed
 from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.generations import GENERATIONS, generation
 from pyvmbus.mock.guest import RawGuest
@@ -289,3 +289,35 @@ def test_subchannels_offered_but_not_yet_created_go_with_the_close() -> None:
         assert [c.relid for c in Sysfs(mock.root).device(guid).channels()] == [1]
         with RawGuest(mock.root, guid):
             assert mock.offer_subchannels(guid, 2) == relids  # relids were released
+
+
+@pytest.mark.timeout(30)
+def test_subchannel_interrupt_oopses_the_crash_window_kernel() -> None:
+    """6.12-debian (b15b7 without d062463): open() and subchannel creation leave the masks
+    at 0 and a write touches the primary only, so a raw client's subchannel stays unmasked;
+    the host's first interrupt on it is the kernel's NULL dereference: a BUG line in the
+    kernel log, the mock process dies, clients see HostCrashed."""
+    with MockVmbus(kernel="6.12-debian") as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            (relid,) = mock.offer_subchannels(guid, 1)
+            sub = g.subchannel(relid)
+            assert g.primary.rx.interrupt_mask == 0 and sub.rx.interrupt_mask == 0
+            sub.rx.interrupt_mask = 1
+            g.dev.irqcontrol(True)
+            assert sub.rx.interrupt_mask == 1  # the write did not reach the subchannel
+            mock.command(guid, "send", payload=b"primary is fine")
+            assert g.recv(5) is not None and mock.alive
+            mock.command(guid, "send", subchannel=1, payload=b"masked: no interrupt")
+            assert mock.alive and sub.read() is not None
+            sub.rx.interrupt_mask = 0
+            with pytest.raises(HostCrashed, match="oops"):
+                mock.command(guid, "send", subchannel=1, payload=b"boom")
+            with pytest.raises(HostCrashed):  # after any event still unread from before
+                for _ in range(5):
+                    g.dev.wait(5)
+            assert until(lambda: not mock.alive)
+            log = mock.kernel_log()
+            bug = [line for line in log if "BUG: kernel NULL pointer dereference" in line]
+            assert bug and f"hv_uio_channel_cb (subchannel relid {relid}" in bug[0]

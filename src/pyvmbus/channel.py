@@ -19,6 +19,22 @@ Dispatch
     saves an fd write (and, for a non-monitored channel, a host wakeup) per interrupt.
     Nothing blocks until a cycle has completed that sequence (``_armed``).
 
+Subchannels and the crash window
+    Kernels with b15b7 ("Let userspace take care of interrupt mask") but without d062463
+    ("Set event for all channels on the device"), e.g. Debian 6.12.57, oops on a
+    subchannel interrupt (SPEC.md section 8). The channel tells them apart by behaviour,
+    never by uname: (1) right after open, before storing its own mask, it reads the
+    primary's RX mask: 1 means the kernel masks on open (before b15b7), where subchannel
+    interrupts are safe. (2) Otherwise, when the first subchannel is mapped (its mask
+    stored at 1 at once, and kept out of dispatch until the verdict), it does the normal
+    unmask (store 0 on the primary + a write of 1) and reads the subchannel's mask again:
+    only a kernel whose writes cover subchannels (d062463, the Dec 2025 LTS backport)
+    clears it. Still 1 means the crash window (or OpenHCL, where writes touch no mask;
+    polling there is merely cautious): every subchannel stays masked and is polled every
+    ``poll_interval``, it never asks the host for a "room now" interrupt
+    (pending_send_size), and a warning says why. ``poll_subchannels=True`` / ``False``
+    force either mode.
+
 Leader / follower
     Whoever holds the dispatch lead polls the fd and drains; every callback runs on that
     thread. A thread that waits for a completion (or for room in a full ring) takes the
@@ -291,6 +307,13 @@ class Dispatcher:
         self.reason = ""
         self.polled = False
         """True when some channel is kept masked and polled (the subchannel crash window)."""
+        self.masked_on_open: bool | None = None
+        """The primary's RX mask read right after open, before the client stored its own:
+        True means the kernel masks on open (before b15b7; subchannel interrupts are safe)."""
+        self.subchannel_irqs_safe: bool | None = None
+        """Verdict on subchannel interrupts (None until a subchannel was probed)."""
+        self.subchannel_reason = ""
+        """Why subchannels are polled or interrupt-driven (describe(), info())."""
         self._lead = threading.Lock()
         self._leader = 0
         self._cond = threading.Condition(threading.Lock())
@@ -349,6 +372,39 @@ class Dispatcher:
             self.guard.write_one()  # not the leader: a teardown may be closing the fd
             shm.fence()
         self.kick()
+
+    def subchannel_interrupts_safe(self, primary: Channel, sub: Channel) -> bool:
+        """Whether this kernel survives a subchannel interrupt; probed once, on ``sub``.
+
+        ``sub`` is mapped with its RX mask stored at 1 and is not dispatched yet, so
+        nothing unmasks it behind this probe. See the module docstring for the rule.
+        """
+        if self.subchannel_irqs_safe is not None:
+            return self.subchannel_irqs_safe
+        if self.masked_on_open:
+            safe = True
+            why = ("the kernel masked the primary on open (before b15b7): subchannel interrupts "
+                   "are safe")
+        else:
+            prx, srx = primary._rx, sub._rx
+            if prx is None or srx is None:
+                raise ChannelClosed(self.name, self.reason or "closed while opening a subchannel")
+            # The channel's normal unmask: store 0 on the primary, then a 4-byte write of 1
+            # (synchronous: the kernel's irqcontrol has run when it returns).
+            prx.interrupt_mask = 0
+            self.guard.write_one()
+            shm.fence()
+            safe = srx.interrupt_mask == 0
+            if safe:
+                why = ("a write of 1 cleared the subchannel's mask (d062463, or the Dec 2025 LTS "
+                       "backport): subchannel interrupts are safe")
+            else:
+                why = ("kernel looks like b15b7 without d062463 (e.g. Debian 6.12.57): subchannel "
+                       "interrupts would crash it; polling subchannels every "
+                       f"{self.poll_interval * 1000:g} ms")
+        self.subchannel_irqs_safe = safe
+        self.subchannel_reason = why
+        return safe
 
     # -- leadership --------------------------------------------------------------------------
 
@@ -755,10 +811,21 @@ class Channel:
       completion, or the one in poll()/run(), or the asyncio loop).
     - ``on_closed(ch, reason)``: on the thread that tore the channel down. reason is
       "disabled", "rescinded", "host crashed...", "corrupt: ..." or "error: ...".
+
+    Subchannels (:meth:`open_subchannels`) share the primary's dispatcher. By default
+    (``poll_subchannels=None``) the channel works out whether the kernel survives a
+    subchannel interrupt: it reads the primary's mask right after open (1: the kernel
+    masks on open, before b15b7, safe), else it checks whether its unmask write clears
+    the first subchannel's mask (cleared: d062463 or later, safe; still 1: b15b7 without
+    d062463, e.g. Debian 6.12.57, where the interrupt oopses the kernel -- or OpenHCL).
+    Unsafe: every subchannel stays masked and is polled every ``poll_interval``, a
+    warning is logged once, and :meth:`describe` / :meth:`info` say so and why.
+    ``poll_subchannels=True`` always polls; ``False`` always takes interrupts, which
+    panics a guest in that window.
     """
 
     def __init__(self, root: str | os.PathLike[str], guid: str, *, dispatch: str = "thread",
-                 poll_subchannels: bool = False, poll_interval: float = 0.001,
+                 poll_subchannels: bool | None = None, poll_interval: float = 0.001,
                  request_timeout: float = 30.0, send_timeout: float = 30.0,
                  _parent: Channel | None = None) -> None:
         if dispatch not in DISPATCH_MODES:
@@ -767,9 +834,12 @@ class Channel:
         self.guid: Guid = parse_guid(guid)
         self.dispatch = dispatch
         self.poll_subchannels = poll_subchannels
-        """Keep subchannels masked and poll them every ``poll_interval`` instead of taking
-        their interrupts: for kernels with b15b7 but without d062463 (e.g. Debian 6.12.57),
-        where a subchannel interrupt oopses the kernel (SPEC.md section 8)."""
+        """How subchannels are dispatched. None (default): detect the kernel from its
+        behaviour and keep subchannels masked and polled every ``poll_interval`` only on
+        kernels with b15b7 but without d062463 (e.g. Debian 6.12.57), where a subchannel
+        interrupt oopses the kernel (SPEC.md section 8), or where it cannot tell (OpenHCL).
+        True: always poll. False: always take their interrupts -- dangerous: on a kernel
+        in that window the first subchannel interrupt crashes the guest."""
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self.send_timeout = send_timeout
@@ -790,6 +860,8 @@ class Channel:
         self._guard: _DeviceGuard | None = None
         self._disp: Dispatcher | None = None
         self._polled = False
+        self._polled_reason = ""
+        self._masked_on_open: bool | None = None
         self._tx_lock = threading.Lock()
         self._req_lock = threading.Lock()
         self._blocked_senders = 0
@@ -927,6 +999,7 @@ class Channel:
                 self._lc.fire(Event.OPEN_FAILED)
             raise
         disp = Dispatcher(dev, self.name, mode, self.poll_interval, self._guard)
+        disp.masked_on_open = self._masked_on_open
         disp.channels = (self,)
         self._disp = disp
         self.counters._opened(disp)
@@ -980,6 +1053,9 @@ class Channel:
         dev = UioDevice.open(self.root, uio_name, device=self.guid, timeout=timeout)
         try:
             tx, rx = split_rings(dev.map("txrx_rings").array, f"{uio_name} txrx_rings")
+            # What open() left there tells the kernel apart: 1 = it masks on open (before
+            # b15b7; subchannel interrupts are safe), 0 = b15b7 or later, or OpenHCL.
+            masked_on_open = rx.interrupt_mask == 1
             # Own the mask from the first moment (never assume what open() left there):
             # masked until dispatch runs, so nobody interrupts before we listen.
             rx.interrupt_mask = 1
@@ -995,6 +1071,8 @@ class Channel:
         self._tx, self._rx, self._dev = tx, rx, dev
         self._guard = guard
         self._polled = False
+        self._polled_reason = ""
+        self._masked_on_open = masked_on_open
         self._inbox.clear()
         self._subs = []
         return dev
@@ -1051,6 +1129,13 @@ class Channel:
         with self._state_lock:
             if self._lc.state is ChannelState.CLOSING:
                 self._lc.fire(Event.CLOSED)
+        rx = self._rx
+        if rx is not None and self.parent is None:
+            # Leave the primary's mask as a b15b7 kernel would (0): kernels that do not
+            # zero the ring header on the next open must not show our 1 to the next
+            # enable as "the kernel masks on open" (the crash-window detection).
+            with contextlib.suppress(ValueError, VmbusError):
+                rx.interrupt_mask = 0
         self._tx = self._rx = None
         self._dev = None
         self._guard = None
@@ -1217,7 +1302,9 @@ class Channel:
         asyncio face signals once per loop turn for all the packets written in it).
         """
         with self._tx_lock:
-            if pending:
+            if pending and not self._polled:
+                # (A polled subchannel never asks: the host's "room now" interrupt on it
+                # would oops a crash-window kernel; its dispatcher polls anyway.)
                 tx.set_pending_send_size(pending)
             try:
                 signal = tx.write(payload, packet_type, flags, txid)
@@ -1460,13 +1547,13 @@ class Channel:
         sub.name = f"{self.guid}/{relid}"
         sub._lc.device = sub.name
         tx, rx = split_rings(ring, f"channels/{relid}/ring")
-        rx.interrupt_mask = 1  # masked until it is dispatched (and for good when polled)
+        rx.interrupt_mask = 1  # masked at once: until the verdict, and for good when polled
         sub._signal = HostSignal.for_channel(
             relid, sub.monitor_id, int_page=_opt_map(dev, "int_page"),
             monitor_page=_opt_map(dev, "monitor_page"), write_one=disp.guard.write_one, subchannel=True)
         sub._tx, sub._rx, sub._dev, sub._disp = tx, rx, dev, disp
         sub.counters._opened(disp)
-        sub._polled = self.poll_subchannels
+        sub._polled, sub._polled_reason = self._subchannel_mode(disp, sub)
         sub._cb_packet = self._cb_packet
         sub._cb_complete = self._cb_complete
         sub._cb_closed = self._cb_closed
@@ -1479,6 +1566,21 @@ class Channel:
         self._subs.append(sub)
         disp.add(sub)
         return sub
+
+    def _subchannel_mode(self, disp: Dispatcher, sub: Channel) -> tuple[bool, str]:
+        """(polled, why) for a new subchannel: forced by ``poll_subchannels`` or detected."""
+        if self.poll_subchannels is True:
+            return True, f"poll_subchannels=True: polled every {self.poll_interval * 1000:g} ms"
+        safe = disp.subchannel_interrupts_safe(self, sub)
+        if self.poll_subchannels is False:
+            why = "poll_subchannels=False: interrupts forced"
+            if not safe:
+                why += " although " + disp.subchannel_reason.split(";")[0] + " (expect a kernel oops)"
+                _warn_once(self.guid, f"channel {self.guid}: {why}")
+            return False, why
+        if not safe:
+            _warn_once(self.guid, f"channel {self.guid}: {disp.subchannel_reason}")
+        return not safe, disp.subchannel_reason
 
     # -- asyncio (pyvmbus.aio) ---------------------------------------------------------------
 
@@ -1506,6 +1608,7 @@ class Channel:
             "close_reason": self.close_reason,
             "dispatch": self.dispatch,
             "polled": self._polled,
+            "polled_reason": self._polled_reason or None,
             "counters": self.counters.as_dict(),
             "held_packets": len(self._inbox),
             "outstanding_requests": len(self._pending),
@@ -1526,7 +1629,24 @@ class Channel:
                                 "pending_send_size": ring.pending_send_size}
         if self.parent is None:
             out["subchannels"] = [s.info() for s in self._subs]
+            out["subchannel_interrupts"] = self._subchannel_summary()
         return out
+
+    def _subchannel_summary(self) -> dict[str, Any]:
+        """How subchannels are (or will be) dispatched and why: for info() and describe()."""
+        subs = self._subs
+        disp = self._disp
+        if subs:
+            polled = subs[-1]._polled
+            return {"mode": "polled" if polled else "interrupts", "reason": subs[-1]._polled_reason}
+        if self.poll_subchannels is not None:
+            return {"mode": "polled" if self.poll_subchannels else "interrupts",
+                    "reason": f"poll_subchannels={self.poll_subchannels}"}
+        if disp is not None and self._masked_on_open:
+            return {"mode": "interrupts", "reason": "the kernel masked the primary on open "
+                    "(before b15b7): subchannel interrupts are safe"}
+        return {"mode": "undecided", "reason": "decided when the first subchannel is mapped: "
+                "does a write of 1 clear its mask?"}
 
     def describe(self) -> str:
         """A few lines for ``vmbus show``: state, how the host is signalled and why, counters."""
@@ -1534,10 +1654,15 @@ class Channel:
                  + (f" (last closed: {self.close_reason})" if self.close_reason else "")]
         if self._signal is not None:
             lines.append(f"  signal: {self._signal.describe()}")
-        if self._polled:
-            lines.append("  interrupts: masked and polled every "
-                         f"{self.poll_interval * 1000:g} ms (subchannel interrupts crash kernels "
-                         "with b15b7 but without d062463)")
+        if self.parent is None:
+            if self._lc.state is not ChannelState.DISABLED:
+                summary = self._subchannel_summary()
+                lines.append(f"  subchannels: {summary['mode']} ({summary['reason']})")
+        elif self._polled:
+            lines.append(f"  interrupts: masked and polled every {self.poll_interval * 1000:g} ms "
+                         f"({self._polled_reason})")
+        else:
+            lines.append(f"  interrupts: enabled ({self._polled_reason})")
         c = self.counters
         lines.append(f"  in {c.packets_in} packets / {c.bytes_in} B, out {c.packets_out} packets / "
                      f"{c.bytes_out} B, signals {c.signals}, interrupts {c.interrupts}, ring-full "
@@ -1548,6 +1673,19 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel {self.name} relid={self.relid} {self.state.value}>"
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: str, text: str) -> None:
+    """One logging.warning per device and process: the verdict is the same every enable."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    _log.warning("%s", text)
 
 
 def _opt_map(dev: UioDevice, name: str) -> npt.NDArray[np.uint8] | None:

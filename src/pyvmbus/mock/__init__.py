@@ -97,7 +97,7 @@ class MockVmbus:
     """A mock VMBus under a temporary root: fake sysfs, mock kernel, mock host.
 
     ``kernel`` picks the uio_hv_generic generation ("5.15", "6.10", "6.15", "6.18",
-    "6.6-lts", "openhcl"; see :mod:`pyvmbus.mock.generations`). ``devices`` are offered at
+    "6.12-debian", "6.6-lts", "openhcl"; see :mod:`pyvmbus.mock.generations`). ``devices`` are offered at
     start (what :meth:`add_device` takes). ``models`` names extra modules the host
     process imports to register device models (pyvmbus.mock.ic_models is always
     imported when it exists). ``root`` uses a folder of yours instead of a fresh temporary
@@ -261,7 +261,11 @@ class MockVmbus:
     def _dead(self) -> HostCrashed:
         proc = self._proc
         code = proc.wait(5.0) if proc is not None else None
-        detail = self._crash_detail or f"the mock process exited with {code}"
+        from .kernel import OOPS_EXIT as _OOPS_EXIT  # only on this path: kernel.py is the process
+        detail = self._crash_detail or (
+            "the mock guest kernel oopsed (a subchannel interrupt on a kernel with b15b7 but "
+            "without d062463; see kernel_log())" if code == _OOPS_EXIT
+            else f"the mock process exited with {code}")
         return HostCrashed("mock VMBus", f"{detail}; its output: {self._process_tail(5)}")
 
     # -- devices ----------------------------------------------------------------------------

@@ -105,6 +105,15 @@ GENERATIONS: dict[str, KernelGeneration] = {
             unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=False,
         ),
         KernelGeneration(
+            "6.12-debian", "b15b7 without d062463 (e.g. Debian 6.12.57): no kernel masking, primary-only "
+            "writes; a subchannel interrupt oopses the kernel",
+            refuses_unmonitored=False, masks_on_interrupt=False, masks_on_open=False,
+            write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=True,
+            signal_subchannels=False, per_class_ring_size=True, page_aligned_ring=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=False,
+            subchannel_interrupt_crash=True,
+        ),
+        KernelGeneration(
             "6.6-lts", "5.4-6.6 LTS after the Dec 2025 backport: no kernel masking, no host signal",
             refuses_unmonitored=True, masks_on_interrupt=False, masks_on_open=False,
             write_covers_subchannels=True, write_touches_mask=True, signal_on_unmask=False,

@@ -20,6 +20,9 @@ the event counter, and the rules of one :class:`KernelGeneration` for all of the
   one to the device's single event counter, and sends the 4-byte count to every open
   connection that has none pending (the real read() returns one count however many
   interrupts came, so events coalesce the same way).
+- a host interrupt on a subchannel of a generation with ``subchannel_interrupt_crash``
+  (b15b7 without d062463) is the kernel's NULL dereference: a BUG line in the kernel
+  log, then the process dies (:meth:`MockKernel.oops`), as with the "crash" fault.
 - rescind (hv_uio_rescind): ``ERR!``+EIO to every connection, which is then closed; the
   device is unregistered where the generation does so (or where the node was never
   opened, as vmbus_onoffer_rescind does without a rescind callback).
@@ -48,7 +51,7 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +75,8 @@ SUBCHANNEL_DELAY = 0.05
 runs from a work queue; the kernel's own comment says userspace must wait for it)."""
 STATS_PERIOD = 0.1
 """How often the sysfs counters (masks, bytes available, events) are refreshed."""
+OOPS_EXIT = 71
+"""Exit status of the mock process when the modelled guest kernel oopses (70: fault crash)."""
 _COUNT = struct.Struct("=I")
 _IRQ = struct.Struct("=i")
 _NOWAIT = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
@@ -246,11 +251,7 @@ class MockKernel:
         if not ch.opened or dev.rescinded:
             return
         if ch.offer.primary is not None and self.gen.subchannel_interrupt_crash:
-            self.log(f"BUG: kernel NULL pointer dereference in hv_uio_channel_cb (subchannel relid "
-                     f"{relid} of {dev.guid}); Oops: the device's uio node is dead")
-            for conn in list(dev.conns):
-                self._drop_conn(dev, conn)
-            return
+            self.oops(dev, relid)
         if self.gen.masks_on_interrupt:
             store32(ch.arr, ch.rx_mask_off, 1)
             fence()  # virt_mb()
@@ -260,6 +261,23 @@ class MockKernel:
         for conn in dev.conns:
             if conn.ready:
                 self._send_event(conn, data)
+
+    def oops(self, dev: _Device, relid: int) -> NoReturn:
+        """b15b7 without d062463: hv_uio_channel_cb dereferences NULL for a subchannel.
+
+        The guest kernel is gone, so is everything the mock models: the process dies as
+        for the "crash" fault, every connection closes and clients see HostCrashed. The
+        BUG line goes to the kernel log first (and to stderr, which MockVmbus quotes).
+        """
+        line = (f"BUG: kernel NULL pointer dereference, address: 0000000000000000 in "
+                f"hv_uio_channel_cb (subchannel relid {relid} of {dev.guid}; kernel "
+                f"{self.gen.name}: b15b7 without d062463)")
+        self.log(line)
+        self.log("Oops: kernel panic - not syncing: Fatal exception in interrupt (mock: the "
+                 "process dies now)")
+        sys.stderr.write(f"mock: {line}\n")
+        sys.stderr.flush()
+        os._exit(OOPS_EXIT)
 
     # -- uio_hv_generic probe / remove (called by the driver core) --------------------------
     def probe(self, guid: Guid) -> bool:
