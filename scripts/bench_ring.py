@@ -125,9 +125,10 @@ def primitive_costs() -> dict[str, float]:
     payload = os.urandom(64)
     desc = struct.Struct("<HHHHQ")
     packer = struct.Struct("<HHHHQ64sQ").pack_into
+    both = struct.Struct("<HHHHQ64s").unpack_from
     env = {
         "shm": shm, "view": view, "data": data, "payload": payload, "desc": desc, "packer": packer,
-        "Packet": Packet, "make": _make_packet,
+        "both": both, "Packet": Packet, "make": _make_packet,
     }  # fmt: skip
     stmts = {
         "seq_cst load32": "shm.load32(view, 4)",
@@ -136,6 +137,7 @@ def primitive_costs() -> dict[str, float]:
         "64 B packet into the ring (one pack_into)": "packer(data, 0, 6, 2, 10, 0, 1, payload, 0)",
         "descriptor out (unpack_from)": "desc.unpack_from(data, 0)",
         "64 B payload out (slice + tobytes)": "data[16:80].tobytes()",
+        "descriptor + 64 B payload out (one unpack_from)": "both(data, 0)",
         "Packet via the frozen dataclass __init__": "Packet(6, 0, 1, payload)",
         "Packet as the ring builds it": "make(6, 0, 1, payload, b'', None, None)",
         "4-tuple (the cheapest object)": "(6, 0, 1, payload)",

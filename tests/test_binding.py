@@ -113,6 +113,35 @@ def test_bind_an_unbound_device_and_restore_leaves_it_unbound(core: DriverCore) 
     assert d.driver is None and d.driver_override is None and d.uio_name is None
 
 
+@pytest.mark.timeout(30)
+def test_restore_waits_for_its_drivers_probe(core: DriverCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a record restore writes drivers_probe last. "Released by uio_hv_generic"
+    already holds once the unbind before it ran: returning then reported the device as
+    unbound while the mock was about to probe it, and the next bind's drivers_probe merged
+    with this one (seen as a bind timing out under load)."""
+    root = core.tree.root
+    bind(root, NET, timeout=10)
+    record_path(root, NET).unlink()
+    gate = threading.Event()
+    probe = core.drivers_probe
+
+    def slow_probe(name: str) -> int:
+        gate.wait(10)
+        return probe(name)
+
+    monkeypatch.setattr(core, "drivers_probe", slow_probe)
+    result: list[str | None] = []
+    t = threading.Thread(target=lambda: result.append(restore(root, NET, timeout=10)))
+    t.start()
+    try:
+        time.sleep(0.3)
+        assert not result  # still waiting for the store of its drivers_probe
+    finally:
+        gate.set()
+        t.join(15)
+    assert result == ["hv_netvsc"]
+
+
 @pytest.mark.timeout(20)
 def test_bind_twice_devices_get_their_own_nodes(core: DriverCore) -> None:
     root = core.tree.root

@@ -79,7 +79,7 @@ def rw(rw_mock: MockVmbus) -> Iterator[MockVmbus]:
     for dev in fs.devices():
         orphaned = dev.driver is None and dev.device_class.name in ("heartbeat", "timesync", "shutdown")
         if dev.driver == UIO_DRIVER or orphaned or binding.read_record(rw_mock.root, dev.guid) is not None:
-            binding.restore(rw_mock.root, dev.guid, timeout=5)
+            binding.restore(rw_mock.root, dev.guid, timeout=10)
 
 
 def guid(mock: MockVmbus, query: str) -> str:
@@ -293,11 +293,11 @@ def test_ring_map_of_a_bound_device(rw: MockVmbus) -> None:
 
 
 # -- bind / unbind / restore ------------------------------------------------------------------------
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_bind_restore_round_trip(rw: MockVmbus) -> None:
     root = str(rw.root)
     g = guid(rw, "heartbeat")
-    r = run("--root", root, "bind", "heartbeat", "--timeout", "5")
+    r = run("--root", root, "bind", "heartbeat", "--timeout", "10")
     assert r.exit_code == 0, r.output
     assert "was: hv_utils" in r.stdout and "vmbus restore" in r.stdout
     d = one(run("--root", root, "--json", "bind", g))
@@ -307,17 +307,17 @@ def test_bind_restore_round_trip(rw: MockVmbus) -> None:
     assert d["uio"] is not None and d["bind_record"]["previous_driver"] == "hv_utils"
     keys(d["uio"], "show.uio")
     assert "already bound" in run("--root", root, "bind", g[:6]).stdout
-    d = one(run("--root", root, "--json", "restore", "heartbeat", "--timeout", "5"))
+    d = one(run("--root", root, "--json", "restore", "heartbeat", "--timeout", "10"))
     keys(d, "restore")
     assert d["driver"] == "hv_utils"
     r = run("--root", root, "restore", "heartbeat")
     assert r.exit_code == 0 and "now bound to hv_utils" in r.stdout
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_unbind_and_restore(rw: MockVmbus) -> None:
     root = str(rw.root)
-    r = run("--root", root, "unbind", "timesync", "--timeout", "5")
+    r = run("--root", root, "unbind", "timesync", "--timeout", "10")
     assert r.exit_code == 0 and "released" in r.stdout and "hv_utils" in r.stdout
     d = one(run("--root", root, "--json", "unbind", "timesync"))
     keys(d, "unbind")
@@ -578,9 +578,9 @@ def test_watch_reports_bind_and_unbind(rw: MockVmbus) -> None:
 
     def churn() -> None:
         time.sleep(0.4)
-        binding.bind(rw.root, g, timeout=5)
+        binding.bind(rw.root, g, timeout=10)
         time.sleep(0.3)  # longer than a poll interval: the snapshots see both states
-        binding.restore(rw.root, g, timeout=5)
+        binding.restore(rw.root, g, timeout=10)
 
     t = threading.Thread(target=churn)
     t.start()

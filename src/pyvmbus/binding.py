@@ -181,6 +181,7 @@ def _strerror(code: int) -> str:
 # errno in its dmesg instead (root/run/mock/kernel.log, lines written by mock/driver_core.py).
 _MOCK_PROBE_FAILED = re.compile(r"(\S+) (\S+): probe with driver \S+ failed with error -(\d+)")
 _MOCK_WRITE_FAILED = re.compile(r"write '(.*)' to (\S+): -([A-Z0-9]+) ")
+_MOCK_WRITE = re.compile(r"write '(.*)' to (\S+): ")
 
 
 def _mock_log(root: Path) -> Path:
@@ -219,6 +220,24 @@ def _mock_failure(root: Path, mark: int, guid: Guid, final: Path) -> int | None:
         if write is not None and write[1].strip() == guid and write[2] == what:
             return _errno_named(write[3])
     return None
+
+
+def _mock_store_ran(root: Path, mark: int, guid: Guid, what: str) -> bool:
+    """Whether the store() of our write of ``guid`` to ``what`` has run (ok or not).
+
+    On a kernel it ran inside write(). The mock's driver core handles writes later and
+    logs each store's result once it has run (after ``mark``: see :func:`_mock_failure`).
+    """
+    if _is_real_root(root):
+        return True
+    try:
+        with open(_mock_log(root), "rb") as f:
+            f.seek(mark)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return True  # no mock kernel log: nothing to wait for
+    return any((m := _MOCK_WRITE.search(line)) is not None and m[1].strip() == guid and m[2] == what
+               for line in text.splitlines())
 
 
 def _probe_failed(dev: VmbusDevice, code: int | None, after: str) -> BindFailed:
@@ -416,6 +435,7 @@ def restore(root: str | os.PathLike[str], guid: str, *, timeout: float = 10.0) -
         _require(path, path.parent.name if path.parent.parent == fs.drivers_dir else "hv_vmbus", dev.path)
     if writes:
         _check_access(rootp, g, "restore", [p for p, _ in writes])
+    mark = _log_mark(rootp)
     for path, text in writes:
         err = _write(path, text, g, "restore")
         if err == 0 or path.name in ("unbind", "remove_id"):
@@ -427,10 +447,17 @@ def restore(root: str | os.PathLike[str], guid: str, *, timeout: float = 10.0) -
         raise BindFailed(g, target or "its previous driver",
                          f"writing {text.strip()!r} to {path} gave {_strerror(err)}; see dmesg")
     if target is not None:
+        # Stores run in the order of the writes, so the bind's effect covers the earlier ones.
         ok = _wait(lambda: not dev.exists() or dev.driver == target, timeout)
         what = f"{g} to be bound to {target} again"
     else:
-        ok = _wait(lambda: not dev.exists() or dev.driver != UIO_DRIVER, timeout)
+        # "Not on uio_hv_generic" holds as soon as the unbind ran, before the drivers_probe
+        # written after it: wait for that store too, or the caller sees the device unbound
+        # while the mock is about to probe it, and the caller's next drivers_probe (a bind)
+        # merges with ours and is handled before the unbind written ahead of it.
+        probed = not any(p.name == "drivers_probe" for p, _ in writes)
+        ok = _wait(lambda: not dev.exists() or (dev.driver != UIO_DRIVER and (
+            probed or _mock_store_ran(rootp, mark, g, "drivers_probe"))), timeout)
         what = f"{g} to be released by {UIO_DRIVER}"
     if not ok:
         raise Timeout(f"{what} (see dmesg; the record stays in {record_path(rootp, g)})", timeout)

@@ -1352,8 +1352,13 @@ class Channel:
     def _send_when_room(self, tx: RingBuffer, payload: Payload, packet_type: int, flags: int,
                         txid: int, needed: int, timeout: float) -> None:
         disp = self._disp
-        if disp is None or not self._lc.policy.may_wait:
-            raise RingFull(needed, tx.available_to_write())
+        policy = self._lc.policy
+        if disp is None or not policy.may_wait:
+            if not policy.may_send:
+                # disable() or a rescind on another thread closed the channel since send()
+                # checked the state: that, not the ring, is why this packet cannot go out.
+                raise self._not_open("send")
+            raise RingFull(needed, tx.available_to_write())  # on_started, which must not wait
         deadline = time.monotonic() + timeout
         with self._blocked(tx):
             while True:
