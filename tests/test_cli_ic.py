@@ -397,15 +397,23 @@ def test_fcopy_daemon_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
                             stdin=subprocess.DEVNULL)
     assert proc.stderr is not None
     log: list[str] = []
+    fd = proc.stderr.fileno()
+    pending = bytearray()
     try:
         deadline = time.monotonic() + 30
         while not any("negotiated" in ln for ln in log):
+            # Byte by byte, never select() + readline(): readline buffers the lines logged
+            # in one burst ("fcopy IC version", then "negotiated"), and select then waits on
+            # an empty pipe (a 30 s "stall" seen once under CPU load).
             assert time.monotonic() < deadline, f"no negotiation logged: {log}"
-            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+            ready, _, _ = select.select([fd], [], [], 1.0)
             if ready:
-                line = proc.stderr.readline()
-                assert line, f"the daemon exited: {log}"
-                log.append(line)
+                b = os.read(fd, 1)
+                assert b, f"the daemon exited: {log} {pending!r}"
+                pending += b
+                if b == b"\n":
+                    log.append(pending.decode())
+                    pending = bytearray()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
@@ -26,15 +27,35 @@ def start(*args: str) -> subprocess.Popen[str]:
                             stdin=subprocess.DEVNULL)
 
 
+def readline_raw(stream: IO[str], deadline: float) -> str | None:
+    """One line from ``stream``'s pipe, read a byte at a time; None at the deadline, "" at EOF.
+
+    Never ``select`` then ``stream.readline()``: readline reads the pipe in chunks, so a
+    burst of lines (several log records written while this process was descheduled, as
+    under CPU load) lands in the text wrapper's buffer, select sees an empty pipe, and the
+    wait times out although the line came. Reading byte by byte leaves everything after the
+    line in the pipe, for the next call and for ``communicate``.
+    """
+    fd = stream.fileno()
+    line = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        b = os.read(fd, 1)
+        if not b:
+            return line.decode()
+        line += b
+        if b == b"\n":
+            return line.decode()
+
+
 def read_json_until(stream: IO[str], event: str, timeout: float) -> list[dict[str, Any]]:
     """JSON lines from ``stream`` up to and including the first with ``event``."""
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = stream.readline()
+    while True:
+        line = readline_raw(stream, deadline)
         if not line:
             break
         obj = json.loads(line)
@@ -42,6 +63,25 @@ def read_json_until(stream: IO[str], event: str, timeout: float) -> list[dict[st
         if obj.get("event") == event:
             return seen
     raise AssertionError(f"no {event!r} event within {timeout} s; got {seen}")
+
+
+@pytest.mark.timeout(30)
+def test_read_json_until_sees_lines_that_came_in_one_burst() -> None:
+    # The stall once seen under CPU load in the fcopy-daemon SIGTERM test: the daemon had
+    # logged the awaited line, but a select() + readline() reader had pulled it into its
+    # buffer with the line before and then waited on an empty pipe. One write of two lines
+    # makes that deterministic: the old reader timed out here.
+    code = ("import sys, time; sys.stdout.write('{\"event\": \"a\"}\\n{\"event\": \"b\"}\\n'); "
+            "sys.stdout.flush(); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        t0 = time.monotonic()
+        assert [o["event"] for o in read_json_until(proc.stdout, "b", 10)] == ["a", "b"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.mark.timeout(60)
