@@ -377,6 +377,17 @@ def test_fcopy_daemon_without_a_device_exits_not_found() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_fcopy_daemon_with_several_devices_lists_them_in_one_line() -> None:
+    with MockVmbus(devices=["fcopy", "fcopy"]) as m:
+        guids = sorted(d.guid for d in Sysfs(m.root).devices())
+        r = run("--root", str(m.root), "fcopy-daemon", "--dest-root", "/tmp", "--timeout", "1")
+    assert r.exit_code == 3
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ambiguous: 2 file-copy devices" in lines[0] and "--device" in lines[0]
+    assert all(g in lines[0] for g in guids) and "Usage:" not in r.stderr
+
+
+@pytest.mark.timeout(30)
 def test_unknown_device_exits_not_found() -> None:
     r = run("--mock", "ic", "heartbeat", "nosuchdevice", "--timeout", "1")
     assert r.exit_code == 3

@@ -464,8 +464,8 @@ def fcopy(state: CliState, device: str, dest_roots: tuple[Path, ...], file_mode:
 
 def find_fcopy_device(fs: Sysfs) -> VmbusDevice:
     """The file-copy device: instance eb765408-... (what hv_fcopy_uio_daemon opens), else the
-    one device of class fcopy. :class:`DeviceNotFound` when there is none; a usage error
-    when several are there and none is the well-known one."""
+    one device of class fcopy. :class:`DeviceNotFound` when there is none, or when several
+    are there and none is the well-known one (listing them, as an ambiguous lookup does)."""
     try:
         return fs.device(FCOPY_INSTANCE_GUID)
     except DeviceNotFound:
@@ -474,8 +474,9 @@ def find_fcopy_device(fs: Sysfs) -> VmbusDevice:
     if len(found) == 1:
         return found[0]
     if found:
-        raise click.UsageError("several file-copy devices (" + ", ".join(str(d.guid) for d in found)
-                               + "): pick one with --device GUID")
+        raise DeviceNotFound(f"fcopy (ambiguous: {len(found)} file-copy devices; pick one with "
+                             "--device GUID)", tuple(d.guid for d in found),
+                             str(fs.root / "sys" / "bus" / "vmbus" / "devices"))
     raise DeviceNotFound(f"fcopy (instance {FCOPY_INSTANCE_GUID} or class fcopy): enable the VM's "
                          "'Guest Service Interface' on the host (Enable-VMIntegrationService)",
                          where=str(fs.root / "sys" / "bus" / "vmbus" / "devices"))
