@@ -104,6 +104,35 @@ def test_bind_restore_by_new_id(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(20)
+def test_new_id_refuses_when_it_would_take_an_unbound_sibling(tmp_path: Path) -> None:
+    """new_id's driver_attach binds EVERY unbound device of the class: a second NIC that was
+    unbound would go to uio_hv_generic too. Refused (naming it) unless forced."""
+    core = make(tmp_path, driver_override=False)
+    root = core.tree.root
+    core.add_device("network", NET2)
+    with core, core.running():
+        assert core.unbind("hv_netvsc", NET2) == 0
+        with pytest.raises(GuardRailRefused, match=NET2) as exc:
+            bind(root, NET)
+        assert "new_id" in str(exc.value)
+        assert core.dynamic_ids("uio_hv_generic") == ()  # nothing was written
+        assert read_record(root, NET) is None
+        assert core.tree.driver_of(NET) == "hv_netvsc" and core.tree.driver_of(NET2) is None
+        assert bind(root, NET, force=True) == "uio1"
+        assert core.tree.driver_of(NET2) == "uio_hv_generic"  # what the guard rail warned of
+
+
+@pytest.mark.timeout(20)
+def test_driver_override_path_ignores_unbound_siblings(core: DriverCore) -> None:
+    """With driver_override only the named device is probed: an unbound sibling stays so."""
+    root = core.tree.root
+    core.add_device("network", NET2)
+    assert core.unbind("hv_netvsc", NET2) == 0
+    assert bind(root, NET) == "uio0"
+    assert core.tree.driver_of(NET2) is None
+
+
+@pytest.mark.timeout(20)
 def test_bind_an_unbound_device_and_restore_leaves_it_unbound(core: DriverCore) -> None:
     root = core.tree.root
     assert bind(root, "fcopy") == "uio0"  # by class name
@@ -374,6 +403,21 @@ def test_block_links_with_absolute_targets_resolve_under_the_root(core: DriverCo
     link.symlink_to("/" + str(real.relative_to(root)))
     tree.set_mounts([("/dev/sdc1", "/data")])
     assert "sdc1 is mounted on /data" in guard_rails(root, SCSI)[0]
+
+
+def test_pci_passthrough_with_a_mounted_nvme_disk_is_refused(core: DriverCore) -> None:
+    """The NVMe OS disk of newer Azure sizes sits below a VMBus PCI pass-through device (class
+    ``pci``, not a storage class): the disk check applies to every class."""
+    tree, root = core.tree, core.tree.root
+    pci = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+    core.add_device("pci", pci)
+    assert guard_rails(root, pci) == []
+    tree.add_block_device(pci, "nvme0n1", major=259, minor=0)
+    tree.set_mounts([Mount("/dev/root", "/", "ext4", dev="259:1")])
+    [why] = guard_rails(root, pci)
+    assert "nvme0n1" in why and "mounted on /" in why
+    with pytest.raises(GuardRailRefused):
+        bind(root, pci)
 
 
 def test_storage_force_overrides(core: DriverCore) -> None:

@@ -321,3 +321,28 @@ def test_errno_translation_of_kernel_transport(tmp_path: Path) -> None:
     with pytest.raises(DeviceRescinded):
         dev.irqcontrol(False)
     dev.close()
+
+
+def test_kernel_write_einval_after_unregister_is_rescinded(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """uio_write returns EINVAL (not EIO) once uio_unregister_device cleared idev->info, which
+    newest kernels do on a rescind (vmbus_device_unregister) and every kernel on an unbind:
+    on the kernel path, where the write is always 4 bytes, that is DeviceRescinded."""
+    (tmp_path / "dev").mkdir()
+    os.symlink("/dev/zero", tmp_path / "dev" / "uio0")
+    _fake_uio_sysfs(tmp_path, "uio0", [8192])
+    dev = UioDevice.open(tmp_path, "uio0", "guid-x")
+    assert dev.kind == "kernel"
+
+    def einval(fd: int, data: bytes) -> int:
+        assert len(data) == 4
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    with monkeypatch.context() as m:
+        m.setattr(uio.os, "write", einval)
+        with pytest.raises(DeviceRescinded, match="unregistered"):
+            dev.irqcontrol(True)
+    assert dev.rescinded
+    with pytest.raises(DeviceRescinded):
+        dev.wait(0)
+    dev.close()

@@ -8,7 +8,8 @@ Method (SPEC section 2): where the bus has ``driver_override`` (kernels >= 4.18)
 ``uio_hv_generic`` there, unbind the current driver and write the GUID to
 ``drivers_probe``: only this device is affected. Without it, fall back to the documented
 ``new_id`` (the class GUID; the kernel then also attaches every *unbound* device of that
-class) + ``unbind`` + ``bind``. Before anything changes, the previous driver is written
+class, so that path refuses, unless forced, while another device of the class is unbound)
++ ``unbind`` + ``bind``. Before anything changes, the previous driver is written
 to ``root/run/pyvmbus/<guid>.json`` so :func:`restore` can put it back.
 
 Binding a device that is already bound to uio_hv_generic raises :class:`AlreadyBound`
@@ -17,10 +18,10 @@ bound it and with which override; :attr:`VmbusDevice.uio_name` gives the node).
 
 Guard rails, refused unless ``force=True`` (:class:`GuardRailRefused` says why):
 
-- storage (ide, scsi, fc): a disk behind the device (``root/sys/block/*/device``
-  resolves into the device's directory) whose disk, partition or holder (device mapper)
-  is mounted (``root/proc/self/mountinfo``, matched by major:minor and by source name)
-  or used as swap (``root/proc/swaps``);
+- storage (any class: ide, scsi, fc, and pci pass-through with NVMe behind it): a disk
+  behind the device (``root/sys/block/*/device`` resolves into the device's directory)
+  whose disk, partition or holder (device mapper) is mounted (``root/proc/self/mountinfo``,
+  matched by major:minor and by source name) or used as swap (``root/proc/swaps``);
 - network: an interface of the device (``<device>/net/<ifname>``) holds the IPv4 or IPv6
   default route (``root/proc/net/route``, ``root/proc/net/ipv6_route``), or carries the
   SSH session. The SSH check takes the local address from ``SSH_CONNECTION`` and finds
@@ -52,9 +53,11 @@ from pathlib import Path
 from .errors import (
     AlreadyBound,
     BindFailed,
+    DeviceNotFound,
     DeviceRescinded,
     DriverNotLoaded,
     GuardRailRefused,
+    InvalidGuid,
     NotPermitted,
     Timeout,
 )
@@ -298,14 +301,16 @@ def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeou
     current = dev.driver
     if current == UIO_DRIVER:
         raise AlreadyBound(g, UIO_DRIVER)
+    method = "driver_override" if dev.has_driver_override else "new_id"
+    class_guid = dev.class_guid
     if not force:
         reasons = guard_rails(rootp, g)
+        if method == "new_id":
+            reasons += _new_id_bystanders(fs, g, class_guid)
         if reasons:
             raise GuardRailRefused(g, "; ".join(reasons))
     bus = rootp / "sys" / "bus" / "vmbus"
     unbind_path = fs.drivers_dir / current / "unbind" if current else None
-    method = "driver_override" if dev.has_driver_override else "new_id"
-    class_guid = dev.class_guid
     if method == "driver_override":
         writes = [(dev.path / "driver_override", UIO_DRIVER + "\n")]
         final = (bus / "drivers_probe", str(g))
@@ -358,6 +363,27 @@ def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeou
         if isinstance(exc, Timeout):
             raise Timeout(f"{exc.what}; {note}", exc.seconds) from None
         raise BindFailed(g, UIO_DRIVER, f"{exc.detail}; {note}") from None
+
+
+def _new_id_bystanders(fs: Sysfs, guid: Guid, class_guid: Guid) -> list[str]:
+    """Why a new_id write would take other devices too ([] = it would not).
+
+    new_id_store -> vmbus_add_dynid -> driver_attach: every *unbound* device of the class
+    (a second NIC someone unbound, a disk controller between drivers) goes to
+    uio_hv_generic at once, not just ``guid``.
+    """
+    others = []
+    for d in fs.devices():
+        if d.guid == guid:
+            continue
+        with contextlib.suppress(DeviceRescinded, DeviceNotFound, InvalidGuid):
+            if d.class_guid == class_guid and d.driver is None:
+                others.append(str(d.guid))
+    if not others:
+        return []
+    return [f"this kernel has no driver_override, so binding writes class {class_guid} to "
+            f"{UIO_DRIVER}/new_id, and the kernel then also binds every unbound device of that "
+            f"class: {', '.join(others)}; bind those to their driver first"]
 
 
 def _roll_back(root: Path, guid: Guid, previous: str | None, timeout: float) -> str:
@@ -543,8 +569,9 @@ def guard_rails(root: str | os.PathLike[str], guid: str) -> list[str]:
     dev = Sysfs(rootp).device(guid)
     reasons: list[str] = []
     cls = dev.device_class
-    if cls.storage:
-        reasons += _storage_in_use(rootp, dev)
+    # Every class, not just ide/scsi/fc: a PCI pass-through device (class "pci") carries
+    # the PCI bus of NVMe disks (the OS disk on newer Azure sizes) below its directory.
+    reasons += _storage_in_use(rootp, dev)
     if cls.network or dev.net_interfaces:
         reasons += _network_in_use(rootp, dev)
     return reasons

@@ -223,7 +223,17 @@ class _KernelTransport(_Transport):
         return self.read_blocking()
 
     def write(self, value: int) -> None:
-        os.write(self.fd, _IRQ.pack(value))
+        try:
+            os.write(self.fd, _IRQ.pack(value))
+        except OSError as exc:
+            # uio_write answers EIO once the rescind cleared info->irq, but EINVAL once
+            # uio_unregister_device has run (idev->info gone: newest kernels unregister a
+            # rescinded device; an unbind does the same). Our write is always 4 bytes, so
+            # EINVAL can only mean the device is gone.
+            if exc.errno == errno.EINVAL:
+                raise _Gone(True, "write: EINVAL: the uio device was unregistered "
+                            "(rescinded or unbound)") from None
+            raise
 
     def close(self) -> None:
         os.close(self.fd)
