@@ -21,8 +21,8 @@ from click.testing import CliRunner, Result
 
 from pyvmbus import binding
 from pyvmbus.cli import main
-from pyvmbus.cli_schema import SCHEMAS
-from pyvmbus.cli_state import MOCK_DEVICES
+from pyvmbus.cli.schema import SCHEMAS
+from pyvmbus.cli.state import MOCK_DEVICES
 from pyvmbus.mock import MockVmbus
 from pyvmbus.sysfs import UIO_DRIVER, Sysfs
 
@@ -83,7 +83,7 @@ def rw(rw_mock: MockVmbus) -> Iterator[MockVmbus]:
 
 
 def guid(mock: MockVmbus, query: str) -> str:
-    from pyvmbus.cli_state import resolve_device
+    from pyvmbus.cli.state import resolve_device
 
     return str(resolve_device(Sysfs(mock.root), query).guid)
 
@@ -386,7 +386,7 @@ def test_bind_failed_and_plain_permission_errors(rw: MockVmbus, monkeypatch: pyt
     def denied(fs: Sysfs) -> list[dict[str, Any]]:
         raise PermissionError(13, "Permission denied", "/dev/uio0")
 
-    monkeypatch.setattr("pyvmbus.cli.list_devices", denied)
+    monkeypatch.setattr("pyvmbus.cli.commands.list_devices", denied)
     r = run("--root", str(rw.root), "list")
     assert r.exit_code == 4 and "/dev/uio0" in err_line(r) and "vmbus group" in r.stderr
 
@@ -396,7 +396,7 @@ def test_interrupt_and_tracebacks_with_vv(ro: MockVmbus, monkeypatch: pytest.Mon
     def interrupted(fs: Sysfs) -> list[dict[str, Any]]:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pyvmbus.cli.list_devices", interrupted)
+    monkeypatch.setattr("pyvmbus.cli.commands.list_devices", interrupted)
     r = run("--root", str(ro.root), "list")
     assert r.exit_code == 130 and "interrupted" in r.stderr
     r = run("-vv", "--root", str(ro.root), "show", "nope")
@@ -659,12 +659,12 @@ def test_cli_ic_plugs_in_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import click
 
-    from pyvmbus.cli import _register_plugins
+    from pyvmbus.cli.commands import _register_plugins
 
     seen: list[click.Group] = []
-    fake = types.ModuleType("pyvmbus.cli_ic")
+    fake = types.ModuleType("pyvmbus.cli.ic")
     fake.register = seen.append  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pyvmbus.cli_ic", fake)
+    monkeypatch.setitem(sys.modules, "pyvmbus.cli.ic", fake)
     group = click.Group("g")
     _register_plugins(group)
     assert seen == [group]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvmbus import cli_docs
-from pyvmbus.cli_errors import EXIT_CODES
+from pyvmbus.cli import docs as cli_docs
+from pyvmbus.cli.errors import EXIT_CODES
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "udev" / "90-pyvmbus.rules"
@@ -18,7 +18,7 @@ RULES = REPO / "udev" / "90-pyvmbus.rules"
 
 def test_cli_reference_is_in_sync() -> None:
     current = (REPO / "docs" / "cli.md").read_text()
-    assert current == cli_docs.render(), "docs/cli.md is stale: run python -m pyvmbus.cli_docs docs/cli.md"
+    assert current == cli_docs.render(), "docs/cli.md is stale: run python -m pyvmbus.cli.docs docs/cli.md"
 
 
 def test_cli_docs_check_and_write(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from pyvmbus import cli_ic
+from pyvmbus.cli import ic as cli_ic
 from pyvmbus.cli import main
-from pyvmbus.cli_schema import SCHEMAS
+from pyvmbus.cli.schema import SCHEMAS
 from pyvmbus.errors import ChannelClosed
 from pyvmbus.ic import ShutdownAction
 from pyvmbus.ic.messages import FCOPY_INSTANCE_GUID, CopyFlags

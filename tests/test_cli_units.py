@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from pyvmbus import errors
-from pyvmbus.cli_enable import parse_send
-from pyvmbus.cli_errors import EXIT_CODES, NoVmbus, WrongClass, error_line, exit_code
-from pyvmbus.cli_output import bar, packet_event, render_event, table, type_name
-from pyvmbus.cli_schema import SCHEMAS
-from pyvmbus.cli_watch import DevSnap, WatchEvent, diff, event_from_udev
+from pyvmbus.cli.enable import parse_send
+from pyvmbus.cli.errors import EXIT_CODES, NoVmbus, WrongClass, error_line, exit_code
+from pyvmbus.cli.output import bar, packet_event, render_event, table, type_name
+from pyvmbus.cli.schema import SCHEMAS
+from pyvmbus.cli.watch import DevSnap, WatchEvent, diff, event_from_udev
 from pyvmbus.packet import Packet
 
 G = "0b609730-1b14-457f-881b-bc9d246510c4"

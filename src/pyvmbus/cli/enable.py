@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cli_output import Output, packet_event
-from .errors import (
+from ..errors import (
     ChannelClosed,
     DeviceNotFound,
     DeviceRescinded,
@@ -27,14 +26,15 @@ from .errors import (
     Timeout,
     VmbusError,
 )
-from .lifecycle import ChannelState
-from .sysfs import UIO_DRIVER
+from ..lifecycle import ChannelState
+from ..sysfs import UIO_DRIVER
+from .output import Output, packet_event
 
 if TYPE_CHECKING:
-    from .bus import Vmbus
-    from .channel import Channel
-    from .packet import Packet
-    from .sysfs import VmbusDevice
+    from ..bus import Vmbus
+    from ..channel import Channel
+    from ..packet import Packet
+    from ..sysfs import VmbusDevice
 
 __all__ = [
     "DEMO_SENDS",
@@ -296,8 +296,8 @@ def _restore(bus: Vmbus, run: _Run, failure: BaseException | str | None) -> None
 
 def run_demo(kernel: str, out: Output) -> None:
     """Start a mock bus with an echo device and run :func:`run_enable` on it with a few sends."""
-    from .bus import Vmbus
-    from .mock import MockVmbus
+    from ..bus import Vmbus
+    from ..mock import MockVmbus
 
     t0 = time.monotonic()
     with MockVmbus(kernel=kernel, devices=["echo"]) as mock:

@@ -3,7 +3,7 @@
 :class:`CliState` is the click context object (``ctx.obj``). Commands ask it for the bus
 (:meth:`CliState.bus`), which starts the ``--mock`` bus on first use (so ``--help``,
 ``demo`` and ``mock serve`` never start one) and stops it when the command ends. Plug-in
-command modules (``pyvmbus.cli_ic``) use it the same way::
+command modules (``pyvmbus.cli.ic``) use it the same way::
 
     @click.command()
     @click.pass_obj
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .classes import CLASSES
-from .errors import DeviceNotFound
-from .guid import is_guid, parse_guid
-from .sysfs import Sysfs, VmbusDevice
+from ..classes import CLASSES
+from ..errors import DeviceNotFound
+from ..guid import is_guid, parse_guid
+from ..sysfs import Sysfs, VmbusDevice
 
 if TYPE_CHECKING:
-    from .bus import Vmbus
-    from .mock import MockVmbus
+    from ..bus import Vmbus
+    from ..mock import MockVmbus
 
 __all__ = [
     "MOCK_DEVICES",
@@ -58,7 +58,7 @@ def mock_model_classes() -> dict[str, str]:
     Lets ``vmbus enable echo`` and the ``CLASS`` column name the mock's own devices; on a
     real guest no device has these class GUIDs, so nothing changes there.
     """
-    from .mock.models import models
+    from ..mock.models import models
 
     out: dict[str, str] = {}
     for name, cls in models().items():
@@ -163,8 +163,8 @@ class CliState:
     def start_mock(self, devices: tuple[str, ...] = MOCK_DEVICES) -> MockVmbus:
         """Start the ``--mock`` bus (once) and schedule its shutdown for the end of the command."""
         if self._mock is None:
-            from .mock import MockVmbus
-            from .mock.generations import DEFAULT_GENERATION
+            from ..mock import MockVmbus
+            from ..mock.generations import DEFAULT_GENERATION
 
             mock = MockVmbus(kernel=self.kernel or DEFAULT_GENERATION, devices=devices)
             _log.info("starting a mock VMBus (kernel %s) with %s", mock.generation.name, ", ".join(devices))
@@ -182,9 +182,9 @@ class CliState:
     def root(self) -> Path:
         """The root to work under: ``--root``, the ``--mock`` bus's root, or ``/``.
 
-        Raises :class:`~pyvmbus.cli_errors.NoVmbus` when there is no VMBus there.
+        Raises :class:`~pyvmbus.cli.errors.NoVmbus` when there is no VMBus there.
         """
-        from .cli_errors import NoVmbus
+        from .errors import NoVmbus
 
         if self.mock:
             return self.start_mock().root
@@ -197,7 +197,7 @@ class CliState:
         return Sysfs(self.root())
 
     def bus(self) -> Vmbus:
-        from .bus import Vmbus
+        from ..bus import Vmbus
 
         return Vmbus(self.root())
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .cli_errors import NoVmbus, error_line, exit_code
-from .cli_state import class_label, resolve_device
-from .errors import DeviceNotFound, VmbusError
-from .sysfs import Sysfs
+from ..errors import DeviceNotFound, VmbusError
+from ..sysfs import Sysfs
+from .errors import NoVmbus, error_line, exit_code
+from .state import class_label, resolve_device
 
 if TYPE_CHECKING:
-    from .mock import MockVmbus
+    from ..mock import MockVmbus
 
 __all__ = ["DEVICE_KINDS", "FAULT_KINDS", "MockControl", "MockControlError", "control_path", "render_fault",
            "send_fault"]
@@ -139,7 +139,7 @@ class MockControl:
 def send_fault(root: str | os.PathLike[str], device: str, kind: str, timeout: float = 30.0) -> dict[str, Any]:
     """Ask the ``vmbus mock serve`` under ``root`` to apply ``kind`` to ``device``; its answer.
 
-    Raises :class:`~pyvmbus.cli_errors.NoVmbus` when nothing serves there, and the
+    Raises :class:`~pyvmbus.cli.errors.NoVmbus` when nothing serves there, and the
     server's error (as :class:`MockControlError`) when it refused.
     """
     path = control_path(root)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli_state import class_label
-from .errors import VmbusError
-from .guid import is_guid
-from .sysfs import Sysfs
+from ..errors import VmbusError
+from ..guid import is_guid
+from ..sysfs import Sysfs
+from .state import class_label
 
 __all__ = [
     "DevSnap",

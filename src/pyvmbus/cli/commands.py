@@ -1,11 +1,11 @@
 """The ``vmbus`` command line (click): thin commands over pyvmbus, tested through CliRunner.
 
-Each command resolves its DEVICE through :class:`~pyvmbus.cli_state.CliState`, builds
-plain data (:mod:`pyvmbus.cli_views`, keys pinned in :mod:`pyvmbus.cli_schema`) and prints
-it as text or JSON lines (:mod:`pyvmbus.cli_output`). Expected errors are caught once, in
+Each command resolves its DEVICE through :class:`~pyvmbus.cli.state.CliState`, builds
+plain data (:mod:`pyvmbus.cli.views`, keys pinned in :mod:`pyvmbus.cli.schema`) and prints
+it as text or JSON lines (:mod:`pyvmbus.cli.output`). Expected errors are caught once, in
 :class:`VmbusGroup`, and become one line on stderr and an exit code from
-:data:`pyvmbus.cli_errors.EXIT_CODES`. docs/cli.md is generated from this file's help
-(``python -m pyvmbus.cli_docs``) and a test keeps it in sync.
+:data:`pyvmbus.cli.errors.EXIT_CODES`. docs/cli.md is generated from this file's help
+(``python -m pyvmbus.cli.docs``) and a test keeps it in sync.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from typing import Any
 import click
 from click.shell_completion import CompletionItem
 
-from . import __version__
-from .cli_enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run_enable, stop_on_signals
-from .cli_errors import EXIT_INTERRUPTED, error_line, exit_code
-from .cli_mockctl import FAULT_KINDS, MockControl, render_fault, send_fault
-from .cli_output import Output
-from .cli_state import MOCK_DEVICES, CliState, device_names, json_option, known_device_words, setup_logging
-from .cli_text import render_bind, render_list, render_restore, render_ring, render_show, render_unbind
-from .cli_views import MappedRings, device_detail, list_devices, ring_from_sysfs
-from .cli_watch import poll_events, udev_available, udev_events
-from .errors import AlreadyBound, NotPermitted, VmbusError
-from .mock.generations import DEFAULT_GENERATION, GENERATIONS
-from .sysfs import Sysfs
+from .. import __version__
+from ..errors import AlreadyBound, NotPermitted, VmbusError
+from ..mock.generations import DEFAULT_GENERATION, GENERATIONS
+from ..sysfs import Sysfs
+from .enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run_enable, stop_on_signals
+from .errors import EXIT_INTERRUPTED, error_line, exit_code
+from .mock import FAULT_KINDS, MockControl, render_fault, send_fault
+from .output import Output
+from .state import MOCK_DEVICES, CliState, device_names, json_option, known_device_words, setup_logging
+from .text import render_bind, render_list, render_restore, render_ring, render_show, render_unbind
+from .views import MappedRings, device_detail, list_devices, ring_from_sysfs
+from .watch import poll_events, udev_available, udev_events
 
 __all__ = ["VmbusGroup", "main"]
 
@@ -177,7 +177,7 @@ def show(state: CliState, device: str) -> None:
 @click.pass_obj
 def bind(state: CliState, device: str, force: bool, timeout: float) -> None:
     """Bind DEVICE to uio_hv_generic (remembering its driver for 'vmbus restore')."""
-    from .binding import read_record
+    from ..binding import read_record
 
     dev = state.device(device)
     root = state.root()
@@ -225,7 +225,7 @@ def restore(state: CliState, device: str, timeout: float) -> None:
 
 
 def _class(dev: Any) -> str:
-    from .cli_state import class_label
+    from .state import class_label
 
     return class_label(dev)
 
@@ -378,7 +378,7 @@ def mock() -> None:
 
 def _check_mock_devices(ctx: click.Context, param: click.Parameter,
                         values: tuple[str, ...]) -> tuple[str, ...]:
-    from .guid import is_guid
+    from ..guid import is_guid
 
     known = known_device_words()
     for v in values:
@@ -413,8 +413,8 @@ def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], se
       vmbus --root DIR mock fault echo rescind      (then: reoffer)
       python -c 'import pyvmbus; print(pyvmbus.Vmbus(root="DIR").devices())'
     """
-    from .cli_views import list_devices
-    from .mock import MockVmbus
+    from ..mock import MockVmbus
+    from .views import list_devices
 
     root = serve_root if serve_root is not None else state.root_option
     made: Path | None = None
@@ -488,21 +488,17 @@ def fault(state: CliState, device: str, kind: str, fault_root: Path | None) -> N
 def _register_plugins(group: click.Group) -> None:
     """Commands that live in other modules: ``vmbus ic ...`` and ``vmbus fcopy-daemon`` (issue 6).
 
-    pyvmbus.cli_ic defines ``register(main)``, which adds its commands to this group; they
-    take :class:`~pyvmbus.cli_state.CliState` with ``@click.pass_obj`` and get the same
+    pyvmbus.cli.ic defines ``register(main)``, which adds its commands to this group; they
+    take :class:`~pyvmbus.cli.state.CliState` with ``@click.pass_obj`` and get the same
     --root/--mock/--json handling and error mapping.
     """
     try:
-        module = importlib.import_module(f"{__package__}.cli_ic")
+        module = importlib.import_module(f"{__package__}.ic")
     except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.cli_ic":
+        if exc.name != f"{__package__}.ic":
             raise
         return
     module.register(group)
 
 
-_register_plugins(main)  # <- vmbus ic ... / vmbus fcopy-daemon plug in here (pyvmbus/cli_ic.py)
-
-
-if __name__ == "__main__":  # pragma: no cover - python -m pyvmbus.cli
-    sys.exit(main(prog_name="vmbus"))
+_register_plugins(main)  # <- vmbus ic ... / vmbus fcopy-daemon plug in here (pyvmbus/cli/ic.py)

@@ -1,7 +1,7 @@
 """Output of the ``vmbus`` command: text for people, JSON lines for programs.
 
 Every command builds plain data (dicts whose keys are pinned in
-:mod:`pyvmbus.cli_schema`) and hands it to :class:`Output`, which prints either one JSON
+:mod:`pyvmbus.cli.schema`) and hands it to :class:`Output`, which prints either one JSON
 object per line (``--json``) or the text rendering. Streaming commands (enable, watch,
 ring --watch, demo, mock serve) print one object per event, each with an ``event`` key.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .packet import Packet, PacketType
+from ..packet import Packet, PacketType
 
 __all__ = [
     "Output",
@@ -45,7 +45,7 @@ def _printable(data: bytes, limit: int) -> str:
 
 
 def packet_event(device: str, pkt: Packet, preview: int) -> dict[str, Any]:
-    """The ``packet`` event of ``vmbus enable`` (see cli_schema)."""
+    """The ``packet`` event of ``vmbus enable`` (see cli.schema)."""
     return {
         "event": "packet",
         "device": device,

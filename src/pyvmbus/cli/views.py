@@ -1,4 +1,4 @@
-"""What ``vmbus list``, ``show`` and ``ring`` report, as plain data (keys in cli_schema).
+"""What ``vmbus list``, ``show`` and ``ring`` report, as plain data (keys in cli.schema).
 
 Read-only: nothing here opens a device node unless asked (``ring --map``), because on a
 real kernel the first open of ``/dev/uioN`` opens the channel and the last close closes
@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .binding import guard_rails, read_record
-from .cli_state import class_label
-from .errors import DeviceRescinded, VmbusError
-from .signal import HostSignal
-from .sysfs import UIO_DRIVER, ChannelInfo, Sysfs, VmbusDevice, parse_int, read_attr
+from ..binding import guard_rails, read_record
+from ..errors import DeviceRescinded, VmbusError
+from ..signal import HostSignal
+from ..sysfs import UIO_DRIVER, ChannelInfo, Sysfs, VmbusDevice, parse_int, read_attr
+from .state import class_label
 
 __all__ = [
     "CHANNEL_COUNTERS",
@@ -198,9 +198,9 @@ class MappedRings:
     """
 
     def __init__(self, root: str | os.PathLike[str], dev: VmbusDevice, timeout: float = 10.0) -> None:
-        from .channel import split_rings
-        from .errors import InvalidState
-        from .uio import UioDevice
+        from ..channel import split_rings
+        from ..errors import InvalidState
+        from ..uio import UioDevice
 
         name = dev.uio_name
         if name is None or dev.driver != UIO_DRIVER:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cli_output import bar, fmt, table
+from .output import bar, fmt, table
 
 __all__ = [
     "render_bind",

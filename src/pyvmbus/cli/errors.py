@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import (
+from ..errors import (
     AlreadyBound,
     BindFailed,
     ChannelClosed,

@@ -43,12 +43,8 @@ from typing import Any
 
 import click
 
-from .cli_enable import stop_on_signals
-from .cli_errors import WrongClass
-from .cli_output import Output, render_event, stamp
-from .cli_state import CliState, class_label, json_option
-from .errors import DeviceNotFound, Timeout
-from .ic import (
+from ..errors import DeviceNotFound, Timeout
+from ..ic import (
     FcopyEvent,
     FcopyService,
     HeartbeatService,
@@ -59,9 +55,13 @@ from .ic import (
     TimeSample,
     TimesyncService,
 )
-from .ic.messages import FCOPY_INSTANCE_GUID, status_name
-from .ic.runner import IcRunner, RunnerEvent, RunResult
-from .sysfs import Sysfs, VmbusDevice
+from ..ic.messages import FCOPY_INSTANCE_GUID, status_name
+from ..ic.runner import IcRunner, RunnerEvent, RunResult
+from ..sysfs import Sysfs, VmbusDevice
+from .enable import stop_on_signals
+from .errors import WrongClass
+from .output import Output, render_event, stamp
+from .state import CliState, class_label, json_option
 
 __all__ = [
     "POWER_COMMANDS",
@@ -111,7 +111,7 @@ def acts_on_this_machine(root: Path) -> bool:
 def render_ic_event(ev: dict[str, Any]) -> str:
     """One text line for an event of ``vmbus ic ...`` (the ones it shares with ``vmbus
     enable``, such as bound, closed, restored and note, are rendered by
-    :func:`~pyvmbus.cli_output.render_event`)."""
+    :func:`~pyvmbus.cli.output.render_event`)."""
     kind = ev["event"]
     s = stamp(ev)
     if kind == "enabled":

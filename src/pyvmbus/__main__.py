@@ -1,0 +1,11 @@
+"""``python -m pyvmbus``: the ``vmbus`` command, for hosts where the console script is not on PATH."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+__all__: list[str] = []
+
+sys.exit(main(prog_name="vmbus"))
