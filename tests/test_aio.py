@@ -154,7 +154,7 @@ def test_async_send_waits_for_room_without_blocking_the_loop(echo: Echo) -> None
         got: list[Packet] = []
         ch.on_packet(lambda c, p: got.append(p))
         async with ch.enabled():
-            tx = ch._tx
+            tx = ch.tx_ring
             assert tx is not None
             await asyncio.to_thread(m.fault, guid, "stall")
             n = tx.data_size // 2024 + 6
@@ -259,7 +259,7 @@ def test_subchannels_under_asyncio(echo: Echo, option: bool | None) -> None:
             subs = await asyncio.to_thread(ch.open_subchannels, 2, 5.0)
             replies = await asyncio.gather(*(s.request(b"s%d" % s.relid, timeout=5) for s in subs))
             assert replies == [pad8(b"s%d" % s.relid) for s in subs]
-            assert all(s._polled is polled for s in subs)
+            assert all(s.polled is polled for s in subs)
 
     asyncio.run(main())
 
@@ -285,7 +285,7 @@ def test_async_send_waiting_for_room_fails_at_once_on_rescind(mock: MockVmbus) -
     async def main() -> tuple[BaseException | None, float]:
         async with ch.enabled():
             await asyncio.to_thread(mock.fault, guid, "stall")
-            tx = ch._tx
+            tx = ch.tx_ring
             assert tx is not None
             sender = asyncio.create_task(_send_all(ch, tx.data_size // 2024 + 6))
             while ch.counters.ring_full_waits == 0:

@@ -220,7 +220,7 @@ def test_no_lost_wakeup_between_drain_and_unmask(echo: Echo) -> None:
         if fired.is_set():
             return
         fired.set()
-        rx = ch._rx
+        rx = ch.rx_ring
         assert rx is not None
         rx.interrupt_mask = 1
         counts["before"] = echo.host("interrupts")
@@ -332,7 +332,7 @@ def test_full_ring_blocks_then_resumes(echo: Echo) -> None:
     got: list[bytes] = []
     ch.on_packet(lambda c, p: got.append(p.payload))
     ch.enable()
-    tx = ch._tx
+    tx = ch.tx_ring
     assert tx is not None
     echo.mock.fault(echo.guid, "stall")
     body = b"z" * 3000
@@ -365,7 +365,7 @@ def test_full_ring_blocks_then_resumes(echo: Echo) -> None:
 def test_full_ring_send_times_out(echo: Echo) -> None:
     ch = echo.ch
     ch.enable()
-    tx = ch._tx
+    tx = ch.tx_ring
     assert tx is not None
     echo.mock.fault(echo.guid, "stall")
     with pytest.raises(Timeout, match="TX ring"):
@@ -398,7 +398,7 @@ def test_transaction_ids_unique_while_outstanding(echo: Echo) -> None:
     ch._txids = iter([5, 5, 6, 0, 7, 5, 8])  # type: ignore[assignment]
     ch._pending[5] = object()  # type: ignore[assignment]
     ch._cancelled[6] = None
-    assert [ch._new_txid(), ch._new_txid()] == [7, 8]  # 5, 6 in use; 0 never
+    assert [ch.new_txid(), ch.new_txid()] == [7, 8]  # 5, 6 in use; 0 never
     del ch._pending[5]
 
 
@@ -478,7 +478,7 @@ def test_rescind_mid_stream_then_reoffer(mock: MockVmbus) -> None:
         t.join(5)
         assert len(errors) == 1 and isinstance(errors[0], ChannelClosed)
         assert errors[0].reason == "rescinded"
-        assert ch.state is S.DISABLED and ch._dev is None and ch._rx is None
+        assert ch.state is S.DISABLED and ch._dev is None and ch.rx_ring is None
         # the host offers it again: find it, bind if needed, enable the same channel
         mock.reoffer(e.guid)
         wait_until(lambda: e.bus.sysfs.device(e.guid) is not None and _exists(e), what="the re-offer")
@@ -621,8 +621,8 @@ def test_subchannels(echo: Echo, option: bool | None) -> None:
     assert got[ch.relid] == [pad8(b"primary")]
     for s in subs:
         assert got[s.relid] == [pad8(b"in-band")]
-        assert s._polled is polled
-        rx = s._rx
+        assert s.polled is polled
+        rx = s.rx_ring
         assert rx is not None and (rx.interrupt_mask == 1) is polled
     assert ("polled" in ch.describe()) is polled
     assert ch.info()["subchannel_interrupts"]["mode"] == ("polled" if polled else "interrupts")
@@ -655,7 +655,7 @@ def test_subchannel_mode_is_detected_from_the_kernels_behaviour(
     assert before["mode"] == ("interrupts" if gen.masks_on_open else "undecided")
     echo.mock.offer_subchannels(echo.guid, 2)
     subs = ch.open_subchannels(2, timeout=5)
-    assert [s._polled for s in subs] == [polled, polled]
+    assert [s.polled for s in subs] == [polled, polled]
     summary = ch.info()["subchannel_interrupts"]
     text = ch.describe()
     if gen.masks_on_open:
@@ -672,7 +672,7 @@ def test_subchannel_mode_is_detected_from_the_kernels_behaviour(
         assert not any("would crash it" in r.getMessage() for r in caplog.records)
     for s in subs:
         assert (s.info()["polled_reason"] == summary["reason"])
-        rx = s._rx
+        rx = s.rx_ring
         assert rx is not None and (rx.interrupt_mask == 1) is polled
     # traffic the host starts on every subchannel (empty -> non-empty transitions), twice
     for round_ in range(2):
@@ -700,8 +700,8 @@ def test_polled_subchannel_waits_for_room_without_asking_for_an_interrupt() -> N
         ch.enable()
         m.offer_subchannels(e.guid, 1)
         (sub,) = ch.open_subchannels(1, timeout=5)
-        assert sub._polled
-        tx = sub._tx
+        assert sub.polled
+        tx = sub.tx_ring
         assert tx is not None
         m.fault(e.guid, "stall")
         errors: list[BaseException] = []
@@ -736,7 +736,7 @@ def test_forced_subchannel_interrupts_crash_the_window_kernel() -> None:
         ch.enable()
         m.offer_subchannels(e.guid, 1)
         (sub,) = ch.open_subchannels(1, timeout=5)
-        assert not sub._polled and "expect a kernel oops" in sub.info()["polled_reason"]
+        assert not sub.polled and "expect a kernel oops" in sub.info()["polled_reason"]
         with pytest.raises(ChannelClosed, match="host crashed"):
             sub.send_request(b"boom", timeout=5)
         wait_until(lambda: bool(closed), what="on_closed after the oops")
@@ -833,7 +833,7 @@ def test_no_lost_wakeup_on_a_subchannel(echo: Echo) -> None:
         if fired.is_set() or not got:
             return
         fired.set()
-        rx = sub._rx
+        rx = sub.rx_ring
         assert rx is not None
         rx.interrupt_mask = 1
         counts["before"] = sub_interrupts()

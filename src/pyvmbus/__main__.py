@@ -8,4 +8,5 @@ from .cli import main
 
 __all__: list[str] = []
 
-sys.exit(main(prog_name="vmbus"))
+if __name__ == "__main__":
+    sys.exit(main(prog_name="vmbus"))

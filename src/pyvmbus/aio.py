@@ -12,6 +12,11 @@ and completions, packets and "room in the ring" reach coroutines through futures
 The same lifecycle callbacks run, on the loop's thread. A synchronous call that waits
 (``send_request`` in on_post_started) still works: it drives the dispatch on the loop's
 thread while it blocks. Use the channel from the loop's thread only.
+
+Imports: errors, lifecycle, packet, and (for types) ring and dispatch; never
+:mod:`pyvmbus.channel`, which imports this module for its async methods. What this module
+needs of a channel is :class:`AsyncChannel`, names without a leading underscore that
+:class:`pyvmbus.Channel` keeps for it.
 """
 
 from __future__ import annotations
@@ -21,22 +26,73 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .channel import Channel, _Request
-from .errors import ChannelClosed, Timeout
+from .errors import ChannelClosed, Timeout, VmbusError
 from .lifecycle import ChannelState
 from .packet import Packet, PacketType
 
-__all__ = ["disable", "enable", "packets", "request", "send"]
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+    from .ring import RingBuffer
+
+__all__ = ["AsyncChannel", "AsyncRequest", "disable", "enable", "packets", "request", "send"]
 
 
-async def enable(channel: Channel, dispatch: str = "asyncio") -> None:
+class AsyncRequest(Protocol):
+    """An outstanding request as the channel keeps it (:class:`pyvmbus.channel.Request`)."""
+
+    txid: int
+    done: bool
+    payload: bytes
+    error: BaseException | None
+
+
+class AsyncChannel(Protocol):
+    """What the asyncio driver needs of a channel (:class:`pyvmbus.Channel` is one)."""
+
+    name: str
+    send_timeout: float
+    request_timeout: float
+    tx_ring: RingBuffer | None
+    signal_due: bool
+    """A deferred write owes the host a signal (sent by :meth:`flush_signal`)."""
+    flush_scheduled: bool
+    """An end-of-turn flush is already scheduled on the loop."""
+
+    @property
+    def state(self) -> ChannelState: ...
+    @property
+    def close_reason(self) -> str | None: ...
+    @property
+    def dispatcher(self) -> Dispatcher | None: ...
+    @property
+    def may_send(self) -> bool: ...
+    @property
+    def may_wait(self) -> bool: ...
+
+    def enable(self, *, dispatch: str | None = None, timeout: float = 10.0) -> None: ...
+    def disable(self, timeout: float = 10.0) -> None: ...
+    def not_open(self, action: str) -> VmbusError: ...
+    def new_txid(self) -> int: ...
+    def write_packet(self, tx: RingBuffer, payload: Any, packet_type: int, flags: int, txid: int,
+                     pending: int, defer: bool = False) -> int: ...
+    def flush_signal(self) -> None: ...
+    def waiting_for_room(self, tx: RingBuffer) -> contextlib.AbstractContextManager[None]: ...
+    def register_request(self, callback: Callable[[Any], None]) -> AsyncRequest: ...
+    def forget_request(self, req: Any) -> None: ...
+    def count_request(self) -> None: ...
+    def cancel_request(self, req: Any) -> bool: ...
+    def add_sink(self, sink: Callable[[Packet | None], None]) -> None: ...
+    def remove_sink(self, sink: Callable[[Packet | None], None]) -> None: ...
+
+
+async def enable(channel: AsyncChannel, dispatch: str = "asyncio") -> None:
     """Enable ``channel`` with the running loop as its dispatcher (see :meth:`Channel.enable`)."""
     channel.enable(dispatch=dispatch)
 
 
-async def disable(channel: Channel) -> None:
+async def disable(channel: AsyncChannel) -> None:
     """Disable ``channel`` (the teardown runs on the loop's thread, on_closed included)."""
     channel.disable()
 
@@ -54,7 +110,7 @@ def _resolver(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]],
     return run
 
 
-def _schedule_signal(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+def _schedule_signal(channel: AsyncChannel, loop: asyncio.AbstractEventLoop) -> None:
     """Signal once per loop turn, for every packet written in it.
 
     Without this, a host that drains as soon as it is signalled makes every send of a
@@ -65,12 +121,12 @@ def _schedule_signal(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
     pass of the loop's ready queue (a few us). Deferring is safe: the host reads
     everything published when it is signalled.
     """
-    if channel._signal_due and not channel._flush_scheduled:
-        channel._flush_scheduled = True
+    if channel.signal_due and not channel.flush_scheduled:
+        channel.flush_scheduled = True
 
         def end_of_turn() -> None:
-            channel._flush_scheduled = False
-            channel._flush_signal()
+            channel.flush_scheduled = False
+            channel.flush_signal()
 
         loop.call_soon(end_of_turn)
 
@@ -80,7 +136,7 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def send(channel: Channel, payload: Any, completion_requested: bool = False, *,
+async def send(channel: AsyncChannel, payload: Any, completion_requested: bool = False, *,
                packet_type: int = PacketType.DATA_INBAND, transaction_id: int | None = None,
                timeout: float | None = None) -> int:
     """``await`` form of :meth:`Channel.send`: a full ring is waited for without blocking the loop.
@@ -89,36 +145,36 @@ async def send(channel: Channel, payload: Any, completion_requested: bool = Fals
     when it has read enough) until the packet fits or ``timeout`` (default
     ``channel.send_timeout``): :class:`Timeout`. :class:`ChannelClosed` if it closes.
     """
-    tx = channel._tx
-    if tx is None or not channel._lc.policy.may_send:
-        raise channel._not_open("send")
-    txid = channel._new_txid() if transaction_id is None else transaction_id
+    tx = channel.tx_ring
+    if tx is None or not channel.may_send:
+        raise channel.not_open("send")
+    txid = channel.new_txid() if transaction_id is None else transaction_id
     flags = 1 if completion_requested else 0
     loop = asyncio.get_running_loop()
-    needed = channel._write(tx, payload, packet_type, flags, txid, 0, defer=True)
+    needed = channel.write_packet(tx, payload, packet_type, flags, txid, 0, defer=True)
     if not needed:
         _schedule_signal(channel, loop)
         return txid
-    disp = channel._disp
+    disp = channel.dispatcher
     if disp is None:
-        raise channel._not_open("send")
-    channel._flush_signal()  # a full ring the host was never told about stays full
+        raise channel.not_open("send")
+    channel.flush_signal()  # a full ring the host was never told about stays full
     t = channel.send_timeout if timeout is None else timeout
     deadline = time.monotonic() + t
     resolve = _resolver(loop)
-    with channel._blocked(tx):
+    with channel.waiting_for_room(tx):
         while True:
-            needed = channel._write(tx, payload, packet_type, flags, txid, needed)
+            needed = channel.write_packet(tx, payload, packet_type, flags, txid, needed)
             if not needed:
                 return txid
             if disp.stopping:
-                raise channel._not_open("send")
+                raise channel.not_open("send")
             fut: asyncio.Future[None] = loop.create_future()
 
             def hook(fut: asyncio.Future[None] = fut) -> None:
                 resolve(lambda: _settle(fut))
 
-            disp._cycle_hooks.append(hook)
+            disp.add_cycle_hook(hook)
             try:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -129,55 +185,51 @@ async def send(channel: Channel, payload: Any, completion_requested: bool = Fals
                     raise Timeout(f"room for {needed} bytes in the TX ring of {channel.name} "
                                   "(the host is not reading it)", t) from None
             finally:
-                with contextlib.suppress(ValueError):
-                    disp._cycle_hooks.remove(hook)
+                disp.remove_cycle_hook(hook)
 
 
-async def request(channel: Channel, payload: Any, timeout: float | None = None) -> bytes:
+async def request(channel: AsyncChannel, payload: Any, timeout: float | None = None) -> bytes:
     """``await`` form of :meth:`Channel.send_request`: the completion's payload.
 
     On timeout (default ``channel.request_timeout``) the request is cancelled, a late
     completion is dropped and counted, and :class:`Timeout` is raised;
     :class:`ChannelClosed` if the channel closes first.
     """
-    policy = channel._lc.policy
-    if not policy.may_wait:
-        raise channel._not_open("send a request on")
+    if not channel.may_wait:
+        raise channel.not_open("send a request on")
     t = channel.request_timeout if timeout is None else timeout
     loop = asyncio.get_running_loop()
     resolve = _resolver(loop)
     fut: asyncio.Future[None] = loop.create_future()
 
-    def done(req: _Request) -> None:
+    def done(req: AsyncRequest) -> None:
         resolve(lambda: _settle(fut))
 
-    req = _Request(channel._new_txid(), done)
-    channel._pending[req.txid] = req
+    req = channel.register_request(done)
     try:
         await send(channel, payload, True, transaction_id=req.txid, timeout=t)
     except BaseException:
-        with channel._req_lock:
-            channel._pending.pop(req.txid, None)
+        channel.forget_request(req)
         raise
-    channel._count_request()
+    channel.count_request()
     if not req.done:
         # A timer instead of asyncio.wait_for: no extra task per request.
         timer = loop.call_later(t, _settle, fut)
         try:
             await fut
         except asyncio.CancelledError:
-            channel._cancel(req)
+            channel.cancel_request(req)
             raise
         finally:
             timer.cancel()
-    if not req.done and channel._cancel(req):
+    if not req.done and channel.cancel_request(req):
         raise Timeout(f"the completion of request {req.txid} on channel {channel.name}", t)
     if req.error is not None:
         raise req.error
     return req.payload
 
 
-async def packets(channel: Channel) -> AsyncIterator[Packet]:
+async def packets(channel: AsyncChannel) -> AsyncIterator[Packet]:
     """Every packet on_packet would get, in order, until the channel closes.
 
     Ends when the channel is disabled; raises :class:`ChannelClosed` when it closes for
@@ -192,7 +244,7 @@ async def packets(channel: Channel) -> AsyncIterator[Packet]:
 
     if channel.state in (ChannelState.DISABLED, ChannelState.CLOSING):
         return
-    channel._sinks = [*channel._sinks, sink]
+    channel.add_sink(sink)
     try:
         while True:
             pkt = await queue.get()
@@ -203,4 +255,4 @@ async def packets(channel: Channel) -> AsyncIterator[Packet]:
                 return
             yield pkt
     finally:
-        channel._sinks = [s for s in channel._sinks if s is not sink]
+        channel.remove_sink(sink)

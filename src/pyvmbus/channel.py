@@ -4,57 +4,22 @@
 kernel-mode client library (the table is in :mod:`pyvmbus.lifecycle`); this module does
 the I/O that table asks for.
 
-Dispatch
-    One :class:`Dispatcher` per open uio device: the kernel has one event counter for the
-    primary channel and all its subchannels, so one wakeup means "scan every ring". A
-    cycle is: wait on the fd -> drain every ring that has data and deliver -> unmask
-    every owned ring found masked (store 0, then one write of 1 to the fd) -> full fence
-    -> re-check every ring, and drain again if anything arrived (nobody would interrupt
-    us for it) -> wait. The client owns every mask on every kernel generation (SPEC.md
-    section 8): it stores mask=1 right after open and when a subchannel appears, unmasks
-    when dispatch starts, and reads the mask word after each drain instead of assuming
-    what the kernel did (5.15-6.17 mask on every interrupt, 6.18 / 6.6-lts / OpenHCL
-    never do). It does not mask itself while draining: a read that finds the ring empty
-    after the read-index store is the re-check the protocol needs, and on 6.18 this
-    saves an fd write (and, for a non-monitored channel, a host wakeup) per interrupt.
-    Nothing blocks until a cycle has completed that sequence (``_armed``).
+Dispatch lives in :mod:`pyvmbus.dispatch`: one :class:`~pyvmbus.dispatch.Dispatcher` per
+open uio device waits on the fd, drains every ring of the primary and its subchannels,
+unmasks, fences and re-checks (SPEC.md section 8), and decides the leader/follower
+hand-off and the close. A channel is what it drives (:class:`~pyvmbus.dispatch.Dispatched`):
+it reads its own ring, routes completions to their requests and delivers the rest.
 
-Subchannels and the crash window
-    Kernels with b15b7 ("Let userspace take care of interrupt mask") but without d062463
-    ("Set event for all channels on the device"), e.g. Debian 6.12.57, oops on a
-    subchannel interrupt (SPEC.md section 8). The channel tells them apart by behaviour,
-    never by uname: (1) right after open, before storing its own mask, it reads the
-    primary's RX mask: 1 means the kernel masks on open (before b15b7), where subchannel
-    interrupts are safe. (2) Otherwise, when the first subchannel is mapped (its mask
-    stored at 1 at once, and kept out of dispatch until the verdict), it does the normal
-    unmask (store 0 on the primary + a write of 1) and reads the subchannel's mask again:
-    only a kernel whose writes cover subchannels (d062463, the Dec 2025 LTS backport)
-    clears it. Still 1 means the crash window (or OpenHCL, where writes touch no mask;
-    polling there is merely cautious): every subchannel stays masked and is polled every
-    ``poll_interval``, it never asks the host for a "room now" interrupt
-    (pending_send_size), and a warning says why. ``poll_subchannels=True`` / ``False``
-    force either mode.
+Requests
+    :meth:`Channel.send_request` registers a :class:`Request` under a fresh transaction id,
+    sends, and waits through the dispatcher (leading it itself when nobody does). A request
+    whose wait times out is cancelled; its id is remembered (``CANCELLED_MEMORY``) so a late
+    completion is dropped and counted, never delivered as a packet. :mod:`pyvmbus.aio` uses
+    the same pieces through the names without a leading underscore below ("for the asyncio
+    driver"), never the private ones.
 
-Leader / follower
-    Whoever holds the dispatch lead polls the fd and drains; every callback runs on that
-    thread. A thread that waits for a completion (or for room in a full ring) takes the
-    lead itself when nobody holds it, so its completion needs no hand-off between threads;
-    otherwise it sleeps until the leader delivers it. With ``dispatch="thread"`` a
-    background thread leads while no caller does (it polls the fd without the lead, and
-    steps aside for ``LINGER`` after a caller -- never itself -- let go, so back-to-back
-    requests keep leading themselves); with ``dispatch="caller"`` nothing runs unless a caller waits, calls
-    :meth:`Channel.poll` / :meth:`Channel.run`, or :mod:`pyvmbus.aio` drives it
-    (``dispatch="asyncio"``: ``loop.add_reader`` on the fd, no threads).
-    A callback that waits (send_request in on_packet) runs a nested cycle on the same
-    thread: completions reach their waiters, other packets are held and delivered in
-    order when the callback returns.
-
-Closing
-    disable(), a rescind (EIO), a dead host, a corrupt ring or a raising on_packet all go
-    through :meth:`Dispatcher.request_close`: every channel of the device moves to
-    ``closing``, outstanding requests fail with :class:`ChannelClosed` at once, and the
-    thread that holds (or next takes) the lead releases the device and then calls
-    on_closed(channel, reason) for each subchannel and the primary.
+Imports: the layers below (shm, errors, guid, lifecycle, packet, ring, signal, uio, dispatch);
+:mod:`pyvmbus.aio` lazily, for the async methods (aio imports nothing from here).
 """
 
 from __future__ import annotations
@@ -63,16 +28,14 @@ import collections
 import contextlib
 import itertools
 import logging
-import math
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from . import shm
+from .dispatch import DISPATCH_MODES, DeviceGuard, Dispatcher
 from .errors import (
     ChannelClosed,
     DeviceRescinded,
@@ -91,7 +54,6 @@ from .signal import HostSignal
 from .uio import PAGE_SIZE, UioDevice
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import AsyncIterator
 
     import numpy as np
@@ -105,16 +67,12 @@ __all__ = [
     "ChannelCounters",
     "ChannelState",
     "Dispatcher",
+    "Request",
     "split_rings",
 ]
 
 _log = logging.getLogger(__name__)
 
-DISPATCH_MODES: Final = ("thread", "caller", "asyncio")
-"""Who drives dispatch: a background thread (plus leading waiters), only callers, or asyncio."""
-LINGER: Final = 0.005
-"""After a caller lets go of the lead, the background thread waits this long before it
-polls again, so a caller doing back-to-back requests keeps leading (no hand-offs)."""
 READ_BATCH: Final = 64
 """Packets read per ring pass (one read-index store and one signal decision each)."""
 CANCELLED_MEMORY: Final = 4096
@@ -208,12 +166,15 @@ class ChannelCounters:
         return {name: getattr(self, name) for name in self._NAMES}
 
 
-class _Request:
-    """One outstanding send_request: filled in by the dispatcher, or failed on close."""
+class Request:
+    """One outstanding request: completed by the channel's drain, or failed on close.
+
+    ``callback(request)`` runs once it is done (on the dispatching thread, or on the
+    thread that closes the channel): the asyncio driver resolves a future there."""
 
     __slots__ = ("callback", "done", "error", "payload", "txid")
 
-    def __init__(self, txid: int, callback: Callable[[_Request], None] | None = None) -> None:
+    def __init__(self, txid: int, callback: Callable[[Request], None] | None = None) -> None:
         self.txid = txid
         self.done = False
         self.payload = b""
@@ -222,34 +183,6 @@ class _Request:
 
     def is_done(self) -> bool:
         return self.done
-
-
-class _DeviceGuard:
-    """Serialises the fd writes of threads that do not hold the lead with the device's close.
-
-    A sender signals the host with a write of 1 to the uio fd from any thread, while the
-    teardown (on another thread) closes that fd: unguarded, the write could land on
-    whatever the fd number was reused for, or fail with a raw EBADF. Under this lock a
-    write either runs before the close or finds the device closed (:class:`ChannelClosed`).
-    The dispatcher's own irqcontrol writes need no guard: the teardown holds the lead.
-    """
-
-    __slots__ = ("dev", "lock")
-
-    def __init__(self, dev: UioDevice) -> None:
-        self.dev = dev
-        self.lock = threading.Lock()
-
-    def write_one(self) -> None:
-        with self.lock:
-            dev = self.dev
-            if dev.closed:
-                raise ChannelClosed(dev.device, "closed while signalling the host")
-            dev.irqcontrol(True)
-
-    def close(self) -> None:
-        with self.lock:
-            self.dev.close()
 
 
 def split_rings(buf: npt.NDArray[np.uint8], what: str, page_size: int = PAGE_SIZE
@@ -279,518 +212,6 @@ def _nbytes(payload: Payload) -> int:
     if isinstance(payload, (list, tuple)):
         return sum(memoryview(p).nbytes for p in payload)
     return memoryview(payload).nbytes
-
-
-class Dispatcher:
-    """Waits on one uio device's fd and drains the rings of all its channels.
-
-    Built by :meth:`Channel.enable`; one per enable. See the module docstring for the
-    cycle and the leader/follower rules. ``events`` counts uio events consumed,
-    ``event_count`` is the kernel's cumulative count from the last one.
-    """
-
-    def __init__(self, dev: UioDevice, name: str, mode: str, poll_interval: float,
-                 guard: _DeviceGuard | None = None) -> None:
-        self.dev = dev
-        self.guard = guard if guard is not None else _DeviceGuard(dev)
-        self.name = name
-        self.mode = mode
-        self.poll_interval = poll_interval
-        self.channels: tuple[Channel, ...] = ()
-        self.events = 0
-        self.event_count = 0
-        self.cycles = 0
-        self.delivered = 0
-        """Packets handed to on_packet / packets() readers."""
-        self.stopping = False
-        self.closed = False
-        self.reason = ""
-        self.polled = False
-        """True when some channel is kept masked and polled (the subchannel crash window)."""
-        self.masked_on_open: bool | None = None
-        """The primary's RX mask read right after open, before the client stored its own:
-        True means the kernel masks on open (before b15b7; subchannel interrupts are safe)."""
-        self.subchannel_irqs_safe: bool | None = None
-        """Verdict on subchannel interrupts (None until a subchannel was probed)."""
-        self.subchannel_reason = ""
-        """Why subchannels are polled or interrupt-driven (describe(), info())."""
-        self._lead = threading.Lock()
-        self._leader = 0
-        self._cond = threading.Condition(threading.Lock())
-        self._followers = 0
-        self._depth = 0
-        self._rescan = False
-        self._armed = False
-        """The last drain ended with unmask -> fence -> re-check: blocking is safe."""
-        self._last_release = 0.0
-        self._close_lock = threading.Lock()
-        self._uio_fd = dev.fileno()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poller = select.poll()
-        self._poller.register(self._uio_fd, select.POLLIN)
-        self._poller.register(self._wake_fd, select.POLLIN)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
-        self._cycle_hooks: list[Callable[[], None]] = []
-        self._before_unmask: Callable[[], None] | None = None
-        """Test hook: runs after the drain, before the unmask step (no-lost-wakeup tests)."""
-
-    # -- start -------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Unmask every channel (store 0 + write 1), then start the mode's driver and rescan."""
-        for ch in self.channels:
-            rx = ch._rx
-            if rx is not None and not ch._polled:
-                rx.interrupt_mask = 0
-        self.dev.irqcontrol(True)
-        shm.fence()
-        if self.mode == "thread":
-            self._thread = threading.Thread(target=self._thread_main, name=f"vmbus-dispatch-{self.name}",
-                                            daemon=True)
-            self._thread.start()
-        elif self.mode == "asyncio":
-            import asyncio
-
-            self._loop = asyncio.get_running_loop()
-            self._loop_thread = threading.get_ident()
-            self._loop.add_reader(self._uio_fd, self._on_readable)
-            if self.polled:
-                self._aio_poll_tick()
-        self.kick()
-
-    def add(self, ch: Channel) -> None:
-        """Dispatch ``ch`` too (a subchannel that appeared); unmasked unless it is polled."""
-        self.channels = (*self.channels, ch)
-        if ch._polled:
-            if not self.polled and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._aio_poll_tick)
-            self.polled = True
-        elif ch._rx is not None:
-            ch._rx.interrupt_mask = 0  # unmask: store 0 and write 1, as for the primary
-            self.guard.write_one()  # not the leader: a teardown may be closing the fd
-            shm.fence()
-        self.kick()
-
-    def subchannel_interrupts_safe(self, primary: Channel, sub: Channel) -> bool:
-        """Whether this kernel survives a subchannel interrupt; probed once, on ``sub``.
-
-        ``sub`` is mapped with its RX mask stored at 1 and is not dispatched yet, so
-        nothing unmasks it behind this probe. See the module docstring for the rule.
-        """
-        if self.subchannel_irqs_safe is not None:
-            return self.subchannel_irqs_safe
-        if self.masked_on_open:
-            safe = True
-            why = ("the kernel masked the primary on open (before b15b7): subchannel interrupts "
-                   "are safe")
-        else:
-            prx, srx = primary._rx, sub._rx
-            if prx is None or srx is None:
-                raise ChannelClosed(self.name, self.reason or "closed while opening a subchannel")
-            # The channel's normal unmask: store 0 on the primary, then a 4-byte write of 1
-            # (synchronous: the kernel's irqcontrol has run when it returns).
-            prx.interrupt_mask = 0
-            self.guard.write_one()
-            shm.fence()
-            safe = srx.interrupt_mask == 0
-            if safe:
-                why = ("a write of 1 cleared the subchannel's mask (d062463, or the Dec 2025 LTS "
-                       "backport): subchannel interrupts are safe")
-            else:
-                why = ("kernel looks like b15b7 without d062463 (e.g. Debian 6.12.57): subchannel "
-                       "interrupts would crash it; polling subchannels every "
-                       f"{self.poll_interval * 1000:g} ms")
-        self.subchannel_irqs_safe = safe
-        self.subchannel_reason = why
-        return safe
-
-    # -- leadership --------------------------------------------------------------------------
-
-    def _try_lead(self) -> bool:
-        if self._lead.acquire(False):
-            self._leader = threading.get_ident()
-            return True
-        return False
-
-    def _unlead(self) -> None:
-        while True:
-            closed_now = False
-            if self.stopping and not self.closed:
-                try:
-                    self._teardown()
-                finally:
-                    closed_now = True
-            self._leader = 0
-            if threading.current_thread() is not self._thread:
-                # Only a caller's release makes the background thread step aside for
-                # LINGER (so back-to-back requests keep leading themselves). Its own
-                # release must not: it would sleep LINGER after every cycle it ran, and an
-                # answer to a packet sent from on_packet would wait for it (measured: 5.3
-                # ms vs 0.27 ms per exchange on a monitored echo; docs/performance.md).
-                self._last_release = time.monotonic()
-            self._lead.release()
-            if self._followers:
-                with self._cond:
-                    self._cond.notify_all()
-            if closed_now:
-                self._report_closed()
-                return
-            # A close requested after the check above by a thread that could not lead
-            # then (a sender whose signal found the device gone) is ours to finish.
-            if not self.stopping or self.closed or not self._try_lead():
-                return
-
-    @property
-    def leading(self) -> bool:
-        """True when the calling thread holds the lead (it is inside a dispatch callback)."""
-        return self._leader == threading.get_ident()
-
-    def _notify(self) -> None:
-        if self._followers:
-            with self._cond:
-                self._cond.notify_all()
-
-    def wait_for(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        """Until ``done()`` (True), the deadline or a close (False); lead when nobody does."""
-        me = threading.get_ident()
-        while not done():
-            if self.stopping:
-                return done()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            if self._leader == me:
-                self._cycle(remaining)  # nested: a callback on the dispatching thread waits
-            elif self._try_lead():
-                try:
-                    self._cycle(remaining)
-                finally:
-                    self._unlead()
-            else:
-                with self._cond:
-                    self._followers += 1
-                    try:
-                        if not done() and not self.stopping and self._lead.locked():
-                            self._cond.wait(remaining)
-                    finally:
-                        self._followers -= 1
-        return True
-
-    def next_cycle(self) -> Callable[[], bool]:
-        """A predicate for :meth:`wait_for`: True once a cycle ended after now (or closing)."""
-        seen = self.cycles
-
-        def done() -> bool:
-            return self.cycles != seen or self.stopping
-
-        return done
-
-    def run_once(self, timeout: float | None) -> int:
-        """One cycle on this thread if it can lead (else wait up to ``timeout`` for the leader)."""
-        if self.stopping:
-            self.finish_close(0.0)
-            return 0
-        if self._leader == threading.get_ident():
-            return self._cycle(timeout)
-        if self._try_lead():
-            try:
-                return self._cycle(timeout)
-            finally:
-                self._unlead()
-        self.wait_for(self.next_cycle(), None if timeout is None else time.monotonic() + timeout)
-        return 0
-
-    def kick(self) -> None:
-        """Look at every ring now: held packets became deliverable, or a channel was added."""
-        if self.stopping:
-            return
-        self._rescan = True
-        me = threading.get_ident()
-        if self._leader == me:
-            return  # the running cycle re-checks before it blocks
-        if self._loop is not None and me != self._loop_thread:
-            self._loop.call_soon_threadsafe(self.kick)  # asyncio: callbacks on the loop only
-            return
-        if self._try_lead():
-            try:
-                self._cycle(0)
-            finally:
-                self._unlead()
-        else:
-            self._wake()
-
-    def _wake(self) -> None:
-        """Interrupt a blocked leader's poll (close, kick). Never after the fd is closed:
-        its number may belong to someone else by then."""
-        with self._close_lock:
-            if not self.closed:
-                with contextlib.suppress(OSError):
-                    os.eventfd_write(self._wake_fd, 1)
-
-    # -- the cycle ---------------------------------------------------------------------------
-
-    def _cycle(self, timeout: float | None, ready: bool = False) -> int:
-        """Holding the lead: wait (<= ``timeout``) for an event, then drain every ring.
-
-        ``ready``: the caller knows the fd is readable (asyncio), so no poll is needed.
-        Returns the packets delivered to on_packet.
-        """
-        if self.stopping:
-            return 0
-        event = False
-        try:
-            if ready:
-                event = self._consume_event()
-            elif self._armed and not self._rescan and self._data_waiting():
-                # The packet we would wait for is already there (a host that answered
-                # before we got here): drain without the poll + read. The event stays
-                # pending and is consumed by the next cycle that does poll (harmless: a
-                # cycle that finds nothing); a ring the kernel masked meanwhile has that
-                # event pending too, so nothing can be missed.
-                pass
-            else:
-                if self._rescan or not self._armed:
-                    # Block only after a complete drain -> unmask -> fence -> re-check. A
-                    # nested cycle (a callback that waits) starts in the middle of one, so
-                    # this cycle only polls and then finishes that sequence.
-                    timeout = 0.0
-                elif self.polled:
-                    timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
-                ms = -1 if timeout is None else (0 if timeout <= 0 else math.ceil(timeout * 1000))
-                for fd, _ in self._poller.poll(ms):
-                    if fd == self._uio_fd:
-                        event = self._consume_event() or event
-                    else:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(self._wake_fd)
-            self._rescan = False
-            if self.stopping:
-                return 0
-            delivered = self._drain_all(event)
-        except HostCrashed as exc:
-            self.request_close(f"host crashed: {exc.detail}" if exc.detail else "host crashed")
-            return 0
-        except DeviceRescinded:
-            self.request_close("rescinded")
-            return 0
-        self.cycles += 1
-        for hook in self._cycle_hooks:
-            hook()
-        if self._followers:
-            with self._cond:
-                self._cond.notify_all()
-        return delivered
-
-    def _data_waiting(self) -> bool:
-        for ch in self.channels:
-            rx = ch._rx
-            if rx is not None and rx.available_to_read():
-                return True
-        return False
-
-    def _consume_event(self) -> bool:
-        count = self.dev.read_event()
-        if count is None:
-            return False
-        self.events += 1
-        self.event_count = count
-        return True
-
-    def _drain_all(self, event: bool) -> int:
-        """Drain every ring; unmask what is masked (store 0 + write 1); fence; re-check.
-
-        The client does not mask while it drains: a read that finds the ring empty after
-        our read-index store is itself the re-check the protocol needs, and an unmasked
-        host interrupts for what comes later. What is masked at the end of a drain (the
-        kernel masks on each interrupt up to ~6.17; we mask at open) is unmasked here,
-        with the fd write SPEC.md section 8 asks for, then fenced and re-checked. The mask
-        word is read, never assumed, on every generation. Returns packets delivered.
-        """
-        start = self.delivered
-        self._armed = False
-        while True:
-            busy = False
-            for ch in self.channels:
-                rx = ch._rx
-                if rx is None:
-                    continue
-                if ch._drain(rx):
-                    busy = True
-                    if self.stopping:
-                        return self.delivered - start
-                elif ch._inbox and not self._depth and ch._lc.policy.packets:
-                    ch._deliver()
-            hook = self._before_unmask
-            if hook is not None:
-                hook()
-            masked = False
-            for ch in self.channels:
-                rx = ch._rx
-                if rx is not None and not ch._polled and rx.interrupt_mask:
-                    rx.interrupt_mask = 0
-                    masked = True
-            if masked:
-                # Also write 1: on <= 6.9 that is how the kernel unmasks the primary, on
-                # 6.10+ how a non-monitored channel's host is told (SPEC.md section 8).
-                self.dev.irqcontrol(True)
-                if self.polled:  # 6.15+ writes cover subchannels: keep polled ones masked
-                    for ch in self.channels:
-                        if ch._polled and ch._rx is not None:
-                            ch._rx.interrupt_mask = 1
-            elif not busy:
-                self._armed = True
-                return self.delivered - start  # nothing read, nothing masked: armed and empty
-            # Full fence between the mask stores (and our read-index stores) and the
-            # re-check's load of the write index: the host stores its write index, then
-            # loads our mask and read index, so one of us sees the other's store. Without
-            # it a packet written just before we unmasked would wait for an interrupt
-            # that never comes (a lost wakeup).
-            shm.fence()
-            again = False
-            for ch in self.channels:
-                rx = ch._rx
-                if rx is not None and rx.available_to_read():
-                    again = True
-                    break
-            if not again:
-                self._armed = True
-                return self.delivered - start
-
-    # -- the drivers -------------------------------------------------------------------------
-
-    def _thread_main(self) -> None:
-        """Background driver: poll without the lead; lead only when no caller does."""
-        poller = select.poll()
-        poller.register(self._uio_fd, select.POLLIN)
-        poller.register(self._wake_fd, select.POLLIN)
-        idle_ms = 1000
-        try:
-            while not self.stopping:
-                with self._cond:
-                    while not self.stopping and (
-                            self._lead.locked() or time.monotonic() - self._last_release < LINGER):
-                        self._cond.wait(LINGER)
-                if self.stopping:
-                    break
-                ms = math.ceil(self.poll_interval * 1000) if self.polled else idle_ms
-                ready = poller.poll(ms)
-                if self.stopping:
-                    break
-                if (ready or self.polled) and self._try_lead():
-                    try:
-                        self._cycle(0)
-                    finally:
-                        self._unlead()
-        except Exception:  # pragma: no cover - a bug; do not die silently
-            _log.exception("dispatcher thread of %s failed", self.name)
-            self.request_close("error: dispatcher thread failed")
-            if self._try_lead():
-                self._unlead()
-
-    def _aio_poll_tick(self) -> None:
-        """asyncio: look at the polled (masked) channels every ``poll_interval``."""
-        if self.stopping or self._loop is None:
-            return
-        if self._try_lead():
-            try:
-                self._cycle(0)
-            finally:
-                self._unlead()
-        self._loop.call_later(self.poll_interval, self._aio_poll_tick)
-
-    def _on_readable(self) -> None:
-        """asyncio reader callback: one non-blocking cycle when the fd is readable."""
-        if self._try_lead():
-            try:
-                self._cycle(0, ready=True)
-            finally:
-                self._unlead()
-
-    # -- closing -----------------------------------------------------------------------------
-
-    def request_close(self, reason: str) -> bool:
-        """Start closing every channel of the device; False if it was already closing.
-
-        Outstanding requests fail at once; the teardown runs when the lead is free (see
-        :meth:`finish_close`).
-        """
-        with self._close_lock:
-            if self.stopping:
-                return False
-            self.stopping = True
-            self.reason = reason
-        for ch in self.channels:
-            ch._begin_close(reason)
-        if reason != "disabled":
-            _log.info("channel %s closing: %s", self.name, reason)
-        for hook in list(self._cycle_hooks):  # asyncio senders waiting for room: look again
-            hook()
-        self._wake()
-        with self._cond:
-            self._cond.notify_all()
-        return True
-
-    def finish_close(self, timeout: float) -> bool:
-        """Run (or wait for) the teardown; False if it cannot finish now.
-
-        From inside a dispatch callback it cannot: the teardown then runs when the
-        callback returns (the lead is let go).
-        """
-        if self.closed:
-            return True
-        if self._leader == threading.get_ident():
-            return False
-        deadline = time.monotonic() + timeout
-        while not self.closed:
-            if self._try_lead():
-                self._unlead()  # runs the teardown
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._wake()
-            with self._cond:
-                self._followers += 1
-                try:
-                    if not self.closed and self._lead.locked():
-                        self._cond.wait(min(remaining, 0.05))
-                finally:
-                    self._followers -= 1
-        return True
-
-    def _teardown(self) -> None:
-        """Holding the lead: stop the drivers, release every channel and the device."""
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            self._wake()
-            with self._cond:
-                self._cond.notify_all()
-            thread.join(5.0)
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._uio_fd)
-        for ch in self.channels:
-            ch._release()
-        self.guard.close()  # waits for a sender's fd write in progress
-        with self._close_lock:
-            self.closed = True
-            with contextlib.suppress(OSError):
-                os.close(self._wake_fd)
-        with self._cond:
-            self._cond.notify_all()
-
-    def _report_closed(self) -> None:
-        chans = self.channels
-        for ch in (*chans[1:], *chans[:1]):  # subchannels first, then the primary
-            cb = ch._cb_closed
-            if cb is None:
-                continue
-            try:
-                cb(ch, self.reason)
-            except Exception:
-                _log.exception("on_closed of %s raised", ch.name)
 
 
 class Channel:
@@ -853,21 +274,21 @@ class Channel:
         """The exception that closed the channel (a raising callback, a corrupt ring)."""
         self._lc = Lifecycle(self.name)
         self._state_lock = threading.RLock()
-        self._tx: RingBuffer | None = None
-        self._rx: RingBuffer | None = None
+        self.tx_ring: RingBuffer | None = None
+        self.rx_ring: RingBuffer | None = None
         self._signal: HostSignal | None = None
         self._dev: UioDevice | None = None
-        self._guard: _DeviceGuard | None = None
+        self._guard: DeviceGuard | None = None
         self._disp: Dispatcher | None = None
-        self._polled = False
+        self.polled = False
         self._polled_reason = ""
         self._masked_on_open: bool | None = None
         self._tx_lock = threading.Lock()
         self._req_lock = threading.Lock()
         self._blocked_senders = 0
-        self._signal_due = False
-        self._flush_scheduled = False
-        self._pending: dict[int, _Request] = {}
+        self.signal_due = False
+        self.flush_scheduled = False
+        self._pending: dict[int, Request] = {}
         self._cancelled: dict[int, None] = {}
         self._txids = itertools.count(1)
         self._inbox: collections.deque[Packet] = collections.deque()
@@ -943,10 +364,34 @@ class Channel:
         """The uio fd (readable when an event is pending), for a caller's own select loop."""
         dev = self._dev
         if dev is None or dev.closed:
-            raise self._not_open("get the fd of")
+            raise self.not_open("get the fd of")
         return dev.fileno()
 
-    def _not_open(self, action: str) -> VmbusError:
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """The device's dispatcher while the channel is open (shared with its subchannels)."""
+        return self._disp
+
+    @property
+    def may_send(self) -> bool:
+        """Whether the lifecycle state allows a send now (started, post-started, running)."""
+        return self._lc.policy.may_send
+
+    @property
+    def may_wait(self) -> bool:
+        """Whether the state allows waiting for a completion (not in on_started)."""
+        return self._lc.policy.may_wait
+
+    def add_sink(self, sink: Callable[[Packet | None], None]) -> None:
+        """Give ``sink`` every delivered packet too, then None when the channel closes."""
+        self._sinks = [*self._sinks, sink]
+
+    def remove_sink(self, sink: Callable[[Packet | None], None]) -> None:
+        """Undo :meth:`add_sink`."""
+        self._sinks = [s for s in self._sinks if s is not sink]
+
+    def not_open(self, action: str) -> VmbusError:
+        """The error for ``action`` on a channel whose state does not allow it."""
         st = self._lc.state
         if st in (ChannelState.DISABLED, ChannelState.CLOSING):
             return ChannelClosed(self.name, self._lc.reason or "not enabled")
@@ -990,7 +435,7 @@ class Channel:
             if self._cb_opened is not None:
                 self._cb_opened(self)
         except BaseException:
-            self._tx = self._rx = None
+            self.tx_ring = self.rx_ring = None
             self._signal = None
             self._dev = None
             guard, self._guard = self._guard, None
@@ -1059,7 +504,7 @@ class Channel:
             # Own the mask from the first moment (never assume what open() left there):
             # masked until dispatch runs, so nobody interrupts before we listen.
             rx.interrupt_mask = 1
-            guard = _DeviceGuard(dev)
+            guard = DeviceGuard(dev)
             self._signal = HostSignal.for_channel(
                 relid, monitor_id, int_page=_opt_map(dev, "int_page"),
                 monitor_page=_opt_map(dev, "monitor_page"), write_one=guard.write_one)
@@ -1068,9 +513,9 @@ class Channel:
             raise
         self.relid = relid
         self.monitor_id = monitor_id
-        self._tx, self._rx, self._dev = tx, rx, dev
+        self.tx_ring, self.rx_ring, self._dev = tx, rx, dev
         self._guard = guard
-        self._polled = False
+        self.polled = False
         self._polled_reason = ""
         self._masked_on_open = masked_on_open
         self._inbox.clear()
@@ -1106,7 +551,8 @@ class Channel:
 
     # -- closing internals -------------------------------------------------------------------
 
-    def _begin_close(self, reason: str) -> None:
+    def begin_close(self, reason: str) -> None:
+        """Closing begins (the dispatcher, any thread): fail requests, end packets() readers."""
         with self._state_lock:
             self._lc.close(reason)
         self._fail_pending(ChannelClosed(self.name, reason))
@@ -1124,19 +570,30 @@ class Channel:
             if req.callback is not None:
                 req.callback(req)
 
-    def _release(self) -> None:
+    def report_closed(self, reason: str) -> None:
+        """Run on_closed(channel, reason) after the teardown (the dispatcher calls it)."""
+        cb = self._cb_closed
+        if cb is None:
+            return
+        try:
+            cb(self, reason)
+        except Exception:
+            _log.exception("on_closed of %s raised", self.name)
+
+    def release(self) -> None:
+        """The teardown, holding the lead: fold the counters, drop the rings and the device."""
         self.counters._fold()
         with self._state_lock:
             if self._lc.state is ChannelState.CLOSING:
                 self._lc.fire(Event.CLOSED)
-        rx = self._rx
+        rx = self.rx_ring
         if rx is not None and self.parent is None:
             # Leave the primary's mask as a b15b7 kernel would (0): kernels that do not
             # zero the ring header on the next open must not show our 1 to the next
             # enable as "the kernel masks on open" (the crash-window detection).
             with contextlib.suppress(ValueError, VmbusError):
                 rx.interrupt_mask = 0
-        self._tx = self._rx = None
+        self.tx_ring = self.rx_ring = None
         self._dev = None
         self._guard = None
         self._inbox.clear()
@@ -1146,7 +603,7 @@ class Channel:
 
     # -- receiving (runs on the thread holding the lead) -------------------------------------
 
-    def _drain(self, rx: RingBuffer) -> int:
+    def drain(self, rx: RingBuffer) -> int:
         """Read every packet of the RX ring, route completions, deliver the rest (when the
         state allows and no callback of this thread is running). Returns packets read."""
         inbox = self._inbox
@@ -1180,10 +637,8 @@ class Channel:
         counters.drains += 1
         counters.packets_in += got
         counters.bytes_in += nbytes
-        if inbox and self._lc.policy.packets:
-            disp = self._disp
-            if disp is not None and not disp._depth:
-                self._deliver()
+        if inbox:
+            self.deliver()
         return got
 
     def _complete_request(self, pkt: Packet) -> bool:
@@ -1196,8 +651,8 @@ class Channel:
         if req.callback is not None:
             req.callback(req)
         disp = self._disp
-        if disp is not None and disp._followers:
-            disp._notify()
+        if disp is not None:
+            disp.notify_followers()
         return True
 
     def _drop_late(self, txid: int) -> bool:
@@ -1208,16 +663,17 @@ class Channel:
             self.counters.late_completions += 1
         return True
 
-    def _deliver(self) -> int:
-        """Hand held packets to on_packet in order (not nested, and only while running)."""
+    def deliver(self) -> int:
+        """Hand held packets to on_packet in order: not nested in a callback of the
+        dispatching thread, and only in a state that delivers (after post-started)."""
         disp = self._disp
         inbox = self._inbox
-        if disp is None or disp._depth or not inbox:
+        if disp is None or disp.depth or not inbox or not self._lc.policy.packets:
             return 0
         cb = self._cb_packet
         sinks = self._sinks
         n = 0
-        disp._depth += 1
+        disp.depth += 1
         try:
             while inbox:
                 pkt = inbox.popleft()
@@ -1236,7 +692,7 @@ class Channel:
             _log.exception("a callback of channel %s raised; closing the channel", self.name)
             self._fatal(exc, f"error: callback raised {exc!r}")
         finally:
-            disp._depth -= 1
+            disp.depth -= 1
         disp.delivered += n
         return n
 
@@ -1261,7 +717,7 @@ class Channel:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _new_txid(self) -> int:
+    def new_txid(self) -> int:
         pending = self._pending
         cancelled = self._cancelled
         while True:
@@ -1280,29 +736,29 @@ class Channel:
         :class:`Timeout`); from on_started, which must not wait, a full ring raises
         :class:`RingFull`. :class:`ChannelClosed` when the channel is not open.
         """
-        tx = self._tx
+        tx = self.tx_ring
         if tx is None or not self._lc.policy.may_send:
-            raise self._not_open("send")
+            raise self.not_open("send")
         if transaction_id is None:
-            transaction_id = self._new_txid()
+            transaction_id = self.new_txid()
         flags = 1 if completion_requested else 0
-        needed = self._write(tx, payload, packet_type, flags, transaction_id, 0)
+        needed = self.write_packet(tx, payload, packet_type, flags, transaction_id, 0)
         if needed:
             self._send_when_room(tx, payload, packet_type, flags, transaction_id, needed,
                                  self.send_timeout if timeout is None else timeout)
         return transaction_id
 
-    def _write(self, tx: RingBuffer, payload: Payload, packet_type: int, flags: int, txid: int,
+    def write_packet(self, tx: RingBuffer, payload: Payload, packet_type: int, flags: int, txid: int,
                pending: int, defer: bool = False) -> int:
         """Write now (signal if the ring engine says so); 0, or the bytes needed when full.
 
         ``pending``: first ask the host to interrupt once that much is free (a blocked
         writer), then try: the host may have freed the room before it saw the request.
-        ``defer``: do not signal now, set ``_signal_due`` for :meth:`_flush_signal` (the
+        ``defer``: do not signal now, set ``signal_due`` for :meth:`flush_signal` (the
         asyncio face signals once per loop turn for all the packets written in it).
         """
         with self._tx_lock:
-            if pending and not self._polled:
+            if pending and not self.polled:
                 # (A polled subchannel never asks: the host's "room now" interrupt on it
                 # would oops a crash-window kernel; its dispatcher polls anyway.)
                 tx.set_pending_send_size(pending)
@@ -1315,7 +771,7 @@ class Channel:
             counters.bytes_out += _nbytes(payload)
         if signal:
             if defer:
-                self._signal_due = True
+                self.signal_due = True
             else:
                 sig = self._signal
                 if sig is not None:
@@ -1326,17 +782,17 @@ class Channel:
                         raise
         return 0
 
-    def _flush_signal(self) -> None:
+    def flush_signal(self) -> None:
         """Send the signal a deferred write owes the host (a later write may have sent it)."""
-        if self._signal_due:
-            self._signal_due = False
+        if self.signal_due:
+            self.signal_due = False
             sig = self._signal
-            if sig is not None and self._tx is not None:
+            if sig is not None and self.tx_ring is not None:
                 with contextlib.suppress(VmbusError):  # closed meanwhile: the dispatcher says why
                     sig.signal()
 
     @contextlib.contextmanager
-    def _blocked(self, tx: RingBuffer) -> Iterator[None]:
+    def waiting_for_room(self, tx: RingBuffer) -> Iterator[None]:
         """Count a writer waiting for room; the last one to leave clears pending_send_size."""
         with self._tx_lock:
             self.counters.ring_full_waits += 1
@@ -1346,7 +802,7 @@ class Channel:
         finally:
             with self._tx_lock:
                 self._blocked_senders -= 1
-                if not self._blocked_senders and self._tx is tx:
+                if not self._blocked_senders and self.tx_ring is tx:
                     tx.clear_pending_send_size()
 
     def _send_when_room(self, tx: RingBuffer, payload: Payload, packet_type: int, flags: int,
@@ -1357,14 +813,14 @@ class Channel:
             if not policy.may_send:
                 # disable() or a rescind on another thread closed the channel since send()
                 # checked the state: that, not the ring, is why this packet cannot go out.
-                raise self._not_open("send")
+                raise self.not_open("send")
             raise RingFull(needed, tx.available_to_write())  # on_started, which must not wait
         deadline = time.monotonic() + timeout
-        with self._blocked(tx):
+        with self.waiting_for_room(tx):
             while True:
                 if disp.stopping:  # before the write: nothing goes out once closing began
-                    raise self._not_open("send")
-                needed = self._write(tx, payload, packet_type, flags, txid, needed)
+                    raise self.not_open("send")
+                needed = self.write_packet(tx, payload, packet_type, flags, txid, needed)
                 if not needed:
                     return
                 # Any dispatch cycle may have been the host's "room now" interrupt: retry.
@@ -1380,11 +836,11 @@ class Channel:
         would otherwise be signalled for every packet (each finds the ring empty). If the
         whole batch does not fit, it goes packet by packet, waiting for room as send() does.
         """
-        tx = self._tx
+        tx = self.tx_ring
         if tx is None or not self._lc.policy.may_send:
-            raise self._not_open("send")
+            raise self.not_open("send")
         flags = 1 if completion_requested else 0
-        txids = [self._new_txid() for _ in payloads]
+        txids = [self.new_txid() for _ in payloads]
         specs = [(p, packet_type, flags, t) for p, t in zip(payloads, txids, strict=True)]
         with self._tx_lock:
             try:
@@ -1413,23 +869,35 @@ class Channel:
         self.send(payload, packet_type=PacketType.COMP, transaction_id=packet.transaction_id)
 
     def _start_request(self, payload: Payload, timeout: float,
-                       callback: Callable[[_Request], None] | None = None) -> _Request:
-        req = _Request(self._new_txid(), callback)
-        self._pending[req.txid] = req
+                       callback: Callable[[Request], None] | None = None) -> Request:
+        req = self.register_request(callback)
         try:
             self.send(payload, True, transaction_id=req.txid, timeout=timeout)
         except BaseException:
-            with self._req_lock:
-                self._pending.pop(req.txid, None)
+            self.forget_request(req)
             raise
-        self._count_request()
+        self.count_request()
         return req
 
-    def _count_request(self) -> None:
+    # For the asyncio driver (and _start_request): the request table.
+
+    def register_request(self, callback: Callable[[Request], None] | None = None) -> Request:
+        """A new outstanding request under a fresh transaction id (not sent yet)."""
+        req = Request(self.new_txid(), callback)
+        self._pending[req.txid] = req
+        return req
+
+    def forget_request(self, req: Request) -> None:
+        """Drop a request whose packet never went out (the send raised)."""
+        with self._req_lock:
+            self._pending.pop(req.txid, None)
+
+    def count_request(self) -> None:
+        """Count a request whose packet reached the ring."""
         with self._req_lock:
             self.counters.requests += 1
 
-    def _cancel(self, req: _Request) -> bool:
+    def cancel_request(self, req: Request) -> bool:
         """Cancel a request whose wait ended; False if its completion won the race."""
         with self._req_lock:
             if req.done or self._pending.pop(req.txid, None) is None:
@@ -1455,7 +923,7 @@ class Channel:
             if policy.may_send:
                 raise InvalidState(self.name, self.state.value, "wait for a completion",
                                    "on_started must not wait: send the request from on_post_started")
-            raise self._not_open("send a request on")
+            raise self.not_open("send a request on")
         t = self.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + t
         req = self._start_request(payload, t)
@@ -1463,7 +931,7 @@ class Channel:
             disp = self._disp
             assert disp is not None
             disp.wait_for(req.is_done, deadline)
-        if not req.done and self._cancel(req):
+        if not req.done and self.cancel_request(req):
             raise Timeout(f"the completion of request {req.txid} on channel {self.name}", t)
         if req.error is not None:
             raise req.error
@@ -1513,7 +981,7 @@ class Channel:
             raise InvalidState(self.name, self.state.value, "open subchannels", "call it on the primary")
         disp, dev = self._disp, self._dev
         if disp is None or dev is None or self._lc.state not in (ChannelState.STARTED, ChannelState.RUNNING):
-            raise self._not_open("open subchannels of")
+            raise self.not_open("open subchannels of")
         info = Sysfs(self.root).device(self.guid)
         deadline = time.monotonic() + timeout
         new: list[Channel] = []
@@ -1533,7 +1001,7 @@ class Channel:
             if count is None or len(self._subs) >= count:
                 return new
             if disp.stopping:
-                raise self._not_open("open subchannels of")
+                raise self.not_open("open subchannels of")
             if time.monotonic() >= deadline:
                 raise Timeout(f"{count} subchannel ring files under {info.path / 'channels'} "
                               f"({len(self._subs)} open)", timeout)
@@ -1556,9 +1024,9 @@ class Channel:
         sub._signal = HostSignal.for_channel(
             relid, sub.monitor_id, int_page=_opt_map(dev, "int_page"),
             monitor_page=_opt_map(dev, "monitor_page"), write_one=disp.guard.write_one, subchannel=True)
-        sub._tx, sub._rx, sub._dev, sub._disp = tx, rx, dev, disp
+        sub.tx_ring, sub.rx_ring, sub._dev, sub._disp = tx, rx, dev, disp
         sub.counters._opened(disp)
-        sub._polled, sub._polled_reason = self._subchannel_mode(disp, sub)
+        sub.polled, sub._polled_reason = self._subchannel_mode(disp, sub)
         sub._cb_packet = self._cb_packet
         sub._cb_complete = self._cb_complete
         sub._cb_closed = self._cb_closed
@@ -1612,7 +1080,7 @@ class Channel:
             "state": self.state.value,
             "close_reason": self.close_reason,
             "dispatch": self.dispatch,
-            "polled": self._polled,
+            "polled": self.polled,
             "polled_reason": self._polled_reason or None,
             "counters": self.counters.as_dict(),
             "held_packets": len(self._inbox),
@@ -1626,7 +1094,7 @@ class Channel:
         if disp is not None:
             out["interrupts"] = self.counters.interrupts
             out["event_count"] = disp.event_count
-        for key, ring in (("tx", self._tx), ("rx", self._rx)):
+        for key, ring in (("tx", self.tx_ring), ("rx", self.rx_ring)):
             if ring is not None:
                 with contextlib.suppress(ValueError, VmbusError):  # released under us
                     out[key] = {"data_size": ring.data_size, "write_index": ring.write_index,
@@ -1642,7 +1110,7 @@ class Channel:
         subs = self._subs
         disp = self._disp
         if subs:
-            polled = subs[-1]._polled
+            polled = subs[-1].polled
             return {"mode": "polled" if polled else "interrupts", "reason": subs[-1]._polled_reason}
         if self.poll_subchannels is not None:
             return {"mode": "polled" if self.poll_subchannels else "interrupts",
@@ -1663,7 +1131,7 @@ class Channel:
             if self._lc.state is not ChannelState.DISABLED:
                 summary = self._subchannel_summary()
                 lines.append(f"  subchannels: {summary['mode']} ({summary['reason']})")
-        elif self._polled:
+        elif self.polled:
             lines.append(f"  interrupts: masked and polled every {self.poll_interval * 1000:g} ms "
                          f"({self._polled_reason})")
         else:
