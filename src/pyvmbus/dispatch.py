@@ -286,6 +286,15 @@ class Dispatcher:
             return True
         return False
 
+    def _lead_cycle(self, timeout: float | None, ready: bool = False) -> int | None:
+        """One cycle if the lead is free (then let go); None if another thread holds it."""
+        if not self._try_lead():
+            return None
+        try:
+            return self._cycle(timeout, ready)
+        finally:
+            self._unlead()
+
     def _unlead(self) -> None:
         while True:
             closed_now = False
@@ -346,12 +355,7 @@ class Dispatcher:
                 return False
             if self._leader == me:
                 self._cycle(remaining)  # nested: a callback on the dispatching thread waits
-            elif self._try_lead():
-                try:
-                    self._cycle(remaining)
-                finally:
-                    self._unlead()
-            else:
+            elif self._lead_cycle(remaining) is None:
                 with self._cond:
                     self._followers += 1
                     try:
@@ -377,11 +381,9 @@ class Dispatcher:
             return 0
         if self._leader == threading.get_ident():
             return self._cycle(timeout)
-        if self._try_lead():
-            try:
-                return self._cycle(timeout)
-            finally:
-                self._unlead()
+        delivered = self._lead_cycle(timeout)
+        if delivered is not None:
+            return delivered
         self.wait_for(self.next_cycle(), None if timeout is None else time.monotonic() + timeout)
         return 0
 
@@ -396,12 +398,7 @@ class Dispatcher:
         if self._loop is not None and me != self._loop_thread:
             self._loop.call_soon_threadsafe(self.kick)  # asyncio: callbacks on the loop only
             return
-        if self._try_lead():
-            try:
-                self._cycle(0)
-            finally:
-                self._unlead()
-        else:
+        if self._lead_cycle(0) is None:
             self._wake()
 
     def _wake(self) -> None:
@@ -561,11 +558,8 @@ class Dispatcher:
                 ready = poller.poll(ms)
                 if self.stopping:
                     break
-                if (ready or self.polled) and self._try_lead():
-                    try:
-                        self._cycle(0)
-                    finally:
-                        self._unlead()
+                if ready or self.polled:
+                    self._lead_cycle(0)
         except Exception:  # pragma: no cover - a bug; do not die silently
             _log.exception("dispatcher thread of %s failed", self.name)
             self.request_close("error: dispatcher thread failed")
@@ -576,20 +570,12 @@ class Dispatcher:
         """asyncio: look at the polled (masked) channels every ``poll_interval``."""
         if self.stopping or self._loop is None:
             return
-        if self._try_lead():
-            try:
-                self._cycle(0)
-            finally:
-                self._unlead()
+        self._lead_cycle(0)
         self._loop.call_later(self.poll_interval, self._aio_poll_tick)
 
     def _on_readable(self) -> None:
         """asyncio reader callback: one non-blocking cycle when the fd is readable."""
-        if self._try_lead():
-            try:
-                self._cycle(0, ready=True)
-            finally:
-                self._unlead()
+        self._lead_cycle(0, ready=True)
 
     # -- closing -----------------------------------------------------------------------------
 
