@@ -3,6 +3,10 @@
 Each service turns one received IC message into the answer to send (or None) and queues its
 side effects; a runner moves the bytes over a :class:`pyvmbus.Channel` (or a mock host model
 in-process) and calls ``run_pending()`` after each send. See :mod:`pyvmbus.ic.framework`.
+
+What it may import: the library (bus, channel through it, errors, lifecycle, packet, sysfs),
+never the CLI or the mock; :mod:`.messages` and :mod:`.framework` import nothing from
+the library at all, since the mock's host models use them too.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ Robustness: the root is a fresh temporary folder (on /dev/shm when there is one)
 on exit even when the ``with`` body raised; the process is asked to stop, then
 terminated, then killed; if this process dies without closing, the mock process notices
 its control connection close, removes the root and exits.
+
+What it may import: the library's lower layers it plays the other side of (guid, classes,
+errors, shm, ring, packet, sysfs formats, uio's page size) and the IC messages
+(:mod:`pyvmbus.ic.messages`, :mod:`pyvmbus.ic.framework`), so host and guest share one
+declaration of each message. Never channel, dispatch, aio or the CLI: the mock must not
+share the client's logic, only its wire formats. The library imports nothing from here
+(the CLI's ``--mock`` and ``vmbus mock serve`` do).
 """
 
 from __future__ import annotations
