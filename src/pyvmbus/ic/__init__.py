@@ -1,4 +1,4 @@
-"""Hyper-V integration services (heartbeat, shutdown, time sync, file copy) as sans-I/O code.
+"""Hyper-V integration services (heartbeat, shutdown, time sync, file copy, KVP) as sans-I/O code.
 
 Each service turns one received IC message into the answer to send (or None) and queues its
 side effects; a runner moves the bytes over a :class:`pyvmbus.Channel` (or a mock host model
@@ -14,6 +14,7 @@ from __future__ import annotations
 from .fcopy import FcopyEvent, FcopyService
 from .framework import IcService, NegotiateResult, ServiceStats, prep_negotiate_response
 from .heartbeat import HeartbeatService
+from .kvp import KvpEvent, KvpService
 from .shutdown import ShutdownAction, ShutdownRequest, ShutdownService, shutdown_status
 from .timesync import TimeSample, TimesyncService
 
@@ -22,6 +23,8 @@ __all__ = [
     "FcopyEvent",
     "FcopyService",
     "HeartbeatService",
+    "KvpEvent",
+    "KvpService",
     "IcService",
     "NegotiateResult",
     "ServiceStats",
@@ -35,6 +38,7 @@ __all__ = [
 ]
 
 SERVICES: dict[str, type[IcService]] = {
-    cls.service_name: cls for cls in (HeartbeatService, ShutdownService, TimesyncService, FcopyService)
+    cls.service_name: cls
+    for cls in (HeartbeatService, ShutdownService, TimesyncService, FcopyService, KvpService)
 }
 """Service name (also the device class name) -> class: the CLI's choices."""

@@ -11,8 +11,9 @@ so the tests pin each layout with hand-written golden bytes: a layout bug both s
 still fails.
 
 Sources: include/linux/hyperv.h (vmbuspipe_hdr, icmsg_hdr, icmsg_negotiate, heartbeat,
-shutdown, timesync), include/uapi/linux/hyperv.h (fcopy, HV_* status codes, UTIL_FW_VERSION),
-tools/hv/hv_fcopy_uio_daemon.c. ``hv_do_fcopy`` follows the real uapi header (torvalds/linux
+shutdown, timesync), include/uapi/linux/hyperv.h (fcopy, KVP, HV_* status codes,
+UTIL_FW_VERSION), tools/hv/hv_fcopy_uio_daemon.c, drivers/hv/hv_kvp.c (KVP versions).
+``hv_do_fcopy`` follows the real uapi header (torvalds/linux
 include/uapi/linux/hyperv.h, packed), which has a ``u32 pad`` between the header and
 ``offset``: offset at +40, size at +48, data at +52, 6196 bytes in all. The KMCL sheet's
 layout without ``pad`` is wrong. ``HV_ERROR_DISK_FULL`` = 0x80070070 is in that same header.
@@ -28,7 +29,27 @@ from enum import IntEnum, IntFlag
 from typing import ClassVar, TypeAlias
 
 __all__ = [
+    "ADDR_FAMILY_IPV4",
+    "ADDR_FAMILY_IPV6",
+    "ADDR_FAMILY_NONE",
     "Buffer",
+    "HV_KVP_EXCHANGE_MAX_KEY_SIZE",
+    "HV_KVP_EXCHANGE_MAX_VALUE_SIZE",
+    "HV_KVP_MSG_SIZE",
+    "KVP_VERSIONS",
+    "KvpDelete",
+    "KvpEnumerate",
+    "KvpExchange",
+    "KvpHdr",
+    "KvpIpAddrValue",
+    "KvpIpMsg",
+    "KvpOp",
+    "KvpPoolId",
+    "KvpValue",
+    "MAX_ADAPTER_ID_SIZE",
+    "MAX_GATEWAY_SIZE",
+    "MAX_IP_ADDR_SIZE",
+    "RegType",
     "CopyFlags",
     "DATA_FRAGMENT",
     "FCOPY_INSTANCE_GUID",
@@ -107,6 +128,8 @@ FW_VERSIONS: tuple[int, ...] = (UTIL_FW_VERSION, UTIL_WS2K8_FW_VERSION)
 SD_VERSIONS: tuple[int, ...] = (version(3, 2), version(3, 1), version(3, 0), version(1, 0))
 TS_VERSIONS: tuple[int, ...] = (version(4, 0), version(3, 0), version(1, 0))
 HB_VERSIONS: tuple[int, ...] = (version(3, 0), version(1, 0))
+KVP_VERSIONS: tuple[int, ...] = (version(4, 0), version(3, 0), version(1, 0))
+"""hv_kvp.c: WIN8 4.0, WIN7 3.0, WS2008 1.0 (with framework 3.0 / 1.0)."""
 
 IC_VERSION_NEGOTIATION_MAX_VER_COUNT = 100
 ICMSG_HDR = 28
@@ -547,3 +570,270 @@ def build_message(
     (icmsgsize = body length), body."""
     hdr = IcMsgHdr(framework_version, msgtype, message_version, len(body), status, transaction_id, flags)
     return PipeHeader(pipe_flags, IcMsgHdr.SIZE + len(body)).pack() + hdr.pack() + body
+
+
+# --- KVP (data exchange): include/uapi/linux/hyperv.h --------------------------------------
+
+HV_KVP_EXCHANGE_MAX_KEY_SIZE = 512
+"""Bytes of a key on the wire (UTF-16LE) and in a pool record (UTF-8), NUL included."""
+HV_KVP_EXCHANGE_MAX_VALUE_SIZE = 2048
+"""Bytes of a value on the wire (UTF-16LE) and in a pool record (UTF-8), NUL included."""
+MAX_ADAPTER_ID_SIZE = 128
+MAX_IP_ADDR_SIZE = 1024
+MAX_GATEWAY_SIZE = 512
+"""u16 units of the hv_kvp_ipaddr_value string fields."""
+ADDR_FAMILY_NONE = 0
+ADDR_FAMILY_IPV4 = 1
+ADDR_FAMILY_IPV6 = 2
+
+
+class KvpOp(IntEnum):
+    """enum hv_kvp_exchg_op (hv_kvp_hdr.operation)."""
+
+    GET = 0
+    SET = 1
+    DELETE = 2
+    ENUMERATE = 3
+    GET_IP_INFO = 4
+    SET_IP_INFO = 5
+
+
+class KvpPoolId(IntEnum):
+    """enum hv_kvp_exchg_pool: which pool file (/var/lib/hyperv/.kvp_pool_N) a request is about."""
+
+    EXTERNAL = 0
+    """Written by the host (Add-VMKvp / AddKvpItems)."""
+    GUEST = 1
+    """Written by the guest's own tools (cloud-init, the Azure agent); read by the host."""
+    AUTO = 2
+    """The intrinsic values (FullyQualifiedDomainName, OSName, ...), made up by the guest."""
+    AUTO_EXTERNAL = 3
+    AUTO_INTERNAL = 4
+
+
+class RegType(IntEnum):
+    """hv_kvp_exchg_msg_value.value_type: REG_SZ (UTF-16 string), REG_U32, REG_U64."""
+
+    REG_SZ = 1
+    REG_U32 = 4
+    REG_U64 = 8
+
+
+@dataclass(frozen=True, slots=True)
+class KvpHdr:
+    """struct hv_kvp_hdr {u8 operation; u8 pool; u16 pad;}: 4 bytes at offset 28, unioned
+    with ``int error`` (the daemon's status on its way back; on the wire the status is in
+    icmsg_hdr)."""
+
+    operation: int
+    pool: int
+    pad: int = 0
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<BBH")
+    SIZE: ClassVar[int] = 4
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.operation, self.pool, self.pad)
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = ICMSG_HDR) -> KvpHdr:
+        return cls(*cls.STRUCT.unpack_from(buf, offset))
+
+
+@dataclass(frozen=True, slots=True)
+class KvpValue:
+    """struct hv_kvp_exchg_msg_value (packed): u32 value_type @0, u32 key_size @4,
+    u32 value_size @8, u8 key[512] @12, u8 value[2048] @524 (unioned with u32 / u64):
+    2572 bytes. Sizes are bytes; strings are UTF-16LE, the NUL counted in the size."""
+
+    value_type: int
+    key_size: int
+    value_size: int
+    key: bytes = bytes(HV_KVP_EXCHANGE_MAX_KEY_SIZE)
+    value: bytes = bytes(HV_KVP_EXCHANGE_MAX_VALUE_SIZE)
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<III512s2048s")
+    SIZE: ClassVar[int] = 2572
+    KEY_AT: ClassVar[int] = 12
+    VALUE_AT: ClassVar[int] = 524
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<III")
+    """value_type, key_size, value_size."""
+    U32: ClassVar[struct.Struct] = struct.Struct("<I")
+    U64: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+    @classmethod
+    def text(cls, key: str, value: str | int = "", value_type: int = RegType.REG_SZ) -> KvpValue:
+        """A value as a host sends it: UTF-16LE strings with their NUL counted in the sizes;
+        ``value`` an int for REG_U32 / REG_U64 (value_size 4 / 8). ValueError if too long."""
+        k = (key + "\0").encode("utf-16-le")
+        if len(k) > HV_KVP_EXCHANGE_MAX_KEY_SIZE:
+            raise ValueError(f"key {key[:40]!r}: {len(k)} bytes as UTF-16, "
+                             f"at most {HV_KVP_EXCHANGE_MAX_KEY_SIZE}")
+        if value_type == RegType.REG_U32:
+            v = cls.U32.pack(int(value))
+        elif value_type == RegType.REG_U64:
+            v = cls.U64.pack(int(value))
+        else:
+            v = (str(value) + "\0").encode("utf-16-le")
+        if len(v) > HV_KVP_EXCHANGE_MAX_VALUE_SIZE:
+            raise ValueError(f"value: {len(v)} bytes as UTF-16, at most {HV_KVP_EXCHANGE_MAX_VALUE_SIZE}")
+        return cls(int(value_type), len(k), len(v), k.ljust(HV_KVP_EXCHANGE_MAX_KEY_SIZE, b"\0"),
+                   v.ljust(HV_KVP_EXCHANGE_MAX_VALUE_SIZE, b"\0"))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.value_type, self.key_size, self.value_size, self.key, self.value)
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = 0) -> KvpValue:
+        return cls(*cls.STRUCT.unpack_from(buf, offset))
+
+    @property
+    def key_text(self) -> str:
+        """The key up to its NUL (UnicodeDecodeError if not valid UTF-16)."""
+        return decode_utf16z(self.key[: min(self.key_size, HV_KVP_EXCHANGE_MAX_KEY_SIZE)])
+
+    @property
+    def value_text(self) -> str:
+        """A REG_SZ value up to its NUL (UnicodeDecodeError if not valid UTF-16)."""
+        return decode_utf16z(self.value[: min(self.value_size, HV_KVP_EXCHANGE_MAX_VALUE_SIZE)])
+
+
+@dataclass(frozen=True, slots=True)
+class KvpExchange:
+    """struct hv_kvp_msg for GET and SET: hv_kvp_hdr (4) then hv_kvp_exchg_msg_value @4:
+    2576 bytes (value_type @4, key_size @8, value_size @12, key @16, value @528)."""
+
+    hdr: KvpHdr
+    data: KvpValue
+
+    SIZE: ClassVar[int] = KvpHdr.SIZE + KvpValue.SIZE
+    DATA_AT: ClassVar[int] = 4
+
+    def pack(self) -> bytes:
+        return self.hdr.pack() + self.data.pack()
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = ICMSG_HDR) -> KvpExchange:
+        return cls(KvpHdr.unpack_from(buf, offset), KvpValue.unpack_from(buf, offset + cls.DATA_AT))
+
+
+@dataclass(frozen=True, slots=True)
+class KvpEnumerate:
+    """struct hv_kvp_msg for ENUMERATE: hv_kvp_hdr (4), u32 index @4, hv_kvp_exchg_msg_value @8:
+    2580 bytes (value_type @8, key_size @12, value_size @16, key @20, value @532). The host
+    asks for index 0, 1, ... of a pool and stops at the first non-zero status."""
+
+    hdr: KvpHdr
+    index: int
+    data: KvpValue = KvpValue(0, 0, 0)
+
+    SIZE: ClassVar[int] = KvpHdr.SIZE + 4 + KvpValue.SIZE
+    INDEX_AT: ClassVar[int] = 4
+    DATA_AT: ClassVar[int] = 8
+
+    def pack(self) -> bytes:
+        return self.hdr.pack() + KvpValue.U32.pack(self.index) + self.data.pack()
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = ICMSG_HDR) -> KvpEnumerate:
+        (index,) = KvpValue.U32.unpack_from(buf, offset + cls.INDEX_AT)
+        return cls(KvpHdr.unpack_from(buf, offset), index, KvpValue.unpack_from(buf, offset + cls.DATA_AT))
+
+
+@dataclass(frozen=True, slots=True)
+class KvpDelete:
+    """struct hv_kvp_msg for DELETE: hv_kvp_hdr (4), u32 key_size @4, u8 key[512] @8: 520 bytes."""
+
+    hdr: KvpHdr
+    key_size: int
+    key: bytes = bytes(HV_KVP_EXCHANGE_MAX_KEY_SIZE)
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<I512s")
+    SIZE: ClassVar[int] = KvpHdr.SIZE + 4 + HV_KVP_EXCHANGE_MAX_KEY_SIZE
+    KEY_SIZE_AT: ClassVar[int] = 4
+    KEY_AT: ClassVar[int] = 8
+
+    @classmethod
+    def text(cls, pool: int, key: str) -> KvpDelete:
+        k = (key + "\0").encode("utf-16-le")
+        if len(k) > HV_KVP_EXCHANGE_MAX_KEY_SIZE:
+            raise ValueError(f"key {key[:40]!r}: {len(k)} bytes as UTF-16, "
+                             f"at most {HV_KVP_EXCHANGE_MAX_KEY_SIZE}")
+        return cls(KvpHdr(KvpOp.DELETE, pool), len(k), k.ljust(HV_KVP_EXCHANGE_MAX_KEY_SIZE, b"\0"))
+
+    def pack(self) -> bytes:
+        return self.hdr.pack() + self.STRUCT.pack(self.key_size, self.key)
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = ICMSG_HDR) -> KvpDelete:
+        return cls(KvpHdr.unpack_from(buf, offset), *cls.STRUCT.unpack_from(buf, offset + cls.KEY_SIZE_AT))
+
+
+@dataclass(frozen=True, slots=True)
+class KvpIpAddrValue:
+    """struct hv_kvp_ipaddr_value (packed): u16 adapter_id[128] @0, u8 addr_family @256,
+    u8 dhcp_enabled @257, u16 ip_addr[1024] @258, u16 sub_net[1024] @2306,
+    u16 gate_way[512] @4354, u16 dns_addr[1024] @5378: 7426 bytes. Strings are UTF-16LE,
+    lists separated by ';'."""
+
+    adapter_id: str = ""
+    addr_family: int = ADDR_FAMILY_NONE
+    dhcp_enabled: int = 0
+    ip_addr: str = ""
+    sub_net: str = ""
+    gate_way: str = ""
+    dns_addr: str = ""
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<256sBB2048s2048s1024s2048s")
+    SIZE: ClassVar[int] = 7426
+    FIELDS: ClassVar[dict[str, tuple[int, int]]] = {
+        "adapter_id": (0, MAX_ADAPTER_ID_SIZE),
+        "ip_addr": (258, MAX_IP_ADDR_SIZE),
+        "sub_net": (2306, MAX_IP_ADDR_SIZE),
+        "gate_way": (4354, MAX_GATEWAY_SIZE),
+        "dns_addr": (5378, MAX_IP_ADDR_SIZE),
+    }
+    """String field -> (offset, u16 units)."""
+    ADDR_FAMILY_AT: ClassVar[int] = 256
+    DHCP_AT: ClassVar[int] = 257
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(
+            encode_utf16z(self.adapter_id, MAX_ADAPTER_ID_SIZE), self.addr_family, self.dhcp_enabled,
+            encode_utf16z(self.ip_addr, MAX_IP_ADDR_SIZE), encode_utf16z(self.sub_net, MAX_IP_ADDR_SIZE),
+            encode_utf16z(self.gate_way, MAX_GATEWAY_SIZE), encode_utf16z(self.dns_addr, MAX_IP_ADDR_SIZE),
+        )
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = 0) -> KvpIpAddrValue:
+        """UnicodeDecodeError if a string is not valid UTF-16."""
+        aid, fam, dhcp, ip, sn, gw, dns = cls.STRUCT.unpack_from(buf, offset)
+        return cls(decode_utf16z(aid), fam, dhcp, decode_utf16z(ip), decode_utf16z(sn),
+                   decode_utf16z(gw), decode_utf16z(dns))
+
+
+@dataclass(frozen=True, slots=True)
+class KvpIpMsg:
+    """struct hv_kvp_ip_msg (packed): u8 operation, u8 pool, hv_kvp_ipaddr_value @2 (no pad:
+    unlike hv_kvp_msg the address block starts at body offset 2): 7428 bytes. GET_IP_INFO
+    and SET_IP_INFO travel in this form."""
+
+    operation: int
+    pool: int
+    value: KvpIpAddrValue = KvpIpAddrValue()
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<BB")
+    SIZE: ClassVar[int] = 2 + KvpIpAddrValue.SIZE
+    VALUE_AT: ClassVar[int] = 2
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.operation, self.pool) + self.value.pack()
+
+    @classmethod
+    def unpack_from(cls, buf: Buffer, offset: int = ICMSG_HDR) -> KvpIpMsg:
+        op, pool = cls.STRUCT.unpack_from(buf, offset)
+        return cls(op, pool, KvpIpAddrValue.unpack_from(buf, offset + cls.VALUE_AT))
+
+
+HV_KVP_MSG_SIZE = KvpHdr.SIZE + KvpIpAddrValue.SIZE
+"""sizeof(struct hv_kvp_msg): the header and the largest body member (the IP block), 7430."""

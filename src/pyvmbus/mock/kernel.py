@@ -799,12 +799,14 @@ def _attrs(exc: BaseException) -> dict[str, Any]:
 
 
 def _import_models(names: list[str], kernel: MockKernel) -> None:
-    """Import the model modules: pyvmbus.mock.ic_models when present, then the named ones."""
-    for name in ["pyvmbus.mock.ic_models", *names]:
+    """Import the model modules: the built-in ones (integration services, KVP) when present,
+    then the named ones."""
+    builtin = ("pyvmbus.mock.ic_models", "pyvmbus.mock.kvp_model")
+    for name in [*builtin, *names]:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if name == "pyvmbus.mock.ic_models" and exc.name == name:
+            if name in builtin and exc.name == name:
                 continue
             kernel.log(f"mock: cannot import device models from {name}: {exc!r}")
             traceback.print_exc()
