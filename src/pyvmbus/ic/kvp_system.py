@@ -94,8 +94,12 @@ class IfAddress:
 
     @property
     def prefixlen(self) -> int:
-        return ipaddress.ip_network(f"0/{self.netmask}" if self.family == socket.AF_INET
-                                    else f"::/{self.netmask}", strict=False).prefixlen
+        """The set bits of the netmask (the daemon's hweight32 over the mask)."""
+        try:
+            raw = socket.inet_pton(self.family, self.netmask)
+        except OSError:
+            return 0
+        return sum(bin(b).count("1") for b in raw)
 
 
 class _Sockaddr(ctypes.Structure):

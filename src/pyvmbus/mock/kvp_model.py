@@ -244,7 +244,7 @@ class KvpModel(IcModel[KvpHost]):
     """KVP host. Commands: ``set`` (key, value="", pool=0, value_type=1), ``get`` (key, pool=0),
     ``delete`` (key, pool=0), ``enumerate`` (pool; or all pools without one), ``get_ip``
     (adapter_id: a MAC address), ``set_ip`` (adapter_id: "{guid}", ip_addr, sub_net,
-    gate_way, dns_addr, dhcp_enabled=0, addr_family=1), ``fault`` (name: one of
+    gate_way, dns_addr, dhcp_enabled=0, addr_family=1), ``fault`` (fault: one of
     :data:`FAULTS`, pool=0); ``stats`` shows ``results``, ``enumerations`` and ``idle``.
     After the negotiation the host enumerates every pool once."""
 
@@ -279,7 +279,7 @@ class KvpModel(IcModel[KvpHost]):
                 str(args.get("ip_addr", "")), str(args.get("sub_net", "")), str(args.get("gate_way", "")),
                 str(args.get("dns_addr", ""))))
         elif name == "fault":
-            host.fault(str(args["name"]), pool=pool)
+            host.fault(str(args["fault"]), pool=pool)
         else:
             return super().host_command(name, args)
         return None
