@@ -74,6 +74,11 @@ PINNED = {
     "ic.shutdown.summary": IC_SUMMARY + " accepted",
     "ic.timesync.summary": IC_SUMMARY + " samples last_offset_ns",
     "ic.fcopy.summary": IC_SUMMARY + " files_completed bytes_written",
+    "ic.kvp": "event t device kind op pool key value status count reason",
+    "ic.kvp.summary": IC_SUMMARY + " sets gets deletes enumerates ip_requests refused pool_dir",
+    "kvp.record": "pool key value",
+    "kvp.set": "pool key value created",
+    "kvp.delete": "pool key deleted",
 }
 
 

@@ -486,19 +486,22 @@ def fault(state: CliState, device: str, kind: str, fault_root: Path | None) -> N
 
 # -- plug-ins -----------------------------------------------------------------------------------
 def _register_plugins(group: click.Group) -> None:
-    """Commands that live in other modules: ``vmbus ic ...`` and ``vmbus fcopy-daemon`` (issue 6).
+    """Commands that live in other modules: ``vmbus ic ...`` and ``vmbus fcopy-daemon`` (issue 6),
+    ``vmbus ic kvp`` and ``vmbus kvp ...`` (issue 13).
 
-    pyvmbus.cli.ic defines ``register(main)``, which adds its commands to this group; they
-    take :class:`~pyvmbus.cli.state.CliState` with ``@click.pass_obj`` and get the same
+    pyvmbus.cli.ic and pyvmbus.cli.kvp define ``register(main)``, which adds their commands
+    to this group (in that order: kvp adds to ic's group); they take
+    :class:`~pyvmbus.cli.state.CliState` with ``@click.pass_obj`` and get the same
     --root/--mock/--json handling and error mapping.
     """
-    try:
-        module = importlib.import_module(f"{__package__}.ic")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.ic":
-            raise
-        return
-    module.register(group)
+    for name in ("ic", "kvp"):
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+            continue
+        module.register(group)
 
 
-_register_plugins(main)  # <- vmbus ic ... / vmbus fcopy-daemon plug in here (pyvmbus/cli/ic.py)
+_register_plugins(main)  # <- vmbus ic ... / fcopy-daemon / kvp plug in here (pyvmbus/cli/ic.py, kvp.py)

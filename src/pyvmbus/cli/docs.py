@@ -113,9 +113,10 @@ def render() -> str:
     parts.append("Every object a command prints with `--json`, and its keys. `enable.*` events also make "
                  "up `demo`'s stream (after its `demo` event); `watch.action` is the shape of every "
                  "add / remove / bind / unbind / change event. `ic.*` are the events of `vmbus ic "
-                 "heartbeat|shutdown|timesync|fcopy` (and of `vmbus fcopy-daemon --json`); each ends "
+                 "heartbeat|shutdown|timesync|fcopy|kvp` (and of `vmbus fcopy-daemon --json`); each ends "
                  "with its service's `ic.<service>.summary`. `mock.fault` is what `mock serve` prints "
-                 "when `mock fault` reaches it. Errors go to stderr as `error`.\n")
+                 "when `mock fault` reaches it. `kvp.*` are the lines of `vmbus kvp list|get|set|delete`. "
+                 "Errors go to stderr as `error`.\n")
     for name, keys in SCHEMAS.items():
         parts.append(f"### `{name}`\n\n| key | meaning |\n|---|---|")
         parts.extend(f"| `{k}` | {v} |" for k, v in keys.items())

@@ -242,7 +242,7 @@ def _summary(session: _Session, svc: IcService, **extra: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def ic() -> None:
-    """Run a Hyper-V integration service in the foreground (heartbeat, shutdown, timesync, fcopy).
+    """Run a Hyper-V integration service in the foreground (heartbeat, shutdown, timesync, fcopy, kvp).
 
     DEVICE defaults to the service's class name (the one device of that class). The
     device is bound to uio_hv_generic if needed (taking it from hv_utils) and given back

@@ -75,7 +75,7 @@ _FAULT: Final = {
 }
 
 _IC_SUMMARY: Final = {
-    **EVENT_COMMON, "device": "GUID", "service": "heartbeat, shutdown, timesync or fcopy",
+    **EVENT_COMMON, "device": "GUID", "service": "heartbeat, shutdown, timesync, fcopy or kvp",
     "requests": "IC messages received", "answered": "of them answered",
     "dropped": "not answered, as the kernel drops them (too short / too long)",
     "negotiations": "version negotiations", "unknown_types": "messages of another type (HV_E_FAIL)",
@@ -166,7 +166,8 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
                  "previous_driver": "driver it had (hv_utils, or null); restored on exit"},
     "ic.enabled": {**EVENT_COMMON, "device": "GUID", "relid": "relid",
                    "attempt": "1, then 2.. after each rescind and re-offer"},
-    "ic.negotiated": {**EVENT_COMMON, "device": "GUID", "service": "heartbeat, shutdown, timesync or fcopy",
+    "ic.negotiated": {**EVENT_COMMON, "device": "GUID",
+                      "service": "heartbeat, shutdown, timesync, fcopy or kvp",
                       "framework": "framework version chosen (\"3.0\")",
                       "version": "service version chosen (\"3.2\")"},
     "ic.negotiation_failed": {**EVENT_COMMON, "device": "GUID", "service": "service name",
@@ -198,6 +199,15 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
                  "path": "destination path, or null before it is known",
                  "size": "file_size from START, or bytes written", "status": "status sent (HV_S_OK, ...)",
                  "reason": "why it failed / was refused, or \"\""},
+    "ic.kvp": {**EVENT_COMMON, "device": "GUID",
+               "kind": "set, deleted, get, missing, enumerated, ip_get, ip_set or refused",
+               "op": "the host's operation (SET, GET, DELETE, ENUMERATE, GET_IP_INFO, SET_IP_INFO)",
+               "pool": "pool 0..4, or null (IP requests, unreadable ones)",
+               "key": "the key (IP requests: the adapter id), or \"\"",
+               "value": "the value set / read (IP requests: a summary), or \"\"",
+               "status": "status sent (HV_S_OK, HV_S_CONT, HV_INVALIDARG ...)",
+               "count": "enumerated: records the host read in that pass",
+               "reason": "why it was refused / failed, or \"\""},
     # the last line of each 'vmbus ic' command: the service's counters
     "ic.heartbeat.summary": {**_IC_SUMMARY, "beats": "heartbeats answered",
                              "last_seq": "last seq_num received, or null"},
@@ -206,7 +216,18 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
                             "last_offset_ns": "offset of the last one, or null"},
     "ic.fcopy.summary": {**_IC_SUMMARY, "files_completed": "files renamed into place",
                          "bytes_written": "bytes of those files"},
+    "ic.kvp.summary": {**_IC_SUMMARY, "sets": "SET requests (refused ones included)", "gets": "GET requests",
+                       "deletes": "DELETE requests", "enumerates": "ENUMERATE requests (one per index)",
+                       "ip_requests": "GET_IP_INFO and SET_IP_INFO requests",
+                       "refused": "requests refused as malformed", "pool_dir": "where the pools are"},
+    # vmbus kvp list|get|set|delete: the pool files
+    "kvp.record": {"pool": "pool number 0..4", "key": "the key (UTF-8; bad bytes as U+FFFD)",
+                   "value": "its value"},
+    "kvp.set": {"pool": "pool number", "key": "the key", "value": "the value written",
+                "created": "true when the key was new (appended), false when replaced"},
+    "kvp.delete": {"pool": "pool number", "key": "the key", "deleted": "true"},
 }
 """Object name -> {key: note}. ``enable.*`` events also make up ``demo``'s stream;
 ``watch.action`` covers the add, remove, bind, unbind and change events; ``ic.*`` are the
-events of ``vmbus ic ...`` (``ic.<service>.summary`` its last line)."""
+events of ``vmbus ic ...`` (``ic.<service>.summary`` its last line); ``kvp.record`` is a
+line of ``vmbus kvp list`` and ``get``."""

@@ -44,7 +44,8 @@ __all__ = [
     "setup_logging",
 ]
 
-MOCK_DEVICES: tuple[str, ...] = ("network", "scsi", "heartbeat", "shutdown", "timesync", "fcopy", "echo")
+MOCK_DEVICES: tuple[str, ...] = ("network", "scsi", "heartbeat", "shutdown", "timesync", "fcopy", "kvp",
+                                 "echo")
 """What ``--mock`` offers (and ``vmbus mock serve`` without ``--device``)."""
 
 _log = logging.getLogger("pyvmbus.cli")
