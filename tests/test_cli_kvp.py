@@ -173,3 +173,20 @@ def test_ic_kvp_refuses_pools_a_daemon_owns(mock: MockVmbus, tmp_path: Path) -> 
     assert r.exit_code == 1
     assert f"hypervkvpd (pid {p.pid}) is running and owns the KVP pools" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_systemd_unit_runs_the_command_and_conflicts_with_the_c_daemon() -> None:
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "pyvmbus-kvp.service").read_text()
+    keys: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            k, v = line.split("=", 1)
+            keys.setdefault(k, []).append(v)
+    (exec_start,) = keys["ExecStart"]
+    argv = exec_start.split()
+    assert argv[0] == "vmbus" and argv[1:3] == ["ic", "kvp"]
+    assert run(*argv[1:], "--help").exit_code == 0  # every option it passes exists
+    assert set(keys["Conflicts"][0].split()) >= {"hv-kvp-daemon.service", "hypervkvpd.service"}
+    assert keys["StateDirectory"] == ["hyperv"] and keys["ProtectSystem"] == ["strict"]
+    families = keys["RestrictAddressFamilies"][0].split()
+    assert {"AF_NETLINK", "AF_INET", "AF_INET6", "AF_UNIX"} <= set(families)

@@ -563,6 +563,7 @@ def test_value_struct_roundtrip() -> None:
 # --- through the mock: MockVmbus.add_device("kvp") and the runner ------------------------------
 
 
+@pytest.mark.timeout(90)
 def test_kvp_through_the_mock_and_the_runner(tmp_path: Path, root: Path, scripts: Path) -> None:
     import threading
 
@@ -606,8 +607,24 @@ def test_kvp_through_the_mock_and_the_runner(tmp_path: Path, root: Path, scripts
             ("SET", HV_S_OK), ("GET", HV_S_OK), ("fault:unknown_pool", HV_INVALIDARG), ("DELETE", HV_S_CONT)]
         assert results[-3]["value"] == "pushed"
         assert read_pool_file(pool_path(tmp_path / "pools", 0)) == [("HostKey", "pushed")]
+        # A rescind and re-offer: the runner waits, binds and enables again, the new host
+        # negotiates and enumerates again, and finds what the old one set.
+        mock.rescind(guid)
+        deadline = time.monotonic() + 20
+        while runner.result.rescinds < 1:
+            assert time.monotonic() < deadline, "the runner did not see the rescind"
+            time.sleep(0.05)
+        mock.reoffer(guid)
+        deadline = time.monotonic() + 20
+        while runner.result.enables < 2:
+            assert time.monotonic() < deadline, "the runner did not enable again"
+            time.sleep(0.05)
+        st = stats()
+        enums = st["enumerations"]
+        assert isinstance(enums, dict) and enums[0] == [("HostKey", "pushed")] and st["errors"] == []
         stop.set()
         t.join(30)
         assert not t.is_alive()
     assert runner.result.answered >= 20 and runner.result.why == "stopped"
+    assert runner.result.rescinds == 1 and runner.result.enables == 2
     svc.close_pools()
