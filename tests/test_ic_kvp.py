@@ -628,3 +628,42 @@ def test_kvp_through_the_mock_and_the_runner(tmp_path: Path, root: Path, scripts
     assert runner.result.answered >= 20 and runner.result.why == "stopped"
     assert runner.result.rescinds == 1 and runner.result.enables == 2
     svc.close_pools()
+
+
+def test_a_pool_file_replaced_or_removed_is_reopened(tmp_path: Path) -> None:
+    pools = KvpPools(tmp_path)
+    pools.set(0, "a", "1")
+    new = tmp_path / "new"
+    new.write_bytes(c_record("b", "2"))
+    os.replace(new, pool_path(tmp_path, 0))  # a tool renamed a new file over the pool
+    assert [r.key_text for r in pools.records(0)] == ["b"]
+    pools.set(0, "c", "3")
+    assert read_pool_file(pool_path(tmp_path, 0)) == [("b", "2"), ("c", "3")]
+    os.unlink(pool_path(tmp_path, 0))
+    assert pools.records(0) == []
+    pools.set(0, "d", "4")
+    assert read_pool_file(pool_path(tmp_path, 0)) == [("d", "4")]
+    assert pools.pool(0).reopens == 2
+    pools.close()
+
+
+def test_auto_pool_file_keeps_other_records(svc: KvpService, tmp_path: Path) -> None:
+    svc.pools.set(2, "SomethingElse", "kept")
+    host = KvpHost()
+    run(host, svc)
+    assert read_pool_file(pool_path(tmp_path / "pools", 2)) == [("SomethingElse", "kept"),
+                                                                *svc.system.intrinsics()]
+    assert host.enumerations[2] == svc.system.intrinsics()  # the host sees the intrinsic values
+
+
+def test_read_only_pools_of_another_user(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root can write any file")
+    with KvpPools(tmp_path) as pools:
+        pools.set(1, "k", "v")
+    for n in range(5):
+        pool_path(tmp_path, n).chmod(0o444)
+    with KvpPools(tmp_path, create=False, check_daemon=False) as pools:
+        assert pools.get(1, "k") == b"v"
+        with pytest.raises(PermissionError, match="not writable"):
+            pools.set(1, "k", "w")

@@ -147,8 +147,9 @@ class KvpService(IcService):
     :class:`KvpPools`, which refuses pools a running hv_kvp_daemon owns). ``system``: the
     intrinsic values (default: this system's). ``network``: GET/SET_IP_INFO (default:
     helper scripts from PATH, configuration files in the pool directory).
-    ``publish_auto``: keep pool 2's file equal to the intrinsic values the host last read
-    (the C daemon leaves it empty; tools that read the pools then see them too).
+    ``publish_auto``: keep the intrinsic values the host last read in pool 2's file (the C
+    daemon leaves it empty; tools that read the pools then see them too; other records in
+    that file stay).
     ``on_event(KvpEvent)``: called after the answer.
     """
 
@@ -352,7 +353,7 @@ class KvpService(IcService):
 
     def _publish(self, items: list[tuple[str, str]]) -> None:
         try:
-            self.pools.pool(KvpPoolId.AUTO).replace_all(items)
+            self.pools.pool(KvpPoolId.AUTO).merge(items)
         except (OSError, KvpPoolError) as exc:
             log.warning("could not write the intrinsic values into pool 2: %s", exc)
 

@@ -182,13 +182,12 @@ class KvpPoolFile:
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True, mode: int = 0o644) -> None:
         self.path = Path(path)
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        try:
-            self._fd = os.open(self.path, flags, mode)
-        except PermissionError:
-            if create:
-                raise
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._create = create
+        self._mode = mode
+        self.writable = True
+        self._fd = self._open()
+        self.reopens = 0
+        """How many times the file was found replaced (renamed over, or removed) and reopened."""
         self._mutex = threading.Lock()
         self._cache: list[KvpRecord] | None = None
         self._sig: tuple[int, ...] | None = None
@@ -216,27 +215,60 @@ class KvpPoolFile:
 
     # -- locking -------------------------------------------------------------------------
 
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if self._create else 0)
+        try:
+            fd = os.open(self.path, flags, self._mode)
+            self.writable = True
+        except PermissionError:
+            if self._create:
+                raise
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # another user's pool: read it
+            self.writable = False
+        return fd
+
+    def _replaced(self, fd: int) -> bool:
+        """Whether the path no longer names the file ``fd`` holds (a tool renamed a new file
+        over it, or removed it): the C daemon reads by name, so the file at the path counts."""
+        try:
+            st_path = os.stat(self.path)
+        except FileNotFoundError:
+            return self._create or os.fstat(fd).st_nlink == 0
+        st_fd = os.fstat(fd)
+        return (st_path.st_dev, st_path.st_ino) != (st_fd.st_dev, st_fd.st_ino)
+
     @contextlib.contextmanager
     def locked(self, *, write: bool = True) -> Iterator[int]:
-        """Hold the pool: this object's mutex, ``flock`` and the ``fcntl`` lock (write, or
-        read for a read-only descriptor). Yields the descriptor."""
+        """Hold the pool: this object's mutex, ``flock`` and the ``fcntl`` lock (a write lock,
+        or a read lock for ``write=False``). Yields the descriptor of the file the path
+        names now (reopened if it was replaced)."""
         with self._mutex:
-            fd = self._fd
-            if fd < 0:
+            if self._fd < 0:
                 raise ValueError(f"{self.path} is closed")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
+            if write and not self.writable:
+                raise PermissionError(errno.EACCES, "the pool file is not writable for this user",
+                                      str(self.path))
+            while True:
+                fd = self._fd
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     fcntl.lockf(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-                except OSError as exc:
-                    if exc.errno != errno.EBADF or write:
-                        raise
-                    fcntl.lockf(fd, fcntl.LOCK_SH)  # opened read-only: a read lock is what we can take
-                try:
-                    yield fd
-                finally:
-                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                except BaseException:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    raise
+                if not self._replaced(fd):
+                    break
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                new = self._open()
+                os.close(fd)
+                self._fd = new
+                self._cache = None
+                self.reopens += 1
+            try:
+                yield fd
             finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     # -- under the lock ------------------------------------------------------------------
@@ -318,6 +350,25 @@ class KvpPoolFile:
                     self._write_locked(fd, records)
                     return True
             return False
+
+    def merge(self, items: Sequence[tuple[str | bytes, str | bytes]]) -> bool:
+        """Set every (key, value) of ``items`` in one locked pass (written only if something
+        changed; other records stay). True if the file was rewritten."""
+        wanted = [KvpRecord(check_key(k), check_value(v)) for k, v in items]
+        with self.locked() as fd:
+            records = list(self._read_locked(fd))
+            changed = False
+            for rec in wanted:
+                at = next((i for i, r in enumerate(records) if r.key == rec.key), None)
+                if at is None:
+                    records.append(rec)
+                    changed = True
+                elif records[at] != rec:
+                    records[at] = rec
+                    changed = True
+            if changed:
+                self._write_locked(fd, records)
+            return changed
 
     def replace_all(self, items: Sequence[tuple[str | bytes, str | bytes]]) -> None:
         """Make the pool hold exactly ``items``, in order (the auto pool's snapshot)."""
