@@ -667,3 +667,26 @@ def test_read_only_pools_of_another_user(tmp_path: Path) -> None:
         assert pools.get(1, "k") == b"v"
         with pytest.raises(PermissionError, match="not writable"):
             pools.set(1, "k", "w")
+
+
+def test_foreign_records_that_fill_their_fields_survive_updates(tmp_path: Path) -> None:
+    full = b"F" * 512 + b"V" * 2048  # no NUL at all: what a careless writer can leave
+    pool_path(tmp_path, 1).write_bytes(full + c_record("x", "1") + c_record("y", "2"))
+    with KvpPools(tmp_path) as pools:
+        assert pools.records(1)[0].key == b"F" * 512
+        pools.set(1, "y", "3")  # rewrites only that record
+        pools.delete(1, "x")  # shifts the records after it
+        pools.set(1, "z", "4")  # appends
+        pools.pool(1).merge([("y", "3"), ("w", "5")])
+    data = pool_path(tmp_path, 1).read_bytes()
+    assert data[:REC] == full
+    assert read_pool_file_bytes(data[REC:]) == [("y", "3"), ("z", "4"), ("w", "5")]
+
+
+def read_pool_file_bytes(data: bytes) -> list[tuple[str, str]]:
+    """The independent reader's rule on bytes: 2560-byte records, C strings in UTF-8."""
+    out = []
+    for i in range(0, len(data) - REC + 1, REC):
+        key, value = data[i : i + 512], data[i + 512 : i + REC]
+        out.append((key.split(b"\0")[0].decode(), value.split(b"\0")[0].decode()))
+    return out

@@ -150,6 +150,12 @@ def encode_record(key: str | bytes, value: str | bytes) -> bytes:
     return check_key(key).ljust(KEY_FIELD, b"\0") + check_value(value).ljust(VALUE_FIELD, b"\0")
 
 
+def _pack(r: KvpRecord) -> bytes:
+    """A record as stored (a key that fills its field, as another writer may leave it, stays
+    as it is; the fields are zero-filled after the NUL)."""
+    return r.key[:KEY_FIELD].ljust(KEY_FIELD, b"\0") + r.value[:VALUE_FIELD].ljust(VALUE_FIELD, b"\0")
+
+
 def _cstr(field: bytes) -> bytes:
     end = field.find(b"\0")
     return field if end < 0 else field[:end]
@@ -293,13 +299,20 @@ class KvpPoolFile:
         self._trusted = now - st.st_ctime_ns > _TRUST_AFTER * 1e9
         return records
 
-    def _write_locked(self, fd: int, records: Sequence[KvpRecord]) -> None:
-        data = b"".join(encode_record(r.key, r.value) for r in records)
+    def _write_locked(self, fd: int, records: Sequence[KvpRecord], start: int = 0,
+                      stop: int | None = None) -> None:
+        """Write ``records[start:stop]`` at their places and cut the file after the last
+        record: in place, so the records before ``start`` are not even rewritten."""
+        end = len(records) if stop is None else stop
+        data = b"".join(_pack(r) for r in records[start:end])
         view = memoryview(data)
-        at = 0
-        while at < len(view):
-            at += os.pwrite(fd, view[at:], at)
-        os.ftruncate(fd, len(data))
+        base = start * RECORD_SIZE
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], base + done)
+        size = len(records) * RECORD_SIZE
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
         self._cache = None
         self._sig = None
 
@@ -326,17 +339,10 @@ class KvpPoolFile:
             for i, r in enumerate(records):
                 if r.key == rkey:
                     records[i] = KvpRecord(rkey, rvalue)
-                    self._write_locked(fd, records)
+                    self._write_locked(fd, records, i, i + 1)
                     return False
-            # Appending needs only the new record at the end: other records stay as they are.
-            data = encode_record(rkey, rvalue)
-            at = len(records) * RECORD_SIZE
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], at + done)
-            os.ftruncate(fd, at + len(data))
-            self._cache = None
+            records.append(KvpRecord(rkey, rvalue))  # only the new record is written
+            self._write_locked(fd, records, len(records) - 1)
             return True
 
     def delete(self, key: str | bytes) -> bool:
@@ -347,7 +353,7 @@ class KvpPoolFile:
             for i, r in enumerate(records):
                 if r.key == rkey:
                     del records[i]
-                    self._write_locked(fd, records)
+                    self._write_locked(fd, records, i)
                     return True
             return False
 
@@ -357,18 +363,19 @@ class KvpPoolFile:
         wanted = [KvpRecord(check_key(k), check_value(v)) for k, v in items]
         with self.locked() as fd:
             records = list(self._read_locked(fd))
-            changed = False
+            first: int | None = None
             for rec in wanted:
                 at = next((i for i, r in enumerate(records) if r.key == rec.key), None)
                 if at is None:
                     records.append(rec)
-                    changed = True
-                elif records[at] != rec:
-                    records[at] = rec
-                    changed = True
-            if changed:
-                self._write_locked(fd, records)
-            return changed
+                    at = len(records) - 1
+                elif records[at] == rec:
+                    continue
+                records[at] = rec
+                first = at if first is None else min(first, at)
+            if first is not None:
+                self._write_locked(fd, records, first)
+            return first is not None
 
     def replace_all(self, items: Sequence[tuple[str | bytes, str | bytes]]) -> None:
         """Make the pool hold exactly ``items``, in order (the auto pool's snapshot)."""
