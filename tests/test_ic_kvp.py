@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,8 @@ from pyvmbus.ic.messages import (
     KvpValue,
     RegType,
 )
+from pyvmbus.ic.runner import IcRunner
+from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.ic_models import HostState, pump
 from pyvmbus.mock.kvp_model import FAULTS, KvpHost
 
@@ -565,11 +568,6 @@ def test_value_struct_roundtrip() -> None:
 
 @pytest.mark.timeout(90)
 def test_kvp_through_the_mock_and_the_runner(tmp_path: Path, root: Path, scripts: Path) -> None:
-    import threading
-
-    from pyvmbus.ic.runner import IcRunner
-    from pyvmbus.mock import MockVmbus
-
     svc = make_service(tmp_path, root, scripts)
     svc.pools.set(1, "from-guest", "hello")
     with MockVmbus() as mock:
@@ -690,3 +688,63 @@ def read_pool_file_bytes(data: bytes) -> list[tuple[str, str]]:
         key, value = data[i : i + 512], data[i + 512 : i + REC]
         out.append((key.split(b"\0")[0].decode(), value.split(b"\0")[0].decode()))
     return out
+
+
+@pytest.mark.timeout(120)
+def test_every_operation_and_fault_through_the_mock(tmp_path: Path, root: Path, scripts: Path) -> None:
+    svc = make_service(tmp_path, root, scripts)
+    pools_dir = tmp_path / "pools"
+    with MockVmbus() as mock:
+        guid = mock.add_device("kvp")
+        stop = threading.Event()
+        runner = IcRunner(mock.root, guid, svc, stop_event=stop)
+        t = threading.Thread(target=runner.run, kwargs={"timeout": 100}, daemon=True)
+        t.start()
+
+        def settle() -> list[dict[str, object]]:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    st = mock.command(guid, "stats")
+                    if st["state"] == "ready" and st["idle"]:
+                        assert st["errors"] == []
+                        return list(st["results"])
+                except AssertionError:
+                    raise
+                except Exception:
+                    pass
+                assert time.monotonic() < deadline, "the KVP host did not finish"
+                time.sleep(0.02)
+
+        try:
+            settle()
+            mock.command(guid, "set", key="A", value="1")
+            mock.command(guid, "set", key="N", value=7, value_type=RegType.REG_U32)
+            mock.command(guid, "get", key="A")
+            mock.command(guid, "delete", key="N")
+            mock.command(guid, "enumerate", pool=0)
+            mock.command(guid, "get_ip", adapter_id="00:15:5D:01:02:03")
+            mock.command(guid, "set_ip", adapter_id="{f8615163-df3e-46c5-913f-f2d2f965ed0e}",
+                         ip_addr="10.0.0.9", sub_net="255.255.255.0", gate_way="10.0.0.1",
+                         dns_addr="10.0.0.53")
+            res = settle()[-8:]
+            assert [(r["op"], r["status"]) for r in res] == [
+                ("SET", 0), ("SET", 0), ("GET", 0), ("DELETE", 0), ("ENUMERATE", 0), ("ENUMERATE", HV_S_CONT),
+                ("GET_IP_INFO", 0), ("SET_IP_INFO", 0)]
+            assert res[2]["value"] == "1" and res[6]["ip_addr"] == "10.0.0.4;fe80::215:5dff:fe01:203"
+            assert (pools_dir / "ifcfg-eth0").exists()
+            before = [pool_path(pools_dir, n).read_bytes() for n in range(5)]
+            for fault in FAULTS:
+                mock.command(guid, "fault", fault=fault)
+            res = settle()[-len(FAULTS):]
+            assert [r["fault"] for r in res] == list(FAULTS)
+            for r in res:
+                expected = HV_ERROR_NOT_SUPPORTED if r["fault"] == "unknown_op" else HV_INVALIDARG
+                assert r["status"] == expected, r
+            assert [pool_path(pools_dir, n).read_bytes() for n in range(5)] == before
+            assert read_pool_file(pool_path(pools_dir, 0)) == [("A", "1")]
+        finally:
+            stop.set()
+            t.join(30)
+    assert not t.is_alive() and runner.result.why == "stopped"
+    svc.close_pools()
