@@ -654,17 +654,28 @@ def test_auto_pool_file_keeps_other_records(svc: KvpService, tmp_path: Path) -> 
     assert host.enumerations[2] == svc.system.intrinsics()  # the host sees the intrinsic values
 
 
-def test_read_only_pools_of_another_user(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can write any file")
+def test_read_only_pools_of_another_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pools owned by root, 0644, read by another user (``vmbus kvp list`` as a user): the
+    read-write open is refused, so the pool is read through a read-only descriptor."""
     with KvpPools(tmp_path) as pools:
         pools.set(1, "k", "v")
-    for n in range(5):
-        pool_path(tmp_path, n).chmod(0o444)
+    real_open = os.open
+
+    def as_other_user(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("pyvmbus.ic.kvp_pool.os.open", as_other_user)
     with KvpPools(tmp_path, create=False, check_daemon=False) as pools:
-        assert pools.get(1, "k") == b"v"
+        assert pools.get(1, "k") == b"v" and [r.key for r in pools.records(1)] == [b"k"]
+        assert not pools.pool(1).writable
         with pytest.raises(PermissionError, match="not writable"):
             pools.set(1, "k", "w")
+    with pytest.raises(PermissionError):
+        KvpPools(tmp_path / "new", check_daemon=False)  # creating needs write access
+    monkeypatch.undo()
+    assert read_pool_file(pool_path(tmp_path, 1)) == [("k", "v")]
 
 
 def test_foreign_records_that_fill_their_fields_survive_updates(tmp_path: Path) -> None:
