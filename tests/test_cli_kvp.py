@@ -123,14 +123,21 @@ def test_ic_kvp_serves_the_host(mock: MockVmbus, tmp_path: Path) -> None:
             wait(idle_ready, what="the first enumeration")
             mock.command(guid, "set", key="FromHost", value="42")
             mock.command(guid, "fault", fault="bad_utf16")
+            mock.command(guid, "set_ip", adapter_id="{f8615163-df3e-46c5-913f-f2d2f965ed0e}",
+                         ip_addr="10.9.9.9", sub_net="255.0.0.0")
         except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=host, daemon=True)
     t.start()
-    # 5 enumeration passes, the SET and the refused fault.
+    scripts = tmp_path / "scripts"  # helpers that must never run from a mock bus
+    scripts.mkdir()
+    for name in ("hv_get_dhcp_info", "hv_get_dns_info", "hv_set_ifconfig"):
+        (scripts / name).write_text(f"#!/bin/sh\ntouch {tmp_path}/RAN\n")
+        (scripts / name).chmod(0o755)
+    # 5 enumeration passes, the SET, the refused fault, the SET_IP_INFO.
     r = run("--root", str(mock.root), "--json", "ic", "kvp", guid, "--pool-dir", str(pools),
-            "--count", "7", "--timeout", "60")
+            "--kvp-scripts", str(scripts), "--count", "8", "--timeout", "60")
     t.join(20)
     assert not errors and r.exit_code == 0, r.stderr
     evs = lines(r)
@@ -138,7 +145,9 @@ def test_ic_kvp_serves_the_host(mock: MockVmbus, tmp_path: Path) -> None:
         name = f"ic.{ev['service']}.summary" if ev["event"] == "summary" else f"ic.{ev['event']}"
         assert set(ev) == set(SCHEMAS[name]), name
     kvp = [e for e in evs if e["event"] == "kvp"]
-    assert [e["kind"] for e in kvp] == ["enumerated"] * 5 + ["set", "refused"]
+    assert [e["kind"] for e in kvp] == ["enumerated"] * 5 + ["set", "refused", "ip_set"]
+    assert kvp[7]["status"] == "HV_GUID_NOTFOUND" and kvp[7]["pool"] is None
+    assert not (tmp_path / "RAN").exists()
     assert [e["count"] for e in kvp[:5]] == [0, 1, 10, 0, 0]
     assert kvp[5]["key"] == "FromHost" and kvp[5]["status"] == "HV_S_OK" and kvp[5]["pool"] == 0
     assert kvp[6]["status"] == "HV_INVALIDARG" and "UTF-16" in kvp[6]["reason"]

@@ -759,3 +759,13 @@ def test_every_operation_and_fault_through_the_mock(tmp_path: Path, root: Path, 
             t.join(30)
     assert not t.is_alive() and runner.result.why == "stopped"
     svc.close_pools()
+
+
+def test_get_ip_info_takes_aliases_but_not_other_interfaces(root: Path, scripts: Path) -> None:
+    addrs = [*fake_addresses(), IfAddress("eth0:1", socket.AF_INET, "10.0.1.4", "255.255.255.0"),
+             IfAddress("eth01", socket.AF_INET, "172.16.0.1", "255.255.0.0")]
+    net = KvpNetwork(scripts_dir=scripts, root=root, proc=root / "proc", addresses=lambda: addrs)
+    res = net.get_ip_info("00:15:5D:01:02:03")
+    assert res.status == HV_S_OK and res.value is not None and res.ifname == "eth0"
+    assert res.value.ip_addr == "10.0.0.4;fe80::215:5dff:fe01:203;10.0.1.4"
+    assert res.value.sub_net == "255.255.255.0;/64;255.255.255.0"

@@ -27,7 +27,7 @@ from ..ic import KvpEvent, KvpService
 from ..ic.kvp_pool import DEFAULT_POOL_DIR, POOL_COUNT, KvpPoolError, KvpPools, check_key, check_value
 from ..ic.kvp_system import KvpNetwork
 from ..ic.messages import KvpOp
-from .ic import _common, _ic_device, _Session, _summary, ic, render_ic_event
+from .ic import _common, _ic_device, _Session, _summary, acts_on_this_machine, ic, render_ic_event
 from .output import Output, stamp, table
 from .state import CliState, json_option
 
@@ -126,9 +126,14 @@ def ic_kvp(state: CliState, device: str, pool_dir: Path | None, kvp_scripts: Pat
         ev["t"] = round(time.monotonic() - session.start, 3)
         out.emit(ev, lambda: render_kvp_event(ev))
 
+    root = state.root()
     pools = KvpPools(directory)
     try:
-        network = KvpNetwork(scripts_dir=kvp_scripts, config_dir=directory)
+        # On a mock or another --root bus, adapters are looked up under that root (a mock has
+        # none): a host request never reconfigures this machine's network from there.
+        real = acts_on_this_machine(root)
+        network = KvpNetwork(scripts_dir=kvp_scripts, config_dir=directory, root=root if not real else "/",
+                             proc=root / "proc" if not real else "/proc")
         svc = KvpService(pools, network=network, publish_auto=not no_auto_pool_file, on_event=on_event)
         missing = [n for n, p in network.scripts.items() if p is None]
         if missing:

@@ -409,7 +409,9 @@ class KvpNetwork:
         ips: list[str] = []
         subnets: list[str] = []
         for a in self._addresses():
-            if a.ifname != ifname or a.loopback:
+            # The interface and its labelled aliases (eth0:1); the daemon's prefix match
+            # would also take eth01's addresses for eth0.
+            if (a.ifname != ifname and not a.ifname.startswith(ifname + ":")) or a.loopback:
                 continue
             if a.family == socket.AF_INET:
                 family |= ADDR_FAMILY_IPV4
