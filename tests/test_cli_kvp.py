@@ -95,6 +95,13 @@ def test_kvp_missing_keys_and_bad_input(tmp_path: Path) -> None:
     assert not any(pool_path(d, n).exists() and pool_path(d, n).stat().st_size for n in range(5))
 
 
+def test_kvp_unusable_pool_dir_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    r = run("kvp", "set", "k", "v", "--pool-dir", str(tmp_path / "file" / "sub"))
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"vmbus: error: cannot use the KVP pool {tmp_path}/file/sub: Not a directory"
+
+
 def test_kvp_commands_use_the_root(tmp_path: Path) -> None:
     assert run("--root", str(tmp_path), "kvp", "set", "a", "b").exit_code == 0
     assert read_pool(pool_path(tmp_path / "var/lib/hyperv", 1)) == [("a", "b")]

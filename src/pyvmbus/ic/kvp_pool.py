@@ -54,6 +54,7 @@ __all__ = [
     "KvpDaemonRunning",
     "KvpPoolError",
     "KvpPoolFile",
+    "KvpPoolUnavailable",
     "KvpPools",
     "KvpRecord",
     "POOL_COUNT",
@@ -86,6 +87,24 @@ class KvpPoolError(UsageError, ValueError):
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
+
+
+class KvpPoolUnavailable(UsageError, OSError):
+    """A pool file or its directory cannot be created, opened or written (``errno`` says why)."""
+
+    def __init__(self, path: str | os.PathLike[str], exc: OSError | None = None, *,
+                 reason: str | None = None, denied: bool = False) -> None:
+        self.path = str(path)
+        why = reason or (exc.strerror if exc is not None and exc.strerror else str(exc))
+        denied = denied or (exc is not None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS))
+        hint = " (the pools are root's: run as root, or give --pool-dir)" if denied else ""
+        self.message = f"cannot use the KVP pool {self.path}: {why}{hint}"
+        super().__init__(self.message)
+        self.errno = exc.errno if exc is not None else errno.EACCES
+        self.strerror = why
+
+    def __str__(self) -> str:  # OSError's would print "[Errno N] strerror" once errno is set
+        return self.message
 
 
 class KvpDaemonRunning(UsageError):
@@ -244,6 +263,16 @@ class KvpPoolFile:
         return (st_path.st_dev, st_path.st_ino) != (st_fd.st_dev, st_fd.st_ino)
 
     @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """OSErrors of a pool operation as :class:`KvpPoolUnavailable` (errno kept)."""
+        try:
+            yield
+        except (KvpPoolUnavailable, FileNotFoundError):
+            raise  # a pool removed meanwhile, opened read-only: it reads as empty
+        except OSError as exc:
+            raise KvpPoolUnavailable(self.path, exc) from exc
+
+    @contextlib.contextmanager
     def locked(self, *, write: bool = True) -> Iterator[int]:
         """Hold the pool: this object's mutex, ``flock`` and the ``fcntl`` lock (a write lock,
         or a read lock for ``write=False``). Yields the descriptor of the file the path
@@ -252,8 +281,7 @@ class KvpPoolFile:
             if self._fd < 0:
                 raise ValueError(f"{self.path} is closed")
             if write and not self.writable:
-                raise PermissionError(errno.EACCES, "the pool file is not writable for this user",
-                                      str(self.path))
+                raise KvpPoolUnavailable(self.path, reason="it is not writable for this user", denied=True)
             while True:
                 fd = self._fd
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -320,7 +348,7 @@ class KvpPoolFile:
 
     def records(self) -> list[KvpRecord]:
         """Every record, in file order (re-read only if the file changed)."""
-        with self.locked(write=False) as fd:
+        with self._io(), self.locked(write=False) as fd:
             return list(self._read_locked(fd))
 
     def get(self, key: str | bytes) -> bytes | None:
@@ -334,7 +362,7 @@ class KvpPoolFile:
     def set(self, key: str | bytes, value: str | bytes) -> bool:
         """Set ``key`` (replace the first record's value, else append); True if it was new."""
         rkey, rvalue = check_key(key), check_value(value)
-        with self.locked() as fd:
+        with self._io(), self.locked() as fd:
             records = list(self._read_locked(fd))
             for i, r in enumerate(records):
                 if r.key == rkey:
@@ -348,7 +376,7 @@ class KvpPoolFile:
     def delete(self, key: str | bytes) -> bool:
         """Remove the first record with ``key``; False if there was none."""
         rkey = check_key(key)
-        with self.locked() as fd:
+        with self._io(), self.locked() as fd:
             records = list(self._read_locked(fd))
             for i, r in enumerate(records):
                 if r.key == rkey:
@@ -361,7 +389,7 @@ class KvpPoolFile:
         """Set every (key, value) of ``items`` in one locked pass (written only if something
         changed; other records stay). True if the file was rewritten."""
         wanted = [KvpRecord(check_key(k), check_value(v)) for k, v in items]
-        with self.locked() as fd:
+        with self._io(), self.locked() as fd:
             records = list(self._read_locked(fd))
             first: int | None = None
             for rec in wanted:
@@ -380,7 +408,7 @@ class KvpPoolFile:
     def replace_all(self, items: Sequence[tuple[str | bytes, str | bytes]]) -> None:
         """Make the pool hold exactly ``items``, in order (the auto pool's snapshot)."""
         records = [KvpRecord(check_key(k), check_value(v)) for k, v in items]
-        with self.locked() as fd:
+        with self._io(), self.locked() as fd:
             if list(self._read_locked(fd)) != records:
                 self._write_locked(fd, records)
 
@@ -402,9 +430,12 @@ class KvpPools:
         self.pool_dir = Path(pool_dir)
         if check_daemon:
             check_no_daemon(self.pool_dir, proc=proc)
-        if create:
-            self.pool_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         self._files: dict[int, KvpPoolFile] = {}
+        if create:
+            try:
+                self.pool_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise KvpPoolUnavailable(self.pool_dir, exc) from exc
         self._create = create
         try:
             for n in range(POOL_COUNT):
@@ -416,10 +447,15 @@ class KvpPools:
     def _open(self, n: int) -> KvpPoolFile | None:
         f = self._files.get(n)
         if f is None:
+            path = pool_path(self.pool_dir, n)
             try:
-                f = KvpPoolFile(pool_path(self.pool_dir, n), create=self._create)
+                f = KvpPoolFile(path, create=self._create)
             except FileNotFoundError:
+                if self._create:
+                    raise KvpPoolUnavailable(path, reason="its directory does not exist") from None
                 return None
+            except OSError as exc:
+                raise KvpPoolUnavailable(path, exc) from exc
             self._files[n] = f
         return f
 
