@@ -213,6 +213,26 @@ def test_kvp_message_offsets_golden() -> None:
     assert KvpIpMsg.unpack_from(ip, 0).value.dns_addr == "4"
 
 
+def test_whole_kvp_message_and_answer_offsets(svc: KvpService) -> None:
+    """A host ENUMERATE of pool 2, index 5 (OSName), as bytes on the wire, and where the
+    guest's answer puts the key and value (28 + 8 + 12 = 48 and 28 + 8 + 524 = 560)."""
+    body = KvpEnumerate(KvpHdr(KvpOp.ENUMERATE, 2), 5).pack()
+    msg = m.build_message(m.IcMsgType.KVPEXCHANGE, body, framework_version=0x30000,
+                          message_version=0x40000, transaction_id=3)
+    assert msg[:36] == h(
+        "01000000 280a0000"  # pipe: flags 1, msgsize 20 + 2580 (0xa28)
+        "0300 0000 0200 0400 0000 140a 00000000 03 03 0000"  # 3.0, type 2, 4.0, 2580, ok, tid 3, T|R
+        "03 02 0000 05000000")  # ENUMERATE, pool 2, pad, index 5
+    resp = svc.handle(msg)
+    assert resp is not None and len(resp) == len(msg)
+    assert resp[20:24] == h("00000000") and resp[25] == 5  # status HV_S_OK, icflags T|RESP
+    assert resp[36:40] == h("01000000")  # value_type REG_SZ
+    assert resp[40:44] == KvpValue.U32.pack(2 * (len("OSName") + 1))  # key_size with the NUL
+    assert resp[48 : 48 + 14] == "OSName\0".encode("utf-16-le")
+    value = "Ubuntu\0".encode("utf-16-le")
+    assert resp[44:48] == KvpValue.U32.pack(len(value)) and resp[560 : 560 + len(value)] == value
+
+
 # --- the pool files ------------------------------------------------------------------------------
 
 
