@@ -17,9 +17,10 @@ How pyvmbus keeps them consistent with every one of those writers:
 - **Read-modify-write under one lock**: a set or delete reads the file, changes the records
   and writes it back without letting go in between (the C daemon unlocks between its read
   and its write, so a concurrent writer's record can be lost there).
-- **In place**: a pool is rewritten into the same inode (``pwrite`` of the records, then
-  ``ftruncate``), never replaced by a rename: other processes keep their descriptors and
-  their locks on that inode.
+- **In place**: only the records that changed are written (``pwrite`` at their offsets),
+  then the file is cut after the last record; it is never replaced by a rename, so other
+  processes keep their descriptors and their locks on that inode. A pool file that someone
+  else renamed over or removed is reopened by name (the daemon reads by name too).
 - **Re-read on change**: a read under the lock re-uses the records it read last only when
   the file's identity, size, mtime and ctime are unchanged and the ctime lay more than a
   second before that last read (file timestamps advance in coarse ticks, so a change within
