@@ -248,7 +248,7 @@ def test_unbind_while_open_and_remove_device() -> None:
     with MockVmbus() as mock:
         guid = mock.add_device("echo")
         binding.bind(mock.root, guid)
-        g = RawGuest(mock.root, guid)
+        g = RawGuest(mock.root, guid, exclusive=False)  # so that pyvmbus lets the unbind through
         binding.unbind(mock.root, guid)
         with pytest.raises(DeviceRescinded):
             g.dev.wait(5)

@@ -238,9 +238,11 @@ def test_host_crash_is_host_crashed() -> None:
         with pytest.raises(HostCrashed) as info:
             dev.wait(5)
         assert isinstance(info.value, DeviceRescinded)  # handled like a rescind
-        with pytest.raises(HostCrashed):
-            UioDevice.open(mock.root, name, guid)
+        with pytest.raises(HostCrashed):  # a second open: no lock (this process holds it)
+            UioDevice.open(mock.root, name, guid, exclusive=False)
         dev.close()
+        with pytest.raises(HostCrashed):  # the lock went with the close
+            UioDevice.open(mock.root, name, guid)
         with pytest.raises(HostCrashed):
             mock.host_stats(guid)
 
@@ -274,7 +276,7 @@ def test_last_close_loses_ring_state_and_opens_share() -> None:
         a = RawGuest(mock.root, guid)
         a.primary.tx.write(b"not signalled")
         assert a.primary.tx.write_index != 0
-        b = UioDevice.open(mock.root, name, guid)  # a second open: nothing reset
+        b = UioDevice.open(mock.root, name, guid, exclusive=False)  # a second open: nothing reset
         assert a.primary.tx.write_index != 0
         assert mock.kernel_state(guid)["opencount"] == 2
         a.close()

@@ -33,6 +33,14 @@ Guard rails, refused unless ``force=True`` (:class:`GuardRailRefused` says why):
 Permissions are checked before the first write: on the real root the process must be
 root, and every file to be written must pass ``os.access(path, W_OK)``
 (:class:`NotPermitted` names the file).
+
+One at a time: bind, unbind and restore each hold the device's lock
+(:mod:`pyvmbus.devlock`, ``root/run/pyvmbus/lock/<guid>.lock``) from before they read the
+device's state until they return, the lock every :class:`~pyvmbus.channel.Channel` holds
+while the device is open. So two binds of one device cannot both act: the second waits for
+the first (up to its ``timeout``) and then finds the device bound (:class:`AlreadyBound`).
+A device that another user holds open (a Channel, ``vmbus enable``) or has reserved is
+not taken from under it: :class:`DeviceBusy`, at once, naming that process.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import devlock
 from .errors import (
     AlreadyBound,
     BindFailed,
@@ -126,6 +135,13 @@ def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def _check_root(root: Path, guid: Guid, action: str) -> None:
+    """Driver binding on a real system needs root: say so before taking the device's lock."""
+    if _is_real_root(root) and os.geteuid() != 0:
+        raise NotPermitted(str(root / "sys" / "bus" / "vmbus"), f"{action} {guid} (driver binding needs "
+                           "root): write")
 
 
 def _check_access(root: Path, guid: Guid, action: str, paths: list[Path]) -> None:
@@ -289,12 +305,21 @@ def bind(root: str | os.PathLike[str], guid: str, *, force: bool = False, timeou
     :meth:`Sysfs.device`). Raises :class:`DriverNotLoaded`, :class:`AlreadyBound`,
     :class:`GuardRailRefused` (unless ``force``), :class:`NotPermitted` before any
     write; :class:`BindFailed` when the kernel refuses and :class:`Timeout` when the
-    node does not appear, in both cases after putting the previous driver back.
+    node does not appear, in both cases after putting the previous driver back;
+    :class:`DeviceBusy` when another process holds the device open or has reserved it
+    (a bind / unbind / restore in another process is waited for, up to ``timeout``).
     """
     rootp = Path(root)
+    g = Sysfs(rootp).device(guid).guid
+    _check_root(rootp, g, "bind")
+    with devlock.acquire(rootp, g, "bind", wait=timeout):
+        return _bind(rootp, g, force, timeout)
+
+
+def _bind(rootp: Path, g: Guid, force: bool, timeout: float) -> str:
+    """:func:`bind` under the device's lock."""
     fs = Sysfs(rootp)
-    dev = fs.device(guid)
-    g = dev.guid
+    dev = fs.device(g)
     uio_dir = fs.drivers_dir / UIO_DRIVER
     if not fs.driver_loaded(UIO_DRIVER):
         raise DriverNotLoaded(UIO_DRIVER, str(uio_dir))
@@ -402,11 +427,22 @@ def unbind(root: str | os.PathLike[str], guid: str, *, force: bool = False,
     driver_override stays as it is, so nothing rebinds the device behind your back. The
     guard rails apply when the driver is not uio_hv_generic (unbinding hv_netvsc takes the
     interface down just as binding does); the driver is remembered for :func:`restore`.
+    :class:`DeviceBusy` when another user holds the device open or has reserved it.
     """
     rootp = Path(root)
-    fs = Sysfs(rootp)
-    dev = fs.device(guid)
+    dev = Sysfs(rootp).device(guid)
     g = dev.guid
+    if dev.driver is None:
+        return None  # nothing to release (a bind that comes later is simply later)
+    _check_root(rootp, g, "unbind")
+    with devlock.acquire(rootp, g, "unbind", wait=timeout):
+        return _unbind(rootp, g, force, timeout)
+
+
+def _unbind(rootp: Path, g: Guid, force: bool, timeout: float) -> str | None:
+    """:func:`unbind` under the device's lock."""
+    fs = Sysfs(rootp)
+    dev = fs.device(g)
     current = dev.driver
     if current is None:
         return None
@@ -434,11 +470,19 @@ def restore(root: str | os.PathLike[str], guid: str, *, timeout: float = 10.0) -
 
     Without a record (bound by hand) the device gets whatever driver the kernel picks.
     A device that some other driver holds now keeps it; only the override is cleared.
+    A device that another user holds open (or has reserved) is left alone:
+    :class:`DeviceBusy`, naming that process.
     """
     rootp = Path(root)
+    g = Sysfs(rootp).device(guid).guid
+    with devlock.acquire(rootp, g, "restore", wait=timeout):
+        return _restore(rootp, g, timeout)
+
+
+def _restore(rootp: Path, g: Guid, timeout: float) -> str | None:
+    """:func:`restore` under the device's lock."""
     fs = Sysfs(rootp)
-    dev = fs.device(guid)
-    g = dev.guid
+    dev = fs.device(g)
     rec = read_record(rootp, g)
     previous = rec.previous_driver if rec is not None else None
     current = dev.driver

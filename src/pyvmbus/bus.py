@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import devlock
 from .binding import bind as _bind
 from .binding import restore as _restore
 from .binding import unbind as _unbind
@@ -58,6 +59,23 @@ class Vmbus:
     def restore(self, query: str, *, timeout: float = 10.0) -> str | None:
         """Give the device back to the driver it had before :meth:`bind`."""
         return _restore(self.root, self.device(query).guid, timeout=timeout)
+
+    def reserve(self, query: str, *, wait: float = 0.0) -> devlock.DeviceLock:
+        """Hold the device for this process across several steps; use it as a context manager::
+
+            with bus.reserve(guid):
+                bus.bind(guid)
+                ch = bus.channel(guid)
+                ch.enable(); ...; ch.disable()
+                bus.restore(guid)
+
+        Other processes are refused (:class:`DeviceBusy`) from the first step to the last,
+        so none can open or rebind the device between this process's bind and its enable.
+        Inside, this process's bind / unbind / restore and one open Channel at a time go
+        through. ``wait``: seconds to wait for another process's bind / unbind / restore
+        of the device to end (an open device is refused at once). See :mod:`pyvmbus.devlock`.
+        """
+        return devlock.reserve(self.root, self.device(query).guid, wait=wait)
 
     def channel(self, query: str, **options: Any) -> Channel:
         """A (disabled) :class:`Channel` for the device; ``options`` go to its constructor

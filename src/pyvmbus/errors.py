@@ -9,10 +9,13 @@ wrong and, where there is one, what to do.
 
 from __future__ import annotations
 
+import time
+
 __all__ = [
     "AlreadyBound",
     "BindFailed",
     "ChannelClosed",
+    "DeviceBusy",
     "DeviceNotFound",
     "DeviceRescinded",
     "DriverNotLoaded",
@@ -135,6 +138,61 @@ class BindFailed(UsageError):
         self.driver = driver
         self.detail = detail
         super().__init__(f"binding {guid} to {driver} failed: {detail}")
+
+
+_HOLDING = {
+    "open": "holds it open",
+    "reserve": "has reserved it",
+    "bind": "is binding it",
+    "unbind": "is unbinding it",
+    "restore": "is restoring it",
+}
+
+
+class DeviceBusy(UsageError):
+    """Another user holds the device: a Channel has it open, or a bind / unbind / restore runs.
+
+    pyvmbus allows one user of a device at a time, across processes (an advisory lock per
+    device, ``root/run/pyvmbus/lock/<guid>.lock``; see :mod:`pyvmbus.devlock`): the kernel
+    would let two processes open the node and share the channel, and they would take each
+    other's packets. ``pid``, ``command``, ``role`` (``open``, ``reserve``, ``bind``,
+    ``unbind``, ``restore``) and ``since`` (a time.time() value) describe the holder; each
+    is None when it cannot be found out. ``this_process`` is True when the holder is the
+    caller's own process (a second Channel of the same device, a restore of a device the
+    process has open). ``waited``: seconds spent waiting for a bind / unbind / restore to end.
+    """
+
+    def __init__(self, device: str, action: str, lock: str, *, pid: int | None = None,
+                 command: str | None = None, role: str | None = None, since: float | None = None,
+                 this_process: bool = False, waited: float = 0.0) -> None:
+        self.device = device
+        self.action = action
+        self.lock = lock
+        self.pid = pid
+        self.command = command
+        self.role = role
+        self.since = since
+        self.this_process = this_process
+        self.waited = waited
+        if pid is None:
+            who = ("a process pyvmbus cannot identify (the kernel's /proc/locks does not name the "
+                   f"holder of {lock}: another PID namespace?)")
+        else:
+            who = f"pid {pid} ({command or 'command unknown'}{', this process' if this_process else ''})"
+        doing = _HOLDING.get(role or "", "holds it")
+        msg = f"device {device} is busy: cannot {action}: {who} {doing}"
+        if since is not None:
+            msg += f" since {time.strftime('%H:%M:%S', time.localtime(since))}"
+        if waited > 0:
+            msg += f"; still busy after waiting {waited:g} s"
+        if this_process:
+            msg += ("; disable() the other Channel of this device first" if role == "open"
+                    else "; wait for this process's other user of the device to finish")
+        elif pid is not None:
+            msg += f"; wait for it to finish or stop it (kill {pid}); the lock is {lock}"
+        else:
+            msg += "; wait for it to finish, or find it with 'fuser' on the lock file"
+        super().__init__(msg)
 
 
 class GuardRailRefused(UsageError):

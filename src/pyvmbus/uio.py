@@ -27,6 +27,13 @@ it has:
 
 The policy (the rescinded state, timeouts, error translation) lives in :class:`UioDevice`;
 the transports only move bytes, as in python-can's bus / backend split.
+
+One user at a time: the kernel (and so the mock) lets several processes open a node and
+share its channel, where they would take each other's packets. :meth:`UioDevice.open`
+therefore takes pyvmbus's lock of the device (:mod:`pyvmbus.devlock`) before it opens the
+node and holds it until :meth:`UioDevice.close`; a second user is refused with
+:class:`DeviceBusy`, which names the holder. ``exclusive=False`` opens without it, for
+observers that only read the ring headers (``vmbus ring --map``).
 """
 
 from __future__ import annotations
@@ -48,15 +55,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import devlock
 from .errors import (
     ChannelClosed,
     DeviceNotFound,
     DeviceRescinded,
     HostCrashed,
+    InvalidGuid,
     NotPermitted,
     Timeout,
     VmbusError,
 )
+from .guid import parse_guid
 
 __all__ = [
     "MOCK_ACK",
@@ -66,6 +76,7 @@ __all__ = [
     "UioDevice",
     "UioMap",
     "connect_unix",
+    "lock_key",
     "pack_error",
     "pack_open_reply",
 ]
@@ -161,6 +172,24 @@ def _sysfs_maps(root: Path, name: str) -> list[tuple[int, str, int, int]]:
         out.append((index, map_name, size, addr))
     out.sort()
     return out
+
+
+def lock_key(root: str | os.PathLike[str], name: str, device: str | None = None) -> str:
+    """The name of the device lock (:mod:`pyvmbus.devlock`) for uio node ``name``.
+
+    The device's instance GUID: ``device`` when it is one, else the GUID the node's
+    ``root/sys/class/uio/<name>/device`` link leads to. A node that leads to no VMBus
+    device (a test fixture) is locked as ``uio-<name>``.
+    """
+    candidates = [device]
+    with contextlib.suppress(OSError):
+        link = os.readlink(Path(root) / "sys" / "class" / "uio" / name / "device")
+        candidates.append(os.path.basename(link))
+    for text in candidates:
+        if text:
+            with contextlib.suppress(InvalidGuid):
+                return str(parse_guid(text))
+    return f"uio-{name}"
 
 
 class _Transport:
@@ -392,7 +421,8 @@ class UioDevice:
     :class:`HostCrashed`, a kind of DeviceRescinded) from every call that touches the fd.
     """
 
-    def __init__(self, root: Path, name: str, device: str, transport: _Transport, kind: str) -> None:
+    def __init__(self, root: Path, name: str, device: str, transport: _Transport, kind: str,
+                 lock: devlock.DeviceLock | None = None) -> None:
         self.root = root
         self.name = name
         self.device = device
@@ -404,16 +434,22 @@ class UioDevice:
         self._gone: DeviceRescinded | None = None
         self._poller = select.poll()
         self._poller.register(transport.fileno(), select.POLLIN)
+        self._lock = lock
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], name: str, device: str | None = None,
-             *, timeout: float = 10.0) -> UioDevice:
+             *, timeout: float = 10.0, exclusive: bool = True) -> UioDevice:
         """Open ``root/dev/<name>`` and map every map listed in ``root/sys/class/uio/<name>/maps``.
 
-        ``device`` (the instance GUID) only names the device in errors. ``timeout`` bounds
-        the mock's open handshake. Raises :class:`DeviceNotFound` if the node does not
-        exist, :class:`NotPermitted` without access, :class:`DeviceRescinded` if the
-        device was rescinded (or its mock host is gone).
+        ``device`` (the instance GUID) names the device in errors and its lock.
+        ``timeout`` bounds the mock's open handshake, and the wait for a bind / unbind /
+        restore of the device that runs in another process. ``exclusive`` (the default):
+        take the device's lock first (see the module docstring) and hold it until
+        :meth:`close`; False: open without it, to read only (the ring headers), never to
+        send or receive. Raises :class:`DeviceBusy` if another user holds the device,
+        :class:`DeviceNotFound` if the node does not exist, :class:`NotPermitted` without
+        access, :class:`DeviceRescinded` if the device was rescinded (or its mock host is
+        gone).
         """
         rootp = Path(root)
         dev = device or name
@@ -425,6 +461,38 @@ class UioDevice:
         maps = _sysfs_maps(rootp, name)
         if not maps:
             raise DeviceNotFound(name, where=str(rootp / "sys" / "class" / "uio") + " (no maps listed)")
+        # The lock comes before the node's open: on a kernel the first open opens the
+        # channel, in the mock the connect does, and either resets the rings.
+        lock = devlock.acquire(rootp, lock_key(rootp, name, device), "open", wait=timeout,
+                               action=f"open {path}") if exclusive else None
+        try:
+            transport, kind = cls._open_transport(path, st, dev, timeout)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        self = cls(rootp, name, dev, transport, kind, lock)
+        try:
+            for index, map_name, size, addr in maps:
+                try:
+                    mm, start = transport.map(index, size, addr)
+                except PermissionError:
+                    raise NotPermitted(str(path), f"mmap map{index}") from None
+                except (ConnectionResetError, BrokenPipeError):
+                    raise DeviceRescinded(dev, f"{path} went away while its maps arrived") from None
+                self._mmaps.append(mm)
+                array = np.frombuffer(mm, dtype=np.uint8, count=size, offset=start)
+                self.maps.append(UioMap(index, map_name, size, array))
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(transport, _MockTransport):
+            transport.finish_open()
+        return self
+
+    @staticmethod
+    def _open_transport(path: Path, st: os.stat_result, dev: str, timeout: float) -> tuple[_Transport, str]:
+        """Open the node with the transport its file type asks for; errors translated."""
         transport: _Transport
         try:
             if stat.S_ISCHR(st.st_mode):
@@ -453,24 +521,7 @@ class UioDevice:
             if exc.errno in (errno.EIO, errno.ENODEV):
                 raise DeviceRescinded(dev, f"open of {path}: {os.strerror(exc.errno)}") from None
             raise
-        self = cls(rootp, name, dev, transport, kind)
-        try:
-            for index, map_name, size, addr in maps:
-                try:
-                    mm, start = transport.map(index, size, addr)
-                except PermissionError:
-                    raise NotPermitted(str(path), f"mmap map{index}") from None
-                except (ConnectionResetError, BrokenPipeError):
-                    raise DeviceRescinded(dev, f"{path} went away while its maps arrived") from None
-                self._mmaps.append(mm)
-                array = np.frombuffer(mm, dtype=np.uint8, count=size, offset=start)
-                self.maps.append(UioMap(index, map_name, size, array))
-        except BaseException:
-            self.close()
-            raise
-        if isinstance(transport, _MockTransport):
-            transport.finish_open()
-        return self
+        return transport, kind
 
     # -- maps -------------------------------------------------------------------------------
     def map(self, name: str) -> UioMap:
@@ -586,18 +637,29 @@ class UioDevice:
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Unmap and close the node (the last close releases the channel). Idempotent.
+        """Unmap and close the node (the last close releases the channel), then release the
+        device's lock. Idempotent.
 
         A map still exported (a numpy view someone kept) stays valid until that view dies.
         """
         transport, self._transport = self._transport, None
         mmaps, self._mmaps = self._mmaps, []
+        lock, self._lock = self._lock, None
         self.maps = []
-        for mm in mmaps:
-            with contextlib.suppress(BufferError):  # a view is alive: the mapping goes with it
-                mm.close()
-        if transport is not None:
-            transport.close()
+        try:
+            for mm in mmaps:
+                with contextlib.suppress(BufferError):  # a view is alive: the mapping goes with it
+                    mm.close()
+            if transport is not None:
+                transport.close()
+        finally:
+            if lock is not None:  # after the node's close: the next user finds it released
+                lock.release()
+
+    @property
+    def exclusive(self) -> bool:
+        """True while this open holds the device's lock (opened with ``exclusive=True``)."""
+        return self._lock is not None and self._lock.held
 
     @property
     def closed(self) -> bool:

@@ -209,7 +209,9 @@ class MappedRings:
                                "without --map the state comes from sysfs")
         self.dev = dev
         self.was_open = dev.state == 3
-        self.uio = UioDevice.open(root, name, device=dev.guid, timeout=timeout)
+        # An observer: without the device's lock, so it can look at a channel that another
+        # process (vmbus enable, a program) holds, and never stands in that one's way.
+        self.uio = UioDevice.open(root, name, device=dev.guid, timeout=timeout, exclusive=False)
         try:
             self.tx, self.rx = split_rings(self.uio.map("txrx_rings").array, f"{name} txrx_rings")
         except BaseException:

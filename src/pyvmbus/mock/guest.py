@@ -82,11 +82,13 @@ class RawGuest:
     """A bound device opened from userspace: the primary's rings plus any subchannels.
 
     ``unmask_with_write``: also write 1 to the node when unmasking (the only way to unmask
-    on <= 6.9, and how a non-monitored channel signals on 6.10+).
+    on <= 6.9, and how a non-monitored channel signals on 6.10+). ``exclusive``: hold the
+    device's lock like any user (:meth:`UioDevice.open`); False for tests that open a node
+    twice or unbind it under an open client on purpose, to see what the kernel does then.
     """
 
     def __init__(self, root: str | os.PathLike[str], guid: str, *, timeout: float = 10.0,
-                 unmask_with_write: bool = True) -> None:
+                 unmask_with_write: bool = True, exclusive: bool = True) -> None:
         self.root = Path(root)
         self.guid: Guid = parse_guid(guid)
         info = Sysfs(self.root).device(self.guid)
@@ -94,7 +96,7 @@ class RawGuest:
         if name is None:
             raise RuntimeError(f"{guid} is not bound to uio_hv_generic")
         self.info = info
-        self.dev = UioDevice.open(self.root, name, self.guid, timeout=timeout)
+        self.dev = UioDevice.open(self.root, name, self.guid, timeout=timeout, exclusive=exclusive)
         self.unmask_with_write = unmask_with_write
         self.primary = RawChannel(self, info.relid, info.monitor_id, self.dev.map("txrx_rings").array)
         self.channels: dict[int, RawChannel] = {self.primary.relid: self.primary}
