@@ -275,13 +275,15 @@ def acquire(root: str | os.PathLike[str], key: str, role: str, *, wait: float = 
                          waited=round(waited, 3) if found.role in WAIT_ROLES and wait > 0 else 0.0)
 
 
-def reserve(root: str | os.PathLike[str], key: str, *, wait: float = 0.0) -> DeviceLock:
+def reserve(root: str | os.PathLike[str], key: str, *, wait: float = 0.0,
+            action: str | None = None) -> DeviceLock:
     """Hold device ``key`` across several steps (bind, open, restore) of this process.
 
     Other processes are refused (:class:`DeviceBusy`) until :meth:`DeviceLock.release`;
-    this process's bind / unbind / restore and one open at a time go through.
+    this process's bind / unbind / restore and one open at a time go through. ``action``
+    names, in the error, what this reservation was for ("enable").
     """
-    return acquire(root, key, "reserve", wait=wait)
+    return acquire(root, key, "reserve", wait=wait, action=action or "reserve it")
 
 
 def _try(path: Path, key: str, role: str) -> DeviceLock | Holder:

@@ -1,6 +1,8 @@
 """``vmbus enable`` and ``vmbus demo``: run one channel in the foreground and show what happens.
 
-:func:`run_enable` binds the device to uio_hv_generic if it is not bound yet, enables a
+:func:`run_enable` reserves the device (:mod:`pyvmbus.devlock`: another ``vmbus enable``
+or program using it is refused, and none can slip in between this one's bind and its
+open), binds it to uio_hv_generic if it is not bound yet, enables a
 :class:`~pyvmbus.channel.Channel` with callbacks that print each lifecycle event and each
 packet, optionally sends packets from on_post_started, and runs until Ctrl-C / SIGTERM,
 ``count`` packets or ``timeout`` seconds. On the way out it always disables the channel
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import devlock
 from ..errors import (
     ChannelClosed,
     DeviceNotFound,
@@ -223,17 +226,18 @@ def run_enable(bus: Vmbus, dev: VmbusDevice, opts: EnableOptions, out: Output,
                flag: StopFlag | None = None, start: float | None = None) -> None:
     """Bind if needed, enable, print, wait for the end, disable, restore (see the module doc).
 
-    Raises what went wrong (after cleaning up): the enable's error, a host-side close
-    (:class:`DeviceRescinded`, :class:`HostCrashed`, :class:`RingCorrupt`...), or
-    :class:`Timeout` when ``count`` packets did not come within ``timeout``.
+    Raises what went wrong (after cleaning up): :class:`DeviceBusy` when another process
+    uses the device, the enable's error, a host-side close (:class:`DeviceRescinded`,
+    :class:`HostCrashed`, :class:`RingCorrupt`...), or :class:`Timeout` when ``count``
+    packets did not come within ``timeout``.
     """
     flag = flag or StopFlag()
     run = _Run(dev, opts, out, flag, start)
     guid = run.guid
     out.on_broken = lambda: flag.stop("output closed")
-    with stop_on_signals(flag):
+    with stop_on_signals(flag), devlock.reserve(bus.root, guid, wait=opts.bind_timeout, action="enable"):
+        previous = bus.device(guid).driver  # read again under the reservation
         bound_here = False
-        previous = dev.driver
         if previous != UIO_DRIVER:
             uio = bus.bind(guid, force=opts.force, timeout=opts.bind_timeout)
             bound_here = True

@@ -17,6 +17,7 @@ from ..errors import (
     AlreadyBound,
     BindFailed,
     ChannelClosed,
+    DeviceBusy,
     DeviceNotFound,
     DriverNotLoaded,
     GuardRailRefused,
@@ -30,6 +31,7 @@ from ..errors import (
 )
 
 __all__ = [
+    "EXIT_BUSY",
     "EXIT_CODES",
     "EXIT_FAILURE",
     "EXIT_HOST",
@@ -95,6 +97,7 @@ EXIT_NOT_FOUND = 3
 EXIT_TIMEOUT = 8
 EXIT_HOST = 9
 EXIT_NO_VMBUS = 10
+EXIT_BUSY = 12
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: tuple[ExitCode, ...] = (
@@ -122,6 +125,9 @@ EXIT_CODES: tuple[ExitCode, ...] = (
              "try --mock"),
     ExitCode(11, "bind-failed", (BindFailed,), "the kernel refused a bind or unbind write",
              "see dmesg"),
+    ExitCode(EXIT_BUSY, "busy", (DeviceBusy,), "another process uses the device (a channel holds it "
+             "open, or a bind / unbind / restore of it did not end in time); the message names it",
+             "wait for that process or stop it, then run the command again"),
     ExitCode(EXIT_INTERRUPTED, "interrupted", (), "interrupted by Ctrl-C in a command that does not "
              "stop on it by design", ""),
 )
@@ -160,7 +166,7 @@ def hint_for(exc: BaseException) -> str:
 def _says_what_to_do(message: str, hint: str) -> bool:
     low = message.lower()
     words = ("run ", "--force", "modprobe", "see dmesg", "rediscover", "use ", "try ", "vmbus list",
-             "bind it", "give the instance")
+             "bind it", "give the instance", "wait for")
     return hint.lower() in low or any(w in low for w in words)
 
 

@@ -13,7 +13,10 @@ module moves their bytes the way every Linux util handler does (drivers/hv/hv_ut
 Around that loop the runner owns the device: it binds it to uio_hv_generic if needed
 (``bind=True``) and gives it back to its previous driver on the way out; it survives a
 rescind by waiting for the host to offer the device again, binding it again if the
-re-offer brought the kernel driver back, and re-enabling (the host renegotiates).
+re-offer brought the kernel driver back, and re-enabling (the host renegotiates). It
+reserves the device (:mod:`pyvmbus.devlock`) from before the first bind until after the
+restore, across rescinds too, so no other process can take it in between
+(:class:`~pyvmbus.errors.DeviceBusy` for that one, or for this runner if it came second).
 
 Dispatch runs on the runner's own thread (``dispatch="caller"``: a loop of
 :meth:`Channel.poll`), so the service, its actions and ``on_event`` all run on the thread
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import devlock
 from ..bus import Vmbus
 from ..errors import (
     AlreadyBound,
@@ -198,9 +202,12 @@ class IcRunner:
         self._start = time.monotonic()
         deadline = None if timeout is None else self._start + timeout
         failure: BaseException | None = None
+        reservation: devlock.DeviceLock | None = None
         try:
             self.guid = str(self.bus.device(self.query).guid)
             self.result.device = self.guid
+            reservation = devlock.reserve(self.bus.root, self.guid, wait=self.bind_timeout,
+                                          action=f"serve {self.service.service_name or 'it'}")
             self._open()
             self._serve(deadline)
         except BaseException as exc:
@@ -208,7 +215,11 @@ class IcRunner:
             if not self._why:
                 self._why = "error"
         finally:
-            self._shutdown(failure)
+            try:
+                self._shutdown(failure)
+            finally:
+                if reservation is not None:
+                    reservation.release()
         self.result.why = self._why or "stopped"
         self.result.elapsed = time.monotonic() - self._start
         self._emit("stopped", why=self.result.why, packets=self.result.packets,
