@@ -436,8 +436,9 @@ def test_the_lock_directory_and_file_are_checked(tmp_path: Path) -> None:
     guid = "2d4af5e8-92ed-475d-92d6-c433252cfb81"
     devlock.acquire(tmp_path, guid, "open").release()
     d = devlock.lock_dir(tmp_path)
-    assert d.stat().st_mode & 0o7777 == devlock.LOCK_DIR_MODE
+    assert d.stat().st_mode & 0o7777 == devlock.LOCK_DIR_MODE == 0o1770  # no world access
     path = devlock.lock_path(tmp_path, guid)
+    assert path.stat().st_mode & 0o7777 == devlock.LOCK_FILE_MODE
     path.unlink()
     target = tmp_path / "precious"
     target.write_text("keep")

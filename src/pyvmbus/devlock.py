@@ -20,11 +20,17 @@ opened (ENXIO) nor so flocked by its path, and opening the real node already ope
 channel (hv_uio_open) and counts as a user; a bind has no node yet; a rescind removes the
 node and a re-offer may give the same ``uioN`` to another device; subchannel ring files
 are separate files of the same device. The instance GUID names the device through all
-of these, in the mock and on a real guest alike. The lock directory is sticky and
-world-writable (mode 1777, like /tmp and /run/lock) so that a member of the vmbus group
-(udev/90-pyvmbus.rules) can take a lock without root, while the bind records one level
-up stay root's; lock files are opened with O_NOFOLLOW and must be plain files with one
-link. Do not delete a lock file that is held.
+of these, in the mock and on a real guest alike.
+
+**Who may lock.** Whoever may use the devices: the lock directory is mode 1770, root's
+and, once udev/90-pyvmbus.rules made it so, group vmbus's (the group that may open the
+nodes), so a member takes a lock without root and nobody else can reach a lock file
+(anyone who can read one could flock it and so block the device). It is sticky: nobody
+removes another's lock file, since a lock file removed while held would let a second
+holder in on a new file. No set-group-id bit (systemd's RestrictSUIDSGID refuses it).
+Lock files are mode 0666 inside it, so that every member can write the holder line; they
+are opened with O_NOFOLLOW and must be plain files with one link. The bind records one
+level up stay root's.
 
 **Dead holders.** A flock belongs to the open file, and the kernel drops it when the
 holder closes it or dies (kill -9 included): a lock left by a dead process never blocks
@@ -73,6 +79,7 @@ from .errors import DeviceBusy, NotPermitted, VmbusError
 
 __all__ = [
     "LOCK_DIR_MODE",
+    "LOCK_FILE_MODE",
     "ROLES",
     "WAIT_ROLES",
     "DeviceLock",
@@ -88,8 +95,10 @@ ROLES = ("open", "reserve", "bind", "unbind", "restore")
 """What a hold is for (see the module docstring)."""
 WAIT_ROLES = frozenset({"bind", "unbind", "restore"})
 """Holds that end by themselves within their timeout: a caller waits for these."""
-LOCK_DIR_MODE = 0o1777
-"""``root/run/pyvmbus/lock``: sticky and world-writable, so group members can take locks."""
+LOCK_DIR_MODE = 0o1770
+"""``root/run/pyvmbus/lock`` as pyvmbus makes it: owner and group only, sticky."""
+LOCK_FILE_MODE = 0o666
+"""A lock file, reachable only through the directory above."""
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _IDENTIFY_TRIES = 5
@@ -326,7 +335,7 @@ def _try(path: Path, key: str, role: str) -> DeviceLock | Holder:
 
 
 def _ensure_dir(d: Path) -> None:
-    """Make ``root/run/pyvmbus/lock`` (mode 1777) when it is missing."""
+    """Make ``root/run/pyvmbus/lock`` (mode 1770) when it is missing."""
     if d.is_dir():
         return
     try:
@@ -355,10 +364,12 @@ def _open_file(path: Path) -> tuple[int, bool]:
                 break
             except FileNotFoundError:
                 try:
-                    fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o644), True
-                    break
+                    fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o600), True
                 except FileExistsError:
                     continue  # created by someone else just now: open theirs
+                with contextlib.suppress(OSError):
+                    os.fchmod(fd, LOCK_FILE_MODE)  # past the umask
+                break
             except PermissionError:
                 fd, writable = os.open(path, os.O_RDONLY | flags), False
                 break
