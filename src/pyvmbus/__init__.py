@@ -1,7 +1,7 @@
 """pyvmbus: drive a Hyper-V VMBus channel from Linux userspace through uio_hv_generic.
 
 The layers, bottom-up (a module imports only modules below it; tests/test_layout.py
-checks there is no circle): guid/classes, shm, ring/packet, sysfs, binding, uio, signal,
+checks there is no circle): guid/classes, shm, ring/packet, sysfs, devlock, binding, uio, signal,
 dispatch, aio, lifecycle/channel, bus; then :mod:`pyvmbus.ic` (integration services),
 :mod:`pyvmbus.mock` (the mock bus) and :mod:`pyvmbus.cli` (the ``vmbus`` command) on top.
 docs/architecture.md draws them. This module re-exports the public names.
