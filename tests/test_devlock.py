@@ -494,3 +494,60 @@ def test_a_refused_enable_leaves_the_channel_disabled_and_usable(tmp_path: Path)
         assert until(lambda: devlock.lock_path(mock.root, guid).read_text() == "")
         with pytest.raises(AlreadyBound):
             bind(mock.root, guid)
+
+
+def test_an_ic_service_keeps_the_device_for_its_whole_run(tmp_path: Path, children: list[Child]) -> None:
+    from pyvmbus.ic.heartbeat import HeartbeatService
+    from pyvmbus.ic.runner import run_service
+
+    with MockVmbus() as mock:
+        guid = mock.add_device("heartbeat")
+        a = spawn(children, mock, guid, tmp_path)
+        assert a.ask("reserve") == {"ok": True}
+        with pytest.raises(DeviceBusy) as info:
+            run_service(mock.root, guid, HeartbeatService(), timeout=5)
+        assert info.value.pid == a.pid and info.value.action == "serve heartbeat"
+        assert Sysfs(mock.root).device(guid).driver == "hv_utils"  # untouched
+        assert a.ask("release") == {"ok": True}
+        seen: dict[str, str] = {}
+
+        def on_event(ev: Any) -> None:
+            if ev.kind in ("bound", "enabled"):  # nobody else binds or restores meanwhile
+                busy = a.ask("restore" if ev.kind == "bound" else "bind")
+                seen[ev.kind] = f"{busy.get('error')} {busy.get('role')} {busy.get('pid')}"
+
+        result = run_service(mock.root, guid, HeartbeatService(), timeout=1, on_event=on_event)
+        assert result.restored_driver == "hv_utils"
+        me = os.getpid()
+        assert seen == {"bound": f"DeviceBusy reserve {me}", "enabled": f"DeviceBusy open {me}"}
+        assert a.ask("bind")["ok"]  # and free again once it stopped
+
+
+def test_an_enable_waits_for_a_bind_in_another_process(tmp_path: Path, children: list[Child]) -> None:
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        bind(mock.root, guid)
+        a = spawn(children, mock, guid, tmp_path)
+        assert a.ask("lock bind") == {"ok": True}  # a bind / restore in progress over there
+        ch = Vmbus(mock.root).channel(guid)
+        with pytest.raises(DeviceBusy) as info:
+            ch.enable(timeout=0.3)  # the bind did not end within the enable's timeout
+        assert info.value.role == "bind" and info.value.waited > 0 and "still busy after" in str(info.value)
+        done: list[BaseException | None] = []
+
+        def enable() -> None:
+            try:
+                ch.enable(timeout=60)
+                done.append(None)
+            except BaseException as exc:
+                done.append(exc)
+
+        t = threading.Thread(target=enable)
+        t.start()
+        assert a.ask("release") == {"ok": True}  # the bind ends: the waiting enable goes on
+        t.join(60)
+        try:
+            assert done == [None]
+            assert ch.send_request(b"waited", timeout=10).rstrip(b"\0") == b"waited"
+        finally:
+            ch.disable()
