@@ -551,3 +551,45 @@ def test_an_enable_waits_for_a_bind_in_another_process(tmp_path: Path, children:
             assert ch.send_request(b"waited", timeout=10).rstrip(b"\0") == b"waited"
         finally:
             ch.disable()
+
+
+def test_the_lock_follows_the_device_not_its_node_name(tmp_path: Path, children: list[Child]) -> None:
+    """A rescind removes the node and the next bind may reuse its uioN for another device:
+    the old device's holder (still holding its rescinded channel) must not block that one."""
+    with MockVmbus(kernel="6.18") as mock:
+        old = mock.add_device("echo")
+        name = bind(mock.root, old)
+        a = spawn(children, mock, old, tmp_path)
+        # A holder that has not closed yet (a Channel closes, and so unlocks, on the rescind;
+        # a raw client or a slow teardown may not).
+        assert a.ask("lock open") == {"ok": True}
+        mock.rescind(old)
+        assert until(lambda: not (mock.root / "dev" / name).exists())
+        new = mock.add_device("echo")
+        assert bind(mock.root, new) == name  # the same node name, another device
+        ch = Vmbus(mock.root).channel(new)
+        ch.enable()
+        try:
+            assert ch.send_request(b"new device", timeout=10).rstrip(b"\0") == b"new device"
+        finally:
+            ch.disable()
+        assert devlock.holder(devlock.lock_path(mock.root, old)).pid == a.pid  # still its holder
+
+
+def test_a_rescinded_channel_lets_go_of_the_device(tmp_path: Path, children: list[Child]) -> None:
+    with MockVmbus(kernel="5.15") as mock:  # old kernels keep the device (and its GUID) after a rescind
+        guid = mock.add_device("echo", monitored=True)
+        bind(mock.root, guid)
+        a = spawn(children, mock, guid, tmp_path)
+        assert a.ask("enable 1 a")["ok"]
+        assert devlock.holder(devlock.lock_path(mock.root, guid)).pid == a.pid
+        mock.rescind(guid)  # the holder's channel closes ("rescinded") and so unlocks
+        assert until(lambda: devlock.holder(devlock.lock_path(mock.root, guid)).pid is None, 10)
+        mock.reoffer(guid)
+        bind(mock.root, guid)
+        ch = Vmbus(mock.root).channel(guid)
+        ch.enable()  # the re-offered device: free for the next user
+        try:
+            assert ch.send_request(b"again", timeout=10).rstrip(b"\0") == b"again"
+        finally:
+            ch.disable()
