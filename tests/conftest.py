@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,15 @@ def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.002)
     return True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """fcopy services record their partial files in a state directory (default
+    /var/lib/pyvmbus/fcopy for root): the tests, and the daemons they start, use their own."""
+    if "PYVMBUS_FCOPY_STATE_DIR" not in os.environ:
+        state = tempfile.mkdtemp(prefix="pyvmbus-fcopy-state-")
+        os.environ["PYVMBUS_FCOPY_STATE_DIR"] = state
+        config.add_cleanup(lambda: shutil.rmtree(state, ignore_errors=True))
 
 
 def _on_hyperv() -> bool:

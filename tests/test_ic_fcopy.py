@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmbus.ic import FcopyEvent, FcopyService
+from pyvmbus.ic.fcopy import PART_PATTERN
 from pyvmbus.ic.messages import (
     DATA_FRAGMENT,
     HV_E_ACCESSDENIED,
@@ -425,7 +430,7 @@ def test_fuzz_operation_sequences(tmp_path: Path, data: st.DataObject) -> None:
     assert open_fds_under(base) == []
     assert leftovers(base / "outside") == []
     assert sorted(p.name for p in base.iterdir()) == ["outside", "root"]
-    assert not [p for p in root.rglob("*") if p.name.endswith(".fcopy-part")]
+    assert not [p for p in root.rglob("*") if PART_PATTERN.fullmatch(p.name)]
     shutil.rmtree(base)
 
 
@@ -495,3 +500,261 @@ def test_huge_sizes(root: Path) -> None:
     # Beyond what the file system takes (EFBIG): a failure status, the copy abandoned.
     assert status_of(svc.handle(fc(DoFcopy(2**63 - 2, b"x").pack()))) == HV_E_FAIL
     assert not svc.active and leftovers(root) == [] and svc.stats.errors == 0
+
+
+# -- bytes actually received (issue 10, 5): ranges, not the highest offset ----------------------
+
+GIB = 1 << 30
+
+
+def test_only_the_last_bytes_of_an_announced_gib_fail_complete(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(b"", "holes.bin", str(root), file_size=GIB, fragments=[(GIB - 10, b"0123456789")])
+    pump(host, svc)
+    assert host.transfer_state == "failed" and host.failed_op == "complete"
+    assert host.status == HV_E_FAIL
+    assert leftovers(root) == [] and not svc.active and svc.files_completed == 0
+    assert svc.last_event is not None and svc.last_event.kind == "failed"
+    assert "missing" in svc.last_event.reason and svc.last_event.size == 10
+
+
+def test_a_gap_in_the_middle_fails_complete(root: Path) -> None:
+    data = os.urandom(5 * DATA_FRAGMENT)
+    frags = [(off, data[off : off + DATA_FRAGMENT]) for off in range(0, len(data), DATA_FRAGMENT)]
+    host, svc = setup(root)
+    host.send_file(b"", "gap.bin", str(root), fragments=frags[:2] + frags[3:])
+    pump(host, svc)
+    assert host.failed_op == "complete" and host.status == HV_E_FAIL
+    assert f"{2 * DATA_FRAGMENT}" in svc.last_event.reason if svc.last_event else False
+    assert leftovers(root) == []
+
+
+def test_repeated_fragments_do_not_count_twice(root: Path) -> None:
+    """As many bytes as announced arrived, but the same ones twice: a hole remains."""
+    data = os.urandom(2 * DATA_FRAGMENT)
+    host, svc = setup(root)
+    last = (DATA_FRAGMENT, data[DATA_FRAGMENT:])
+    host.send_file(b"", "dup.bin", str(root), file_size=len(data), fragments=[last, last])
+    pump(host, svc)
+    assert host.failed_op == "complete" and host.status == HV_E_FAIL and leftovers(root) == []
+
+
+def test_overlapping_out_of_order_fragments_make_a_whole_file(root: Path) -> None:
+    data = os.urandom(4 * DATA_FRAGMENT + 123)
+    n = len(data)
+    spans = [(3000, 6000), (n - 5000, n), (0, 3100), (9000, 15000), (5000, 9500), (14000, 20000),
+             (0, 10), (20000, n - 4000), (n - 4500, n - 100)]
+    frags = [(a, data[a:b]) for a, b in spans]
+    host, svc = setup(root)
+    host.send_file(b"", "mixed.bin", str(root), file_size=n, fragments=frags)
+    pump(host, svc)
+    assert host.transfer_state == "done", host.snapshot()
+    assert (root / "mixed.bin").read_bytes() == data and leftovers(root) == ["mixed.bin"]
+
+
+def test_empty_fragments_and_empty_file(root: Path) -> None:
+    host, svc = setup(root)
+    host.send_file(b"", "e1", str(root), file_size=0, fragments=[(0, b"")])
+    pump(host, svc)
+    assert host.transfer_state == "done" and (root / "e1").read_bytes() == b""
+    host.send_file(b"", "e2", str(root), file_size=5, fragments=[(0, b""), (5, b"")])
+    pump(host, svc)
+    assert host.failed_op == "complete" and not (root / "e2").exists()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spans=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 700)), max_size=12),
+       size=st.integers(0, 3000))
+def test_complete_succeeds_exactly_when_every_byte_arrived(tmp_path: Path, spans: list[tuple[int, int]],
+                                                           size: int) -> None:
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(dir=tmp_path))
+    data = os.urandom(size)
+    frags = [(a, data[a : a + n]) for a, n in spans if a + n <= size]
+    covered = bytearray(size)
+    for a, piece in frags:
+        covered[a : a + len(piece)] = b"\1" * len(piece)
+    host, svc = FcopySender(), FcopyService([d], fsync=False)
+    pump(host, svc)
+    host.send_file(b"", "f", str(d), file_size=size, fragments=frags)
+    pump(host, svc)
+    if all(covered):
+        assert host.transfer_state == "done" and (d / "f").read_bytes() == data
+    else:
+        assert host.failed_op == "complete" and host.status == HV_E_FAIL and leftovers(d) == []
+
+
+# -- partial files of dead services (issue 10, 5) ------------------------------------------------
+
+
+def _stale(state: Path, directory: Path, pid: int = 999_999, *, record: bool = True,
+           hexpart: str = "") -> Path:
+    """A partial file as a daemon killed mid-copy leaves it: the file and its record, no flock."""
+    name = f".pyvmbus-fcopy-{pid}-{hexpart or os.urandom(8).hex()}.part"
+    part = directory / name
+    part.write_bytes(b"half a file")
+    if record:
+        (state / name).symlink_to(part)
+    return part
+
+
+def test_partial_files_are_named_and_recorded(root: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    host, svc = setup(root, state_dir=state)
+    host.send_file(os.urandom(3 * DATA_FRAGMENT), "f", str(root))
+    for _ in range(2):
+        host.receive(svc.handle(host.next_request() or b"") or b"")
+    (part,) = list(root.iterdir())
+    m = PART_PATTERN.fullmatch(part.name)
+    assert m is not None and int(m[1]) == os.getpid()
+    assert os.readlink(state / part.name) == str(part)
+    pump(host, svc)
+    assert host.transfer_state == "done" and leftovers(root) == ["f"]
+    assert sorted(os.listdir(state)) == ["lock"]  # the record went with the partial file
+    host.send_file(os.urandom(3 * DATA_FRAGMENT), "g", str(root), cancel_after=1)
+    pump(host, svc)
+    assert leftovers(root) == ["f"] and sorted(os.listdir(state)) == ["lock"]
+
+
+def test_start_removes_stale_partial_files_of_ours_only(root: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    FcopyService([root], state_dir=state)  # creates the directory
+    sub = root / "sub"
+    sub.mkdir()
+    stale = [_stale(state, root), _stale(state, sub, pid=1)]
+    unrecorded = _stale(state, root, record=False)
+    gone = _stale(state, root)
+    gone.unlink()
+    other = root / "keep.txt"
+    other.write_bytes(b"x")
+    (state / "notes.txt").write_bytes(b"not a record")
+    # A link named like a partial file, recorded, pointing at a file of ours: not followed.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link_name = f".pyvmbus-fcopy-7-{'a' * 16}.part"
+    (root / link_name).symlink_to(victim)
+    (state / link_name).symlink_to(root / link_name)
+    # A live copy's partial file: its flock is held (here by this process, another open file).
+    live = _stale(state, root)
+    import fcntl
+
+    with open(live, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        svc = FcopyService([root], state_dir=state)
+        assert sorted(svc.stale_removed) == sorted(str(p) for p in stale)
+        assert all(not p.exists() for p in stale)
+        assert live.exists() and (state / live.name).is_symlink()
+    assert unrecorded.exists() and other.exists() and victim.read_bytes() == b"precious"
+    assert (root / link_name).is_symlink() and not (state / link_name).exists()
+    assert sorted(os.listdir(state)) == sorted(["lock", "notes.txt", live.name])
+    # Its owner died meanwhile (the with block closed the fd): the next start removes it.
+    assert FcopyService([root], state_dir=state).stale_removed == [str(live)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_stale_partial_of_another_user_is_left_alone(root: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    FcopyService([root], state_dir=state)
+    theirs = _stale(state, root)
+    os.chown(theirs, 65534, 65534)
+    assert FcopyService([root], state_dir=state).stale_removed == []
+    assert theirs.exists() and sorted(os.listdir(state)) == ["lock"]
+
+
+def test_state_dir_must_be_private(root: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o777)
+    state.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by nobody else"):
+        FcopyService([root], state_dir=state)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match="no usable fcopy state directory"):
+        FcopyService([root], state_dir=tmp_path / "file" / "state")
+
+
+def test_state_dir_candidates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pyvmbus.ic.fcopy import STATE_DIR_ENV, state_dir_candidates
+
+    assert state_dir_candidates(tmp_path) == [tmp_path]
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "env"))
+    assert state_dir_candidates() == [tmp_path / "env"]
+    monkeypatch.delenv(STATE_DIR_ENV)
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/sd:/elsewhere")
+    assert state_dir_candidates() == [tmp_path / "sd" / "fcopy"]
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert state_dir_candidates()[0] == Path("/var/lib/pyvmbus/fcopy")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert state_dir_candidates() == [tmp_path / "xdg" / "pyvmbus" / "fcopy"]
+
+
+def _vmbus() -> list[str]:
+    import sys
+
+    script = Path(sys.executable).with_name("vmbus")
+    return [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from pyvmbus.cli import main; sys.exit(main(prog_name='vmbus'))"]
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_mid_copy_then_a_restart_removes_the_partial_file(tmp_path: Path) -> None:
+    """A real `vmbus fcopy-daemon` killed with SIGKILL mid-copy; a service starting meanwhile
+    leaves the live one's file alone, the restarted daemon removes the dead one's."""
+    from pyvmbus.errors import ChannelClosed
+    from pyvmbus.ic.fcopy import STATE_DIR_ENV
+    from pyvmbus.ic.messages import FCOPY_INSTANCE_GUID
+    from pyvmbus.mock import MockVmbus
+
+    state, dest = tmp_path / "state", tmp_path / "dest"
+    dest.mkdir()
+    env = {**os.environ, STATE_DIR_ENV: str(state)}
+    log_path = tmp_path / "daemons.log"
+    with MockVmbus() as m, log_path.open("w") as log_file:
+        guid = m.add_device("fcopy", instance=FCOPY_INSTANCE_GUID)
+
+        def ready() -> bool:
+            try:
+                return bool(m.command(guid, "stats")["state"] == "ready")
+            except ChannelClosed:
+                return False
+
+        def daemon() -> subprocess.Popen[bytes]:
+            argv = [*_vmbus(), "--root", str(m.root), "fcopy-daemon", "--dest-root", str(dest), "--no-fsync"]
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+
+        first = daemon()
+        try:
+            _wait(ready, "the first daemon to negotiate")
+            # Stall the host first: START goes out, its answer is never read, the copy stays open.
+            m.fault(guid, "stall")
+            m.command(guid, "send_file", data=os.urandom(100_000), file_name="big.bin", dest=str(dest))
+            _wait(lambda: len(os.listdir(dest)) == 1, "the partial file")
+            (part,) = dest.iterdir()
+            # A service starting while the copy lives must not take the file for a stale one.
+            assert FcopyService([dest], state_dir=state).stale_removed == []
+            assert part.exists()
+            os.kill(first.pid, signal.SIGKILL)
+            assert first.wait(10) == -signal.SIGKILL
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait(10)
+        assert list(dest.iterdir()) == [part]  # what kill -9 leaves behind
+        second = daemon()
+        try:
+            _wait(lambda: not part.exists(), "the restarted daemon to remove the partial file")
+        finally:
+            second.terminate()
+            second.wait(20)
+    assert list(dest.iterdir()) == []
+    assert sorted(os.listdir(state)) == ["lock"]
+    assert "removed" in log_path.read_text() and part.name in log_path.read_text()

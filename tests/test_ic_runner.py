@@ -237,6 +237,24 @@ def test_fcopy_cancel_and_refusals_leave_nothing(mock: MockVmbus, tmp_path: Path
 
 
 @pytest.mark.timeout(30)
+def test_fcopy_announced_gib_with_ten_bytes_sent_fails_and_leaves_nothing(mock: MockVmbus,
+                                                                           tmp_path: Path) -> None:
+    guid = mock.add_device("fcopy")
+    svc = FcopyService([tmp_path], fsync=False)
+    bg = Background(IcRunner(mock.root, guid, svc))
+    try:
+        wait(host_ready(mock, guid), what="negotiation")
+        gib = 1 << 30
+        stats = _send_file(mock, guid, file_name="holes.bin", dest=str(tmp_path), file_size=gib,
+                           fragments=[(gib - 10, b"0123456789")])
+        assert stats["transfer"] == "failed" and stats["failed_op"] == "complete", stats
+        assert stats["status"] == "HV_E_FAIL" and os.listdir(tmp_path) == []
+    finally:
+        stop_and_join(bg)
+    assert svc.files_completed == 0
+
+
+@pytest.mark.timeout(30)
 def test_fcopy_partial_file_removed_when_the_runner_stops_mid_copy(
         mock: MockVmbus, tmp_path_factory: pytest.TempPathFactory) -> None:
     guid = mock.add_device("fcopy")

@@ -175,6 +175,12 @@ class IcService:
         Send it in-band with the request's VMBus transaction id, flags 0; then call
         :meth:`run_pending`. Never raises.
         """
+        resp = self.answer(request)
+        return None if resp is None else bytes(resp)
+
+    def answer(self, request: Buffer) -> bytearray | None:
+        """:meth:`handle` without the final copy: the answer in a new bytearray the caller
+        owns (the runner sends it as it is). Never raises."""
         self.stats.requests += 1
         n = len(request)
         if n < ICMSG_HDR:
@@ -195,14 +201,19 @@ class IcService:
                 self.stats.unknown_types += 1
                 self._set_status(buf, HV_E_FAIL)
         except Exception as exc:  # a bug in a service must not kill the channel: answer E_FAIL
-            self.stats.errors += 1
-            self.stats.last_error = repr(exc)
-            log.exception("%s service failed on a %d-byte message", self.service_name, n)
-            buf = bytearray(request)
-            self._set_status(buf, HV_E_FAIL)
+            buf = self._failed(request, exc)
         buf[IcMsgHdr.FLAGS_AT] = RESPONSE_FLAGS
         self.stats.responses += 1
-        return bytes(buf)
+        return buf
+
+    def _failed(self, request: Buffer, exc: Exception) -> bytearray:
+        """Count an unexpected exception and make the HV_E_FAIL answer (flags still to set)."""
+        self.stats.errors += 1
+        self.stats.last_error = repr(exc)
+        log.exception("%s service failed on a %d-byte message", self.service_name, len(request))
+        buf = bytearray(request)
+        self._set_status(buf, HV_E_FAIL)
+        return buf
 
     def run_pending(self) -> int:
         """Run the actions queued by the last requests (call after sending the answers).

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Generic, TypeVar
@@ -445,7 +445,11 @@ class FcopySender(IcHost):
     """Sends one file at a time as Copy-VMFile does: START_FILE_COPY, WRITE_TO_FILE
     fragments of ``fragment`` bytes (6 KiB), COMPLETE_FCOPY, each after the previous answer.
     :meth:`cancel` (or ``cancel_after`` fragments) sends CANCEL_FCOPY instead of the rest.
-    A non-zero status ends the transfer as "failed" (``status``/``failed_op`` say why)."""
+    A non-zero status ends the transfer as "failed" (``status``/``failed_op`` say why).
+
+    ``fragments`` (tests of a misbehaving host) replaces the in-order split: the given
+    ``(file offset, bytes)`` pairs are sent as they are, in that order (gaps, overlaps and
+    repeats included), and ``file_size`` is announced (default: the end of the last one)."""
 
     message_type = IcMsgType.FCOPY
     default_service_versions = (version(1, 0), WIN8_SRV_VERSION)
@@ -464,6 +468,7 @@ class FcopySender(IcHost):
         self._fragment = DATA_FRAGMENT
         self._cancel_after: int | None = None
         self._cancel = False
+        self._frags: list[tuple[int, bytes]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -479,13 +484,25 @@ class FcopySender(IcHost):
         file_size: int | None = None,
         fragment: int = DATA_FRAGMENT,
         cancel_after: int | None = None,
+        fragments: Sequence[tuple[int, Buffer]] | None = None,
     ) -> None:
         """Start sending ``data`` as ``path_name``/``file_name`` (``file_size`` overrides the
-        size announced, for tests)."""
+        size announced, ``fragments`` the in-order split: for tests)."""
         if self.busy:
             raise RuntimeError(f"a transfer is in progress ({self.transfer_state})")
         if not 0 < fragment <= DATA_FRAGMENT:
             raise ValueError(f"fragment must be 1..{DATA_FRAGMENT} bytes")
+        self._frags = None
+        if fragments is not None:
+            frags = [(int(off), bytes(chunk)) for off, chunk in fragments]
+            for off, chunk in frags:
+                if off < 0 or len(chunk) > DATA_FRAGMENT:
+                    raise ValueError(f"fragment at {off} of {len(chunk)} bytes: offsets >= 0, "
+                                     f"at most {DATA_FRAGMENT} bytes each")
+            self._frags = frags
+            data = b""
+            if file_size is None:
+                file_size = max((off + len(chunk) for off, chunk in frags), default=0)
         self._data = memoryview(data).cast("B")
         size = len(self._data) if file_size is None else file_size
         self._start = StartFcopy(file_name, path_name, int(flags), size)
@@ -514,7 +531,13 @@ class FcopySender(IcHost):
             if self._cancel or (self._cancel_after is not None and self.fragments_sent >= self._cancel_after):
                 self.transfer_state = "cancelling"
                 return self._req("cancel", FcopyHdr(FcopyOp.CANCEL_FCOPY).pack)
-            if self._offset < len(self._data):
+            if self._frags is not None:
+                if self.fragments_sent < len(self._frags):
+                    off, piece = self._frags[self.fragments_sent]
+                    self.fragments_sent += 1
+                    self.bytes_sent += len(piece)
+                    return self._req("write", lambda: DoFcopy(off, piece).pack())
+            elif self._offset < len(self._data):
                 off = self._offset
                 chunk = self._data[off : off + self._fragment]
                 self._offset += len(chunk)
@@ -709,7 +732,8 @@ class TimesyncModel(IcModel[TimesyncHost]):
 @register_model
 class FcopyModel(IcModel[FcopySender]):
     """File copy host. Commands: ``send_file`` (data=bytes or source=a file the host process
-    reads; file_name, dest (the guest directory), flags=0, cancel_after=None, file_size=None),
+    reads; file_name, dest (the guest directory), flags=0, cancel_after=None, file_size=None,
+    fragments=None: [(offset, bytes), ...] sent as given instead of the data),
     ``cancel``; ``stats`` shows the transfer ("transfer": done / failed / cancelled ...)."""
 
     name = "fcopy"
@@ -728,10 +752,12 @@ class FcopyModel(IcModel[FcopySender]):
                 data = bytes(args.get("data", b""))
             cancel_after = args.get("cancel_after")
             file_size = args.get("file_size")
+            fragments = args.get("fragments")
             host.send_file(
                 data, str(args["file_name"]), str(args["dest"]), flags=int(args.get("flags", 0)),
                 cancel_after=None if cancel_after is None else int(cancel_after),
                 file_size=None if file_size is None else int(file_size),
+                fragments=None if fragments is None else [(int(o), bytes(b)) for o, b in fragments],
             )
             return None
         if name == "cancel":
