@@ -377,6 +377,23 @@ def test_fcopy_daemon_without_a_device_exits_not_found() -> None:
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv", [["ic", "fcopy"], ["fcopy-daemon"]])
+def test_fcopy_unusable_state_dir_is_one_line(argv: list[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    for state, says in ((shared, "writable by nobody else"), (tmp_path / "f" / "x", "no usable fcopy state")):
+        (tmp_path / "f").touch()
+        monkeypatch.setenv("PYVMBUS_FCOPY_STATE_DIR", str(state))
+        with MockVmbus(devices=["fcopy"]) as m:
+            r = run("--root", str(m.root), *argv, "--dest-root", str(tmp_path), "--timeout", "1")
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert len(lines) == 1 and says in lines[0] and "PYVMBUS_FCOPY_STATE_DIR" in lines[0]
+
+
+@pytest.mark.timeout(30)
 def test_fcopy_daemon_with_several_devices_lists_them_in_one_line() -> None:
     with MockVmbus(devices=["fcopy", "fcopy"]) as m:
         guids = sorted(d.guid for d in Sysfs(m.root).devices())

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from ..errors import UsageError
 from .framework import RESPONSE_FLAGS, IcService
 from .messages import (
     DATA_FRAGMENT,
@@ -82,7 +83,8 @@ from .messages import (
     status_name,
 )
 
-__all__ = ["PART_PATTERN", "STATE_DIR_ENV", "FcopyEvent", "FcopyService", "state_dir_candidates"]
+__all__ = ["PART_PATTERN", "STATE_DIR_ENV", "FcopyEvent", "FcopyService", "StateDirUnusable",
+           "state_dir_candidates"]
 
 log = logging.getLogger("pyvmbus.ic.fcopy")
 
@@ -124,6 +126,11 @@ class FcopyEvent:
     def __str__(self) -> str:
         text = f"fcopy {self.kind}: {self.path or '?'} ({self.size} bytes, {status_name(self.status)})"
         return text + (f": {self.reason}" if self.reason else "")
+
+
+class StateDirUnusable(UsageError, ValueError):
+    """No state directory to record partial files in (missing, read-only, or writable by
+    another user): the service does not start, rather than leave files it cannot find."""
 
 
 class _Refusal(Exception):
@@ -224,14 +231,16 @@ def state_dir_candidates(explicit: str | os.PathLike[str] | None = None) -> list
 
 
 def _prepare_state_dir(path: Path) -> None:
-    """Create ``path`` (0700) and its lock file; OSError when unusable, ValueError when unsafe."""
+    """Create ``path`` (0700) and its lock file; OSError when unusable, StateDirUnusable when unsafe."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"fcopy state directory {path} is not a directory")
+        raise StateDirUnusable(f"fcopy state directory {path} is not a directory")
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise ValueError(f"fcopy state directory {path} must be owned by uid {os.geteuid()} and "
-                         f"writable by nobody else (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+        raise StateDirUnusable(
+            f"fcopy state directory {path} must be owned by uid {os.geteuid()} and writable by nobody "
+            f"else (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): fix it, or use another "
+            f"with {STATE_DIR_ENV}=DIR")
     os.close(os.open(path / _LOCK_NAME, _LOCK_FLAGS, 0o600))
 
 
@@ -276,6 +285,7 @@ class FcopyService(IcService):
     ``state_dir``: where partial files are recorded (default: :func:`state_dir_candidates`);
     the partial files of dead services recorded there are removed at construction
     (``clean_stale=False``: not; :meth:`remove_stale` does it on demand).
+    :class:`StateDirUnusable` (a ValueError) when there is none to use.
     """
 
     service_name: ClassVar[str] = "fcopy"
@@ -338,7 +348,8 @@ class FcopyService(IcService):
                             "before a reboot will not be found: give the daemon a persistent state "
                             "directory (systemd: StateDirectory=pyvmbus)", path, "; ".join(errors))
             return path
-        raise ValueError(f"no usable fcopy state directory ({'; '.join(errors)}); set {STATE_DIR_ENV}")
+        raise StateDirUnusable(f"no usable fcopy state directory to record partial files in "
+                               f"({'; '.join(errors)}): use another with {STATE_DIR_ENV}=DIR")
 
     # --- partial files of dead services ---------------------------------------------------
 
