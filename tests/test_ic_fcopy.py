@@ -758,3 +758,15 @@ def test_kill_9_mid_copy_then_a_restart_removes_the_partial_file(tmp_path: Path)
     assert list(dest.iterdir()) == []
     assert sorted(os.listdir(state)) == ["lock"]
     assert "removed" in log_path.read_text() and part.name in log_path.read_text()
+
+
+def test_state_dir_removed_under_a_running_service_is_made_again(root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    state = tmp_path / "state"
+    host, svc = setup(root, state_dir=state)
+    shutil.rmtree(state)
+    host.send_file(b"abc", "f", str(root))
+    pump(host, svc)
+    assert host.transfer_state == "done" and (root / "f").read_bytes() == b"abc"
+    assert sorted(os.listdir(state)) == ["lock"]

@@ -357,7 +357,11 @@ class FcopyService(IcService):
     def _state_lock(self, how: int) -> Iterator[None]:
         """Shared while a partial file is created and locked, exclusive while stale ones are
         reaped: a reaper never sees a new file before its creator holds its flock."""
-        fd = os.open(self.state_dir / _LOCK_NAME, _LOCK_FLAGS, 0o600)
+        try:
+            fd = os.open(self.state_dir / _LOCK_NAME, _LOCK_FLAGS, 0o600)
+        except FileNotFoundError:  # the directory was removed under us: make it again
+            _prepare_state_dir(self.state_dir)
+            fd = os.open(self.state_dir / _LOCK_NAME, _LOCK_FLAGS, 0o600)
         try:
             fcntl.flock(fd, how)
             yield
@@ -408,8 +412,11 @@ class FcopyService(IcService):
             return "foreign"
         try:
             dfd = os.open(os.path.dirname(target), _DIR_FLAGS)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return "gone"
+        except OSError as exc:  # EACCES, EIO...: cannot tell; keep the record for next time
+            log.warning("fcopy: cannot look at the partial file %s: %s", target, exc)
+            return "busy"
         try:
             try:
                 st = os.stat(rec, dir_fd=dfd, follow_symlinks=False)
