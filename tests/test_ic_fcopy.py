@@ -716,7 +716,7 @@ def test_kill_9_mid_copy_then_a_restart_removes_the_partial_file(tmp_path: Path)
 
     state, dest = tmp_path / "state", tmp_path / "dest"
     dest.mkdir()
-    env = {**os.environ, STATE_DIR_ENV: str(state)}
+    env = {**os.environ, STATE_DIR_ENV: str(tmp_path / "not-this-one")}  # --state-dir wins
     log_path = tmp_path / "daemons.log"
     with MockVmbus() as m, log_path.open("w") as log_file:
         guid = m.add_device("fcopy", instance=FCOPY_INSTANCE_GUID)
@@ -728,7 +728,8 @@ def test_kill_9_mid_copy_then_a_restart_removes_the_partial_file(tmp_path: Path)
                 return False
 
         def daemon() -> subprocess.Popen[bytes]:
-            argv = [*_vmbus(), "--root", str(m.root), "fcopy-daemon", "--dest-root", str(dest), "--no-fsync"]
+            argv = [*_vmbus(), "--root", str(m.root), "fcopy-daemon", "--dest-root", str(dest), "--no-fsync",
+                    "--state-dir", str(state)]
             return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
 
         first = daemon()
@@ -756,7 +757,7 @@ def test_kill_9_mid_copy_then_a_restart_removes_the_partial_file(tmp_path: Path)
             second.terminate()
             second.wait(20)
     assert list(dest.iterdir()) == []
-    assert sorted(os.listdir(state)) == ["lock"]
+    assert sorted(os.listdir(state)) == ["lock"] and not (tmp_path / "not-this-one").exists()
     assert "removed" in log_path.read_text() and part.name in log_path.read_text()
 
 

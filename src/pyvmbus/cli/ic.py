@@ -393,6 +393,11 @@ _DEST_ROOT = click.option(
          "'/' allows anywhere (as hv_fcopy_uio_daemon).")
 _FILE_MODE = click.option("--file-mode", default="644", show_default=True, metavar="OCTAL",
                           callback=lambda ctx, p, v: _octal(v), help="Mode of new files (before the umask).")
+_STATE_DIR = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+    help="Where partial files are recorded, so that a restart after a kill removes them "
+         "[default: $PYVMBUS_FCOPY_STATE_DIR, else $STATE_DIRECTORY/fcopy, else "
+         "/var/lib/pyvmbus/fcopy for root].")
 _NO_FSYNC = click.option("--no-fsync", is_flag=True,
                          help="Do not flush each file and its directory to disk before answering COMPLETE.")
 
@@ -408,7 +413,7 @@ def _octal(text: str) -> int:
 
 
 def _fcopy_service(session: _Session, roots: Sequence[Path], file_mode: int, fsync: bool,
-                   finished: list[int]) -> FcopyService:
+                   finished: list[int], state_dir: Path | None = None) -> FcopyService:
     def on_event(ev: FcopyEvent) -> None:
         if ev.kind != "started":
             finished[0] += 1
@@ -417,7 +422,8 @@ def _fcopy_service(session: _Session, roots: Sequence[Path], file_mode: int, fsy
         session.ev("fcopy", kind=ev.kind, path=ev.path or None, size=ev.size, status=status_name(ev.status),
                    reason=ev.reason)
 
-    return FcopyService([str(r) for r in roots], file_mode=file_mode, fsync=fsync, on_event=on_event)
+    return FcopyService([str(r) for r in roots], file_mode=file_mode, fsync=fsync, on_event=on_event,
+                        state_dir=state_dir)
 
 
 def _warn_wide_roots(roots: Sequence[Path], say: Callable[[str], None]) -> None:
@@ -434,23 +440,25 @@ def _warn_wide_roots(roots: Sequence[Path], say: Callable[[str], None]) -> None:
 @_DEST_ROOT
 @_FILE_MODE
 @_NO_FSYNC
+@_STATE_DIR
 @_common
 @click.pass_obj
 def fcopy(state: CliState, device: str, dest_roots: tuple[Path, ...], file_mode: int, no_fsync: bool,
-          no_bind: bool, force: bool, count: int | None, timeout: float | None,
+          state_dir: Path | None, no_bind: bool, force: bool, count: int | None, timeout: float | None,
           reoffer_timeout: float | None) -> None:
     """Receive files the host sends (Copy-VMFile -FileSource Host) into --dest-root directories.
 
     Each file is written under a temporary name next to its destination and renamed into
     place when complete, so a cancelled or failed copy leaves nothing; an existing file is
     replaced only when the host sets OVER_WRITE. Names with '..', and paths outside every
-    --dest-root or through a symlink below one, are refused.
+    --dest-root or through a symlink below one, are refused. Partial files left by a
+    killed run are removed at start (see --state-dir).
     """
     out = Output(state.json)
     session = _Session(state, out)
     dev = _ic_device(state, device, FcopyService)
     finished = [0]
-    svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished)
+    svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished, state_dir)
     _warn_wide_roots(dest_roots, lambda text: out.echo(f"note: {text}", err=True))
     out.echo(f"serving fcopy on {dev.guid} into {', '.join(map(str, dest_roots))}; Ctrl-C to stop", err=True)
     try:
@@ -528,6 +536,7 @@ def setup_daemon_logging(verbose: int, identifier: str = "vmbus-fcopy") -> loggi
 @_DEST_ROOT
 @_FILE_MODE
 @_NO_FSYNC
+@_STATE_DIR
 @click.option("--no-bind", is_flag=True, help="Do not bind the device; it must be on uio_hv_generic already.")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Exit after N files were received, cancelled or refused (for scripts and tests).")
@@ -536,15 +545,17 @@ def setup_daemon_logging(verbose: int, identifier: str = "vmbus-fcopy") -> loggi
 @json_option
 @click.pass_obj
 def fcopy_daemon(state: CliState, device: str | None, dest_roots: tuple[Path, ...], file_mode: int,
-                 no_fsync: bool, no_bind: bool, count: int | None, timeout: float | None) -> None:
+                 no_fsync: bool, state_dir: Path | None, no_bind: bool, count: int | None,
+                 timeout: float | None) -> None:
     """Receive host files like hv_fcopy_uio_daemon, until SIGTERM / SIGINT (systemd unit:
     systemd/pyvmbus-fcopy.service).
 
     Finds the file-copy device, binds it to uio_hv_generic if needed (run 'modprobe
     uio_hv_generic' first), serves Copy-VMFile requests, waits for the device across a
-    rescind, and on exit gives the device back to the driver it had. Logs go to the
-    journal under systemd, else to stderr; with --json the events of 'vmbus ic fcopy'
-    also go to stdout as JSON lines.
+    rescind, and on exit gives the device back to the driver it had. Partial files of a
+    run that was killed are removed at start (see --state-dir). Logs go to the journal
+    under systemd, else to stderr; with --json the events of 'vmbus ic fcopy' also go to
+    stdout as JSON lines.
     """
     logger = logging.getLogger("pyvmbus")
     old_level = logger.level
@@ -555,7 +566,7 @@ def fcopy_daemon(state: CliState, device: str | None, dest_roots: tuple[Path, ..
         finished = [0]
         session = _Session(state, Output(True) if state.json else None)
         session.guid = str(dev.guid)
-        svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished)
+        svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished, state_dir)
         _warn_wide_roots(dest_roots, _log.warning)
         _log.info("fcopy daemon serving %s into %s", dev.guid, ", ".join(map(str, dest_roots)))
         result = session.run(dev, svc, bind=not no_bind, force=False, timeout=timeout, count=count,

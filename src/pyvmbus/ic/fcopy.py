@@ -240,7 +240,7 @@ def _prepare_state_dir(path: Path) -> None:
         raise StateDirUnusable(
             f"fcopy state directory {path} must be owned by uid {os.geteuid()} and writable by nobody "
             f"else (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): fix it, or use another "
-            f"with {STATE_DIR_ENV}=DIR")
+            f"({STATE_DIR_ENV}=DIR, or the daemon's --state-dir DIR)")
     os.close(os.open(path / _LOCK_NAME, _LOCK_FLAGS, 0o600))
 
 
@@ -349,7 +349,8 @@ class FcopyService(IcService):
                             "directory (systemd: StateDirectory=pyvmbus)", path, "; ".join(errors))
             return path
         raise StateDirUnusable(f"no usable fcopy state directory to record partial files in "
-                               f"({'; '.join(errors)}): use another with {STATE_DIR_ENV}=DIR")
+                               f"({'; '.join(errors)}): use another ({STATE_DIR_ENV}=DIR, or the daemon's "
+                               "--state-dir DIR)")
 
     # --- partial files of dead services ---------------------------------------------------
 
