@@ -378,6 +378,18 @@ def test_fcopy_daemon_without_a_device_exits_not_found() -> None:
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("argv", [["ic", "fcopy"], ["fcopy-daemon"]])
+def test_fcopy_state_dir_option_wins_over_the_environment(argv: list[str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVMBUS_FCOPY_STATE_DIR", str(tmp_path / "env"))
+    with MockVmbus(devices=["fcopy"]) as m:
+        r = run("--root", str(m.root), *argv, "--dest-root", str(tmp_path),
+                "--state-dir", str(tmp_path / "opt"), "--timeout", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "opt" / "lock").exists() and not (tmp_path / "env").exists()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv", [["ic", "fcopy"], ["fcopy-daemon"]])
 def test_fcopy_unusable_state_dir_is_one_line(argv: list[str], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     shared = tmp_path / "shared"

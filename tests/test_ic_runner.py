@@ -424,3 +424,27 @@ def test_negotiation_failure_and_foreign_packets() -> None:
     assert len(fake.sent) == 1  # the failed negotiation is still answered (counts 0/0)
     assert IcNegotiate.COUNTS.unpack_from(fake.sent[0][0], IcNegotiate.COUNTS_AT) == (0, 0)
     assert runner.result.ignored == 1 and runner.result.unanswered == 1 and runner.result.packets == 2
+
+
+def test_runner_sends_answer_as_is_and_still_calls_an_overridden_handle() -> None:
+    neg = _negotiate((version(3, 0),), (version(3, 0),))
+    raw: list[object] = []
+
+    class Raw(FakeChannel):
+        def send(self, payload: bytes, *, transaction_id: int) -> int:
+            raw.append(payload)
+            return super().send(payload, transaction_id=transaction_id)
+
+    runner = IcRunner("/nonexistent", "heartbeat", HeartbeatService())
+    runner._on_packet(Raw(), Packet(PacketType.DATA_INBAND, 0, 7, neg))  # type: ignore[arg-type]
+    assert isinstance(raw[0], bytearray)  # answer(): no copy to bytes on the way
+
+    class Custom(HeartbeatService):
+        def handle(self, request: bytes | bytearray | memoryview) -> bytes | None:
+            resp = super().handle(request)
+            return None if resp is None else resp[:-1] + b"!"
+
+    fake = FakeChannel()
+    runner = IcRunner("/nonexistent", "heartbeat", Custom())
+    runner._on_packet(fake, Packet(PacketType.DATA_INBAND, 0, 8, neg))  # type: ignore[arg-type]
+    assert bytes(fake.sent[0][0]).endswith(b"!") and fake.sent[0][1] == 8
