@@ -776,3 +776,25 @@ def test_state_dir_removed_under_a_running_service_is_made_again(root: Path, tmp
     pump(host, svc)
     assert host.transfer_state == "done" and (root / "f").read_bytes() == b"abc"
     assert sorted(os.listdir(state)) == ["lock"]
+
+
+def test_short_writes_are_completed_and_a_stuck_one_fails(root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
+    stuck = [False]
+
+    def short_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if stuck[0]:
+            return 0
+        return real_pwrite(fd, data[: max(1, len(data) // 3)], offset)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    data = os.urandom(2 * DATA_FRAGMENT + 5)
+    host, svc = setup(root)
+    host.send_file(data, "f", str(root))
+    pump(host, svc)
+    assert host.transfer_state == "done" and (root / "f").read_bytes() == data
+    stuck[0] = True
+    host.send_file(data, "g", str(root))
+    pump(host, svc)
+    assert host.failed_op == "write" and host.status == HV_E_FAIL and leftovers(root) == ["f"]

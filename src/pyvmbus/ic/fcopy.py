@@ -652,7 +652,10 @@ class FcopyService(IcService):
         try:
             k = os.pwrite(c.fd, view, offset)
             while k < size:  # a short write: rare (the next call reports the error, if any)
-                k += os.pwrite(c.fd, view[k:], offset + k)
+                more = os.pwrite(c.fd, view[k:], offset + k)
+                if not more:
+                    raise OSError(errno.EIO, "pwrite wrote nothing")
+                k += more
         except OSError as exc:
             return self._fail(_os_status(exc), f"writing {size} bytes at {offset}: {exc.strerror}")
         if not c.ranges.add(offset, end):
