@@ -132,7 +132,7 @@ def service_inproc(size: int) -> dict[str, Any]:
     """The host model and the guest service in one process: protocol + file writes."""
     with tempfile.TemporaryDirectory(dir=_dest_base()) as d:
         data = os.urandom(size)
-        svc = FcopyService([d], fsync=False)
+        svc = FcopyService([d], fsync=False, state_dir=Path(d) / ".state")
         host = FcopySender()
         pump(host, svc)  # negotiation
         host.send_file(data, "f.bin", d)

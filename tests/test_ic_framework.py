@@ -18,6 +18,7 @@ from pyvmbus.ic import (
     TimesyncService,
     prep_negotiate_response,
 )
+from pyvmbus.ic.fcopy import PART_PATTERN
 from pyvmbus.ic.messages import (
     HV_E_FAIL,
     HV_S_OK,
@@ -260,7 +261,7 @@ def test_fuzz_never_crashes(tmp_path: Path, msgs: list[bytes]) -> None:
         svc.close()
     # Nothing escaped the root and no partial file survived close().
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
-    assert not [p for p in root.rglob("*") if p.name.endswith(".fcopy-part")]
+    assert not [p for p in root.rglob("*") if PART_PATTERN.fullmatch(p.name)]
 
 
 @settings(max_examples=300, deadline=None)
