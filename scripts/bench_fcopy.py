@@ -20,14 +20,17 @@ Figures (nothing is asserted):
   (from /proc, negotiation and startup excluded) and the mock host's, separately, in
   seconds per 50 MiB, beside the target (0.16 s) and the kernel's C daemon (~0.08 s against
   the same mock host, cited in issue 11; not measured here);
+- ``raw``: the real service served at the ring level with the mock's ``RawGuest`` (read,
+  unmask, fence, re-check, block; answer; signal), no Channel, dispatcher or runner: the
+  guest CPU per 50 MiB without the channel layer (the service, the ring, the signalling);
 - ``latency``: the round trip of a packet sent from inside on_packet (echo device), for the
   issue reported by the IC author: with the default background dispatch thread and a
   monitored channel it takes ~5 ms (the thread lingers after its own cycle, see
   docs/performance.md), vs send_request from the caller's thread, and vs the runner's
   caller-driven dispatch.
 
-    python scripts/bench_fcopy.py             # ~40 s
-    python scripts/bench_fcopy.py --quick     # ~15 s
+    python scripts/bench_fcopy.py             # ~90 s
+    python scripts/bench_fcopy.py --quick     # ~30 s
     python scripts/bench_fcopy.py --json      # one JSON object
 """
 
@@ -67,6 +70,7 @@ from pyvmbus.ic.messages import (
 from pyvmbus.ic.runner import IcRunner
 from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.generations import generation
+from pyvmbus.mock.guest import RawGuest
 from pyvmbus.mock.ic_models import FcopySender, pump
 from pyvmbus.packet import PacketType
 from pyvmbus.ring import RingBuffer
@@ -222,6 +226,58 @@ def through_mock(kernel: str, size: int, runs: int, null: bool = False) -> dict[
             "host_cpu_s_per_mib": round(statistics.median(host_cpu), 4)}
 
 
+def raw_floor(kernel: str, size: int, runs: int) -> dict[str, Any]:
+    """The real FcopyService served at the ring level with the mock's RawGuest (read /
+    unmask / fence / re-check / block, answer, signal), no Channel, dispatcher or runner:
+    the guest CPU a copy costs without the channel layer, in this process."""
+    per_50 = 50 * MIB / size
+    cpu: list[float] = []
+    host_cpu: list[float] = []
+    with tempfile.TemporaryDirectory(dir=_dest_base()) as d, MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("fcopy", instance=FCOPY_INSTANCE_GUID)
+        bus = Vmbus(mock.root)
+        bus.bind(guid)
+        src = Path(d) / "source.bin"
+        src.write_bytes(os.urandom(size))
+        dest = Path(d) / "dest"
+        dest.mkdir()
+        svc = FcopyService([dest], fsync=False, state_dir=Path(d) / "state")
+        guest = RawGuest(mock.root, guid, unmask_with_write=False)
+        chan = guest.primary
+
+        def serve_until(done: Any, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while not done():
+                pkt = guest.recv(0.25)
+                if pkt is None:
+                    if time.monotonic() > deadline:
+                        stats = mock.command(guid, "stats")
+                        raise RuntimeError(f"raw floor: nothing for {timeout} s: {stats}")
+                    continue
+                resp = svc.answer(pkt.payload)
+                if resp is not None and chan.tx.write(resp, PacketType.DATA_INBAND, 0, pkt.transaction_id):
+                    chan.signal()
+                svc.run_pending()
+
+        try:
+            serve_until(lambda: svc.negotiated, 20)
+            for i in range(runs):
+                c0, h0 = _self_cpu(), _cpu(mock.pid or 0)
+                mock.command(guid, "send_file", source=str(src), file_name=f"f{i}.bin", dest=str(dest),
+                             flags=1)
+                serve_until(lambda i=i: svc.files_completed > i, 120)
+                c1, h1 = _self_cpu(), _cpu(mock.pid or 0)
+                cpu.append((c1 - c0) * per_50)
+                host_cpu.append((h1 - h0) * per_50)
+        finally:
+            guest.close()
+            bus.restore(guid)
+    return {"kernel": kernel, "file_mib": round(size / MIB, 1), "runs": runs,
+            "guest_cpu_s_per_50mib": round(statistics.median(cpu), 3),
+            "guest_cpu_runs": [round(x, 3) for x in cpu],
+            "host_cpu_s_per_50mib": round(statistics.median(host_cpu), 3)}
+
+
 def _vmbus_argv() -> list[str]:
     script = Path(sys.executable).with_name("vmbus")
     return [str(script)] if script.exists() else [
@@ -365,6 +421,11 @@ def report(res: dict[str, Any]) -> str:
                      f"mock host {dm['host_cpu_s_per_50mib']} s; {dm['mib_s_median']} MiB/s")
         lines.append(f"  target <= {dm['target_s_per_50mib']} s: {'met' if dm['target_met'] else 'NOT met'} "
                      f"(kernel C daemon ~{dm['c_daemon_s_per_50mib_cited']} s, cited)")
+    rw = res["raw"]
+    lines.append(f"raw floor, mock {rw['kernel']}, {rw['file_mib']} MiB x {rw['runs']}: FcopyService at the "
+                 f"ring level (RawGuest, no channel layer): guest CPU per 50 MiB "
+                 f"{rw['guest_cpu_s_per_50mib']} s "
+                 f"(runs {rw['guest_cpu_runs']}), mock host {rw['host_cpu_s_per_50mib']} s")
     lines.append("")
     for lt in res["latency"]:
         extra = f", send_request {lt['send_request_rtt_us']} us" if "send_request_rtt_us" in lt else ""
@@ -394,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     res["service"] = service_inproc(size)
     res["mock"] = [through_mock(k, size, runs) for k in kernels]
     res["mock"].append(through_mock(kernels[0], size, runs, null=True))
+    res["raw"] = raw_floor(kernels[0], int((args.daemon_size or (16 if args.quick else 50)) * MIB), runs)
     res["daemon"] = [daemon(kernels[0], int((args.daemon_size or (16 if args.quick else 50)) * MIB), runs)]
     n = 100 if args.quick else 300
     res["latency"] = [] if args.skip_latency else [
