@@ -194,9 +194,16 @@ def test_subchannel_ring_files_appear_later_and_go_with_the_last_close(kernel: s
         assert [c.subchannel_id for c in info.channels()] == [0]
 
 
+UNREGISTERS = [g for g in GENS if generation(g).unregister_on_rescind]
+
+
 @pytest.mark.timeout(30)
-def test_rescind_and_reoffer_on_the_newest_kernel() -> None:
-    with MockVmbus(kernel="6.18") as mock:
+@pytest.mark.parametrize("kernel", UNREGISTERS)
+def test_rescind_unregisters_on_every_generation_with_the_2024_fix(kernel: str) -> None:
+    """fb1adbd7e50f + 6fd28941447b (Sep 2024, in 4.19, 5.4, 5.10, 5.15, 6.1, 6.6, 6.10 and
+    later): hv_uio_rescind calls vmbus_device_unregister, so the uio node and the sysfs
+    directory go away, reads fail with EIO, and the host can offer the device again."""
+    with MockVmbus(kernel=kernel) as mock:
         guid = mock.add_device("echo")
         name = binding.bind(mock.root, guid)
         g = RawGuest(mock.root, guid)
@@ -206,9 +213,11 @@ def test_rescind_and_reoffer_on_the_newest_kernel() -> None:
         with pytest.raises(DeviceRescinded):
             g.dev.wait(5)
         g.close()
+        assert any("unregistered (rescinded)" in line for line in mock.kernel_log())
         mock.reoffer(guid)
         info = Sysfs(mock.root).device(guid)
         assert info.driver is None and info.driver_override is None  # a new device object
+        assert info.state == 2
         binding.bind(mock.root, guid)
         with RawGuest(mock.root, guid) as g2:
             g2.primary.send(b"again", flags=1, transaction_id=5)
@@ -217,8 +226,11 @@ def test_rescind_and_reoffer_on_the_newest_kernel() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_rescind_on_an_old_kernel_keeps_an_opened_device() -> None:
-    with MockVmbus(kernel="5.15") as mock:
+def test_rescind_on_openhcl_keeps_an_opened_device() -> None:
+    """OHCL-Linux-Kernel's hv_uio_rescind (05b48eb85d34) has its own NULL fix but not
+    6fd28941447b's vmbus_device_unregister: an opened device stays registered, reads
+    fail with EIO; a device never opened has no rescind callback and goes."""
+    with MockVmbus(kernel="openhcl") as mock:
         opened = mock.add_device("echo")
         never = mock.add_device("echo")
         binding.bind(mock.root, opened)
@@ -233,6 +245,7 @@ def test_rescind_on_an_old_kernel_keeps_an_opened_device() -> None:
         assert not dev_dir(mock, never).exists()  # no rescind callback yet
         assert Sysfs(mock.root).device(opened).uio_name == "uio0"
         assert mock.kernel_state(opened)["rescinded"]
+        assert any("lacks 6fd28941447b" in line for line in mock.kernel_log())
         mock.reoffer(opened)  # the stale device goes, the new one comes
         assert not mock.kernel_state(opened)["rescinded"]
         assert binding.bind(mock.root, opened) is not None
@@ -241,6 +254,22 @@ def test_rescind_on_an_old_kernel_keeps_an_opened_device() -> None:
         assert dev_dir(mock, opened).exists()
         mock.remove_device(opened)  # a hot-remove takes it away for good
         assert not dev_dir(mock, opened).exists()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", GENS)
+def test_state_is_2_when_offered_and_3_when_opened(kernel: str) -> None:
+    """vmbus_process_offer sets CHANNEL_OPEN_STATE (2) before vmbus_device_register; a
+    driver's open makes it CHANNEL_OPENED_STATE (3); the close leaves 2 again."""
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        info = Sysfs(mock.root).device(guid)
+        assert info.state == 2
+        binding.bind(mock.root, guid)
+        assert info.state == 2  # bound, not opened: probe only allocates the ring
+        with RawGuest(mock.root, guid):
+            assert info.state == 3
+        assert until(lambda: info.state == 2)
 
 
 @pytest.mark.timeout(30)

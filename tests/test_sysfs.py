@@ -50,7 +50,7 @@ def test_device_files_exact_formats(gen_tree: SysfsTree) -> None:
     assert text(d / "device_id") == "{" + NET + "}\n"
     relid = int(text(d / "id"))
     assert text(d / "id") == f"{relid}\n"
-    assert text(d / "state") == "0\n"
+    assert text(d / "state") == "2\n"  # CHANNEL_OPEN_STATE from vmbus_process_offer
     assert text(d / "vendor") == "0x1414\n"
     assert text(d / "device") == "0x3\n"
     assert text(root / "sys/bus/vmbus/devices" / FCOPY / "device") == "0xd\n"
@@ -110,7 +110,7 @@ def test_typed_model(tree: SysfsTree) -> None:
     assert d.device_class.name == "network"
     assert d.device_id == NET
     assert d.relid == tree.device(NET).relid
-    assert d.state == 0
+    assert d.state == 2  # offered, not opened
     assert d.vendor == 0x1414 and d.device == 3
     assert d.numa_node == 0
     assert d.channel_vp_mapping == [(d.relid, 0)]

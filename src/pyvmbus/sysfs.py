@@ -330,7 +330,8 @@ class VmbusDevice:
 
     @property
     def state(self) -> int:
-        """Primary channel state: 0 offered, 1 opening, 2 open (closed again), 3 opened."""
+        """Primary channel state: 2 offered or closed again (CHANNEL_OPEN_STATE), 3 opened
+        by a driver; 0 and 1 are passing states a reader hardly sees."""
         return self._int("state")
 
     @property

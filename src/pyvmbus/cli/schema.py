@@ -93,7 +93,8 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
     "show": {
         "guid": "instance GUID", "path": "sysfs directory", "class": "class short name",
         "class_guid": "class GUID", "class_description": "what the class is, or null",
-        "relid": "primary relid", "state": "sysfs state (0 offer, 1 opening, 2 open, 3 opened)",
+        "relid": "primary relid",
+        "state": "sysfs state (2 offered or closed, 3 opened by a driver; 0 offer, 1 opening)",
         "state_name": "state as a word", "monitored": "has a monitor id", "monitor_id": "or null",
         "driver": "bound driver or null", "driver_override": "or null",
         "numa_node": "or null", "vendor": "PCI vendor id (0x1414)",

@@ -43,7 +43,9 @@ class KernelGeneration:
     page_aligned_ring: bool
     """0315fef2: ring_size = VMBUS_RING_SIZE(pref) (adds the header page below 8 headers)."""
     unregister_on_rescind: bool
-    """Newest: the device (and /dev/uioN) disappears on rescind; old: only reads fail with EIO."""
+    """hv_uio_rescind unregisters the device (6fd28941447b, Sep 2024, in every stable line
+    modelled): the node and the sysfs directory go away. OpenHCL's tree lacks it: the device
+    stays registered and only reads fail with EIO."""
     hide_monitor_attrs: bool
     """monitor_id and *_monitor_* files are hidden for non-monitored channels.
 
@@ -53,13 +55,27 @@ class KernelGeneration:
     pre-5.2 behaviour can be modelled.
     """
     fixed_ring_file_size: bool
-    """Old: the ring bin file claims 2 * 2 MiB whatever the ring is; new: its real size."""
+    """Before 65995e97a1ca the ring bin file claims 2 * 2 MiB whatever the ring is (an mmap of
+    more than the real ring fails with EINVAL); after it, st_size is the real pair."""
     subchannel_interrupt_crash: bool = False
-    """b15b7 without d062463 (e.g. Debian 6.12.57): a subchannel interrupt oopses the kernel."""
+    """hv_uio_channel_cb has no primary lookup (every tree before d062463 and before the Dec
+    2025 LTS backport, OpenHCL): it reads the subchannel's NULL device_obj, so any host
+    interrupt on a subchannel oopses the kernel."""
+    primary_ring_size: int | None = None
+    """A module parameter fixes the primary's ring (OpenHCL: uio_hv_generic.ring_size=0x11000)."""
+    gpadl_buffers: str = "nic"
+    """Which devices get the recv/send GPADL maps 3 and 4: "all" (before 6.10 and on the 5.4-6.6
+    LTS lines), "nic" (6.10+: HV_NIC only) or "none" (OpenHCL: send/recv_buf_size=0)."""
+    crash_function: str = "hv_uio_channel_cb"
+    """The kernel function whose NULL dereference the mock's oops names."""
 
     def ring_size(self, cls: DeviceClass, subchannel: bool = False) -> int:
         """Bytes per direction (header page included) that probe would allocate."""
-        if subchannel or not self.per_class_ring_size:
+        if subchannel:
+            return DEFAULT_RING_SIZE
+        if self.primary_ring_size is not None:
+            return self.primary_ring_size
+        if not self.per_class_ring_size:
             return DEFAULT_RING_SIZE
         size = cls.ring_size
         if self.page_aligned_ring:
@@ -77,18 +93,22 @@ GENERATIONS: dict[str, KernelGeneration] = {
     g.name: g
     for g in (
         KernelGeneration(
-            "5.15", "<= 6.9: kernel masks on interrupt and open; primary-only writes; monitored only",
+            "5.15", "<= 6.9 and 5.4-6.6 LTS before b15b7: kernel masks on interrupt and open; "
+            "primary-only writes; monitored only; a subchannel interrupt oopses",
             refuses_unmonitored=True, masks_on_interrupt=True, masks_on_open=True,
             write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=False,
             signal_subchannels=False, per_class_ring_size=False, page_aligned_ring=False,
-            unregister_on_rescind=False, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            subchannel_interrupt_crash=False, gpadl_buffers="all",
         ),
         KernelGeneration(
-            "6.10", "6.10 up to d062463: a write of 1 also signals a non-monitored primary",
+            "6.10", "6.10 up to d062463: a write of 1 also signals a non-monitored primary; a "
+            "subchannel interrupt oopses",
             refuses_unmonitored=False, masks_on_interrupt=True, masks_on_open=True,
             write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=True,
             signal_subchannels=False, per_class_ring_size=True, page_aligned_ring=False,
-            unregister_on_rescind=False, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            subchannel_interrupt_crash=False,
         ),
         KernelGeneration(
             "6.15", "d062463 (~6.15-6.17): writes cover every channel; each non-monitored one is signalled",
@@ -118,14 +138,18 @@ GENERATIONS: dict[str, KernelGeneration] = {
             refuses_unmonitored=True, masks_on_interrupt=False, masks_on_open=False,
             write_covers_subchannels=True, write_touches_mask=True, signal_on_unmask=False,
             signal_subchannels=False, per_class_ring_size=False, page_aligned_ring=False,
-            unregister_on_rescind=False, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            gpadl_buffers="all",
         ),
         KernelGeneration(
-            "openhcl", "OpenHCL no_mask=1: writes never mask; 1 signals a non-monitored primary",
+            "openhcl", "OpenHCL kernel, uio_hv_generic.no_mask=1 ring_size=0x11000 send_buf_size=0 "
+            "recv_buf_size=0: writes never mask; 1 signals a non-monitored primary; a subchannel "
+            "interrupt oopses; rescind keeps the device",
             refuses_unmonitored=False, masks_on_interrupt=False, masks_on_open=False,
             write_covers_subchannels=False, write_touches_mask=False, signal_on_unmask=True,
-            signal_subchannels=False, per_class_ring_size=True, page_aligned_ring=True,
-            unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=False,
+            signal_subchannels=False, per_class_ring_size=False, page_aligned_ring=False,
+            unregister_on_rescind=False, hide_monitor_attrs=True, fixed_ring_file_size=True,
+            subchannel_interrupt_crash=True, primary_ring_size=0x11000, gpadl_buffers="none",
         ),
     )
 }

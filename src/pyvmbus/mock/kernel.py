@@ -21,11 +21,13 @@ the event counter, and the rules of one :class:`KernelGeneration` for all of the
   connection that has none pending (the real read() returns one count however many
   interrupts came, so events coalesce the same way).
 - a host interrupt on a subchannel of a generation with ``subchannel_interrupt_crash``
-  (b15b7 without d062463) is the kernel's NULL dereference: a BUG line in the kernel
-  log, then the process dies (:meth:`MockKernel.oops`), as with the "crash" fault.
+  (every callback without the primary lookup: 5.15, 6.10, 6.12-debian, openhcl) is the
+  kernel's NULL dereference: a BUG line naming the function in the kernel log, then the
+  process dies (:meth:`MockKernel.oops`), as with the "crash" fault.
 - rescind (hv_uio_rescind): ``ERR!``+EIO to every connection, which is then closed; the
-  device is unregistered where the generation does so (or where the node was never
-  opened, as vmbus_onoffer_rescind does without a rescind callback).
+  device is unregistered (6fd28941447b, on every generation but OpenHCL's tree, and
+  always where the node was never opened, as vmbus_onoffer_rescind does without a
+  rescind callback).
 
 Run as ``python -m pyvmbus.mock.kernel`` by :class:`pyvmbus.mock.MockVmbus`, which talks to
 it over a control socket (:func:`main`).
@@ -236,9 +238,8 @@ class MockKernel:
         self._fail_conns(dev)
         keep = bound and dev.callbacks_set and not self.gen.unregister_on_rescind and not remove
         if keep:
-            self.log(f"vmbus {dev.guid}: rescinded; the device stays registered (uio_hv_generic's "
-                     "rescind callback does not unregister it on this kernel)")
-            self.tree.set_state(dev.guid, 0)
+            self.log(f"vmbus {dev.guid}: rescinded; the device stays registered (this kernel's "
+                     "hv_uio_rescind lacks 6fd28941447b's vmbus_device_unregister)")
         else:
             self._unregister(dev, "rescinded")
 
@@ -263,15 +264,20 @@ class MockKernel:
                 self._send_event(conn, data)
 
     def oops(self, dev: _Device, relid: int) -> NoReturn:
-        """b15b7 without d062463: hv_uio_channel_cb dereferences NULL for a subchannel.
+        """A callback without the primary lookup dereferences NULL for a subchannel.
 
-        The guest kernel is gone, so is everything the mock models: the process dies as
-        for the "crash" fault, every connection closes and clients see HostCrashed. The
-        BUG line goes to the kernel log first (and to stderr, which MockVmbus quotes).
+        Before d062463 (and the Dec 2025 LTS backport) hv_uio_channel_cb does
+        ``hv_get_drvdata(chan->device_obj)``; vmbus_process_offer never creates a device
+        for a subchannel, so device_obj is NULL (Debian bug 1120602 has the trace). The
+        guest kernel is gone, so is everything the mock models: the process dies as for
+        the "crash" fault, every connection closes and clients see HostCrashed. The BUG
+        line goes to the kernel log first (and to stderr, which MockVmbus quotes).
         """
-        line = (f"BUG: kernel NULL pointer dereference, address: 0000000000000000 in "
-                f"hv_uio_channel_cb (subchannel relid {relid} of {dev.guid}; kernel "
-                f"{self.gen.name}: b15b7 without d062463)")
+        line = (f"BUG: kernel NULL pointer dereference in "
+                f"{self.gen.crash_function} (subchannel relid {relid} of {dev.guid}): "
+                "hv_get_drvdata(chan->device_obj) with the subchannel's NULL device_obj; "
+                f"kernel {self.gen.name} has no primary-channel lookup (fixed by d062463 and "
+                "the Dec 2025 5.4-6.6 backport); a client must keep every subchannel masked here")
         self.log(line)
         self.log("Oops: kernel panic - not syncing: Fatal exception in interrupt (mock: the "
                  "process dies now)")

@@ -353,7 +353,8 @@ class SysfsTree:
         ``cls``: a DeviceClass, a class short name or a class GUID. ``monitored`` defaults
         to the class's perf_device (Hyper-V gives monitor ids to perf devices);
         ``monitor_id`` picks the id (else the lowest free one). The device starts unbound
-        with state 0; binding is the driver core's job.
+        with state 2 (vmbus_process_offer sets CHANNEL_OPEN_STATE before it registers the
+        device; 3 means a driver opened it); binding is the driver core's job.
         """
         dc = cls if isinstance(cls, DeviceClass) else lookup_class(cls)
         if dc.guid is None:
@@ -385,7 +386,7 @@ class SysfsTree:
         show_monitor = dev.monitored or not gen.hide_monitor_attrs
         values: dict[str, str] = {
             "id": f"{dev.relid}\n",
-            "state": "0\n",
+            "state": "2\n",  # CHANNEL_OPEN_STATE, set by vmbus_process_offer
             "class_id": f"{{{dev.class_guid}}}\n",
             "device_id": f"{{{dev.guid}}}\n",
             "modalias": f"vmbus:{dev.class_guid.bytes_le.hex()}\n",
@@ -632,13 +633,15 @@ class SysfsTree:
         """(name, size) of the maps uio_hv_generic's probe would create for this device.
 
         txrx_rings = TX + RX ring of the generation's size for the class; int_page and
-        monitor_page one Hyper-V page; recv/send GPADL buffers for the NIC (and, before
-        6.10, for every device), named after their GPADL handle.
+        monitor_page one Hyper-V page; recv/send GPADL buffers for the NIC (before 6.10 and
+        on the 5.4-6.6 LTS lines for every device; never on OpenHCL, whose boot line sets
+        send/recv_buf_size=0), named after their GPADL handle.
         """
         dev = self.device(guid)
         ring = self.generation.ring_size(dev.cls)
         maps = [("txrx_rings", 2 * ring), ("int_page", 4096), ("monitor_page", 4096)]
-        if dev.cls.network or not self.generation.per_class_ring_size:
+        buffers = self.generation.gpadl_buffers
+        if buffers == "all" or (buffers == "nic" and dev.cls.network):
             maps += [(f"recv:{gpadl}", 31 * 1024 * 1024), (f"send:{gpadl + 1}", 16 * 1024 * 1024)]
         return maps
 
