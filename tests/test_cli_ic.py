@@ -342,8 +342,9 @@ def test_fcopy_daemon_json_prints_the_events_on_stdout(tmp_path: Path) -> None:
 @pytest.mark.timeout(40)
 def test_fcopy_daemon_finds_the_well_known_device_and_restores(tmp_path: Path) -> None:
     with MockVmbus() as m:
+        guid = m.add_device("fcopy")  # Hyper-V's fixed instance GUID by default
+        assert str(guid) == FCOPY_INSTANCE_GUID
         other = m.add_device("fcopy")  # a second fcopy device: the well-known instance wins
-        guid = m.add_device("fcopy", instance=FCOPY_INSTANCE_GUID)
         data = os.urandom(200_000)
         host = Host(m, guid, _send(m, guid, data=data, file_name="d.bin", dest=str(tmp_path)))
         r = run("--root", str(m.root), "fcopy-daemon", "--dest-root", str(tmp_path), "--no-fsync",
@@ -407,7 +408,11 @@ def test_fcopy_unusable_state_dir_is_one_line(argv: list[str], tmp_path: Path,
 
 @pytest.mark.timeout(30)
 def test_fcopy_daemon_with_several_devices_lists_them_in_one_line() -> None:
-    with MockVmbus(devices=["fcopy", "fcopy"]) as m:
+    import uuid
+
+    with MockVmbus() as m:  # two fcopy devices, neither at Hyper-V's fixed instance GUID
+        for _ in range(2):
+            m.add_device("fcopy", instance=str(uuid.uuid4()))
         guids = sorted(d.guid for d in Sysfs(m.root).devices())
         r = run("--root", str(m.root), "fcopy-daemon", "--dest-root", "/tmp", "--timeout", "1")
     assert r.exit_code == 3

@@ -100,3 +100,54 @@ def test_fcopy_through_mock(mock: Any, tmp_path: Path) -> None:
         assert mock.command(guid, "stats")["errors"] == []
     finally:
         ch.disable()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("strict", [False, True])
+def test_any_vmbus_transaction_id_is_a_valid_ic_answer(strict: bool) -> None:
+    """Hyper-V matches IC answers by the IC header; the kernel's fcopy daemon answers with
+    VMBus transaction id all ones (VMBUS_RQST_ERROR). Accepted; with ``strict`` a warning."""
+    with mock_mod.MockVmbus() as m:
+        guid = m.add_device("heartbeat")
+        svc = HeartbeatService()
+        binding.bind(m.root, guid)
+        ch = channel.Channel(m.root, guid)
+
+        def on_packet(ch: Any, pkt: Packet) -> None:
+            resp = svc.handle(pkt.payload)
+            if resp is not None:
+                ch.send(resp, transaction_id=0xFFFF_FFFF_FFFF_FFFF)
+
+        ch.on_packet(on_packet)
+        ch.enable()
+        try:
+            if strict:  # a model command needs the channel open
+                assert m.command(guid, "strict", on=True) is True
+            m.command(guid, "interval", ms=20)
+            wait(lambda: m.command(guid, "stats")["acked"] >= 2)
+            stats = m.command(guid, "stats")
+            assert stats["errors"] == []
+            assert bool(stats["warnings"]) == strict
+            if strict:
+                warning = stats["warnings"][0]
+                assert "0xffffffffffffffff" in warning and "Hyper-V accepts it" in warning
+        finally:
+            ch.disable()
+
+
+@pytest.mark.timeout(60)
+def test_integration_devices_get_hyperv_fixed_instance_guids() -> None:
+    """Hyper-V gives its IC devices the same instance GUID in every VM (lsvmbus -vv); the
+    mock does too while the GUID is free, so tools that hard-code them (the kernel's fcopy
+    daemon opens eb765408-...) find them. A second device of a class gets a random one."""
+    from pyvmbus.classes import HYPERV_INSTANCE_GUIDS
+
+    with mock_mod.MockVmbus() as m:
+        got = {name: m.add_device(name) for name in ("heartbeat", "kvp", "shutdown", "timesync", "fcopy")}
+        assert got == {name: HYPERV_INSTANCE_GUIDS[name] for name in got}
+        assert str(got["fcopy"]) == "eb765408-105f-49b6-b4aa-c123b64d17d4" == str(FCOPY_INSTANCE_GUID)
+        assert (m.root / "sys/bus/vmbus/devices/eb765408-105f-49b6-b4aa-c123b64d17d4").is_dir()
+        second = m.add_device("heartbeat")
+        assert second != HYPERV_INSTANCE_GUIDS["heartbeat"]
+        echo = m.add_device("echo")
+        assert echo not in HYPERV_INSTANCE_GUIDS.values()

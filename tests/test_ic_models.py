@@ -204,16 +204,24 @@ def test_fcopy_model(tmp_path: Path) -> None:
     assert not (tmp_path / "c2").exists()
 
 
-def test_model_flags_wrong_transaction_id() -> None:
-    model, chan, svc = HeartbeatModel(), FakeChannel(), HeartbeatService()
-    model.opened(chan)
-    payload, _, _, xid = chan.out.pop(0)
-    resp = svc.handle(payload)
-    assert resp is not None
-    model.packet(chan, Packet(PacketType.DATA_INBAND, 0, xid + 1, resp))
-    model.packet(chan, Packet(PacketType.COMP, 0, xid, b""))
-    errors = model.command(chan, "stats", {})["errors"]
-    assert any("transaction id" in e for e in errors) and any("type 0xb" in e for e in errors)
+def test_model_accepts_any_vmbus_transaction_id_and_warns_only_when_strict() -> None:
+    """Hyper-V matches an IC answer by its IC header: a different VMBus transaction id is
+    a valid answer (no error); ``strict`` turns it into a warning. A completion packet is
+    still an error: ICs answer in-band."""
+    for strict in (False, True):
+        model, chan, svc = HeartbeatModel(), FakeChannel(), HeartbeatService()
+        model.command(chan, "strict", {"on": strict})
+        model.opened(chan)
+        payload, _, _, xid = chan.out.pop(0)
+        resp = svc.handle(payload)
+        assert resp is not None
+        model.packet(chan, Packet(PacketType.DATA_INBAND, 0, 0xFFFF_FFFF_FFFF_FFFF, resp))
+        stats = model.command(chan, "stats", {})
+        assert stats["errors"] == [] and stats["answered"] == 1 and stats["state"] == "ready"
+        assert [("transaction id" in w) for w in stats["warnings"]] == ([True] if strict else [])
+        model.packet(chan, Packet(PacketType.COMP, 0, xid, b""))
+        errors = model.command(chan, "stats", {})["errors"]
+        assert any("type 0xb" in e for e in errors)
     assert HV_S_OK == 0
 
 

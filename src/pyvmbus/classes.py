@@ -15,6 +15,7 @@ from .guid import Guid, parse_guid
 __all__ = [
     "CLASSES",
     "DEFAULT_RING_SIZE",
+    "HYPERV_INSTANCE_GUIDS",
     "DeviceClass",
     "UNKNOWN",
     "class_by_guid",
@@ -67,6 +68,23 @@ CLASSES: tuple[DeviceClass, ...] = (
     _c("vss", "volume shadow copy (backup)", "35fa2e29-ea23-4236-96ae-3a6ebacba440", 14, False),
     _c("balloon", "dynamic memory", "525074dc-8985-46e2-8057-a307dc18a502", 15, False),
 )
+
+HYPERV_INSTANCE_GUIDS: dict[str, Guid] = {
+    name: parse_guid(guid)
+    for name, guid in (
+        ("heartbeat", "fd149e91-82e0-4a7d-afa6-2a4166cbd7c0"),
+        ("kvp", "242ff919-07db-4180-9c2e-b86cb68c8c55"),
+        ("shutdown", "b6650ff7-33bc-4840-8048-e0676786f393"),
+        ("timesync", "2dd1ce17-079e-403c-b352-a1921ee207ee"),
+        ("vss", "2450ee40-33bf-4fbd-892e-9fb06e9214cf"),
+        ("fcopy", "eb765408-105f-49b6-b4aa-c123b64d17d4"),
+    )
+}
+"""The fixed instance GUIDs Hyper-V gives its integration devices in every VM.
+
+Tools open them by name: the kernel's tools/hv/hv_fcopy_uio_daemon.c hard-codes the fcopy
+one. Read from published ``lsvmbus -vv`` outputs (Device_ID lines) and a FreeBSD
+``devinfo`` listing of the same devices (pnpinfo deviceid=); see docs/kernels.md."""
 
 UNKNOWN = DeviceClass("unknown", "unknown device class", None, 16, False, pref_ring_size=0x11000)
 """What the kernel calls HV_UNKNOWN: any class GUID not in the table."""

@@ -283,8 +283,11 @@ class MockVmbus:
         ``what``: a model name ("echo", "heartbeat", ...; the device gets the model's
         class), a class short name ("network", "fcopy", ...) or a class GUID (the device
         runs the model registered for that class, else "null", which reads and never
-        answers). ``model`` picks the model explicitly. ``instance`` defaults to a random
-        GUID. Relids are allocated from 1 upward, monitor ids from 0 for monitored
+        answers). ``model`` picks the model explicitly. ``instance`` defaults to Hyper-V's
+        fixed instance GUID for an integration device (heartbeat, kvp, shutdown,
+        timesync, vss, fcopy: :data:`pyvmbus.classes.HYPERV_INSTANCE_GUIDS`) while no
+        other device holds it, so tools that hard-code them work, else a random GUID.
+        Relids are allocated from 1 upward, monitor ids from 0 for monitored
         channels. The device appears under ``root/sys/bus/vmbus/devices`` and the driver
         core binds it as a kernel would (e.g. network -> hv_netvsc).
         """

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..classes import DeviceClass, lookup_class
+from ..classes import HYPERV_INSTANCE_GUIDS, DeviceClass, lookup_class
 from ..errors import ChannelClosed, DeviceNotFound, RingCorrupt, RingFull
 from ..guid import Guid, parse_guid
 from ..packet import PacketType
@@ -425,7 +425,12 @@ class MockHost:
             model = mcls.name
         if cls.guid is None:
             raise ValueError(f"class {what!r} has no class GUID")
-        guid = parse_guid(instance) if instance else Guid(str(uuid.uuid4()))
+        if instance:
+            guid = parse_guid(instance)
+        else:  # Hyper-V's fixed IC instance GUID while it is free (tools open it by name)
+            fixed = HYPERV_INSTANCE_GUIDS.get(cls.name)
+            taken = fixed is not None and fixed in self.devices and not self.devices[fixed].offer.rescinded
+            guid = fixed if fixed is not None and not taken else Guid(str(uuid.uuid4()))
         if guid in self.devices and not self.devices[guid].offer.rescinded:
             raise ValueError(f"a device with instance {guid} is already offered")
         if monitored is None:
