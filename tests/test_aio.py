@@ -245,12 +245,12 @@ def test_100k_request_response_pairs_with_checksums() -> None:
 @pytest.mark.parametrize("option", [None, True, False], ids=["auto", "poll", "interrupts"])
 def test_subchannels_under_asyncio(echo: Echo, option: bool | None) -> None:
     """Subchannels are dispatched by the loop too; polled ones by a loop timer. The default
-    polls where subchannel interrupts would oops the kernel (6.12-debian) or where the
-    probe cannot tell (openhcl)."""
+    polls wherever a subchannel interrupt would oops the kernel (5.15, 6.10, 6.12-debian,
+    openhcl: no primary lookup in hv_uio_channel_cb)."""
     m, guid, ch = echo
     if option is False and m.generation.subchannel_interrupt_crash:
         pytest.skip(f"{m.generation.name}: forced subchannel interrupts oops the kernel")
-    polled = m.generation.name in {"6.12-debian", "openhcl"} if option is None else option
+    polled = m.generation.name in {"5.15", "6.10", "6.12-debian", "openhcl"} if option is None else option
     ch.poll_subchannels = option
 
     async def main() -> None:

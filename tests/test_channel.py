@@ -12,10 +12,11 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from pyvmbus import ChannelClosed, InvalidState, RingFull, Timeout
+from pyvmbus import ChannelClosed, InvalidState, RingFull, Timeout, UnsupportedKernel
 from pyvmbus.bus import Vmbus
 from pyvmbus.channel import Channel
 from pyvmbus.lifecycle import ChannelState
@@ -584,10 +585,12 @@ def test_raising_on_packet_closes_with_the_error(echo: Echo) -> None:
 
 # -- subchannels -----------------------------------------------------------------------------
 
-AUTO_POLLED = {"6.12-debian", "openhcl"}
-"""Where the default (poll_subchannels=None) keeps subchannels masked and polled: the crash
-window (b15b7 without d062463), and OpenHCL, whose writes touch no mask, so the probe cannot
-tell it from the crash window (polling there is only cautious)."""
+AUTO_POLLED = {"5.15", "6.10", "6.12-debian", "openhcl"}
+"""Where the default (poll_subchannels=None) keeps subchannels masked and polled: every kernel
+whose hv_uio_channel_cb lacks the primary lookup (before d062463 and the Dec 2025 5.4-6.6
+backport), where a subchannel interrupt oopses the guest. SPEC.md rule 6's probe (a write
+of 1 must clear a subchannel's mask) finds them; "the kernel masked the primary on open"
+(5.15, 6.10) does not make them safe."""
 
 
 def expect_polled(gen: str, option: bool | None) -> bool:
@@ -652,24 +655,26 @@ def test_subchannel_mode_is_detected_from_the_kernels_behaviour(
     ch.enable()
     assert ch._disp is not None and ch._disp.masked_on_open is gen.masks_on_open
     before = ch.info()["subchannel_interrupts"]
-    assert before["mode"] == ("interrupts" if gen.masks_on_open else "undecided")
+    assert before["mode"] == "undecided"  # the primary's mask on open says nothing
     echo.mock.offer_subchannels(echo.guid, 2)
     subs = ch.open_subchannels(2, timeout=5)
     assert [s.polled for s in subs] == [polled, polled]
     summary = ch.info()["subchannel_interrupts"]
     text = ch.describe()
-    if gen.masks_on_open:
-        assert "masked the primary on open" in summary["reason"]
-    elif polled:
-        assert "b15b7 without d062463" in summary["reason"] and "polling subchannels every 1 ms" \
-            in summary["reason"]
-        assert "subchannels: polled (kernel looks like b15b7 without d062463" in text
-        assert any("would crash it" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "oops" in r.getMessage()]
+    if polled:
+        assert "left the subchannel's mask alone" in summary["reason"]
+        assert "polled every 1 ms" in summary["reason"]
+        assert f"subchannels: polled ({summary['reason']})" in text
+        assert warned
+        if gen.masks_on_open:  # 5.15, 6.10: masked at creation, but the callback still oopses
+            assert "before d062463" in summary["reason"]
+        else:  # 6.12-debian, openhcl: subchannels start unmasked
+            assert "start UNMASKED" in summary["reason"] and "b15b7 without d062463" in summary["reason"]
     else:
         assert "cleared the subchannel's mask" in summary["reason"]
-    if not polled:
         assert "subchannels: interrupts" in text
-        assert not any("would crash it" in r.getMessage() for r in caplog.records)
+        assert not warned
     for s in subs:
         assert (s.info()["polled_reason"] == summary["reason"])
         rx = s.rx_ring
@@ -958,3 +963,73 @@ def test_counters_exact_with_concurrent_senders(echo: Echo) -> None:
     assert c.bytes_out == 4 * (300 * 24 + 30)
     wait_until(lambda: echo.host("packets_in") == c.packets_out, what="the host to read everything")
     assert c.signals == echo.host("signals") or c.signals >= 1
+
+
+SIGNALS_SUBCHANNELS = {"6.15", "6.18"}
+"""d062463's set_event(): a write of 1 signals every non-monitored channel of the device."""
+
+
+@pytest.mark.timeout(30)
+def test_non_monitored_subchannel_is_refused_where_nothing_can_signal_it(mock: MockVmbus) -> None:
+    """SPEC rule 7: userspace cannot make HvSignalEvent; only a d062463 kernel's write of 1
+    signals a non-monitored subchannel. Elsewhere opening one is a clear error naming the
+    kernels where it works, not requests that time out."""
+    gen = mock.generation.name
+    e = make_echo(mock)  # a monitored primary (every generation binds it)
+    try:
+        e.ch.enable()
+        (relid,) = mock.offer_subchannels(e.guid, 1, monitored=False)
+        if gen in SIGNALS_SUBCHANNELS:
+            (sub,) = e.ch.open_subchannels(1, timeout=5)
+            assert sub.monitor_id is None and sub.relid == relid
+            assert sub.send_request(b"told", timeout=5) == pad8(b"told")
+        else:
+            with pytest.raises(UnsupportedKernel) as info:
+                e.ch.open_subchannels(1, timeout=5)
+            msg = str(info.value)
+            assert f"non-monitored subchannel relid {relid}" in msg and "d062463" in msg
+            assert "6.15" in msg and "HvSignalEvent" in msg
+            assert e.ch.subchannels == ()
+        assert mock.alive
+    finally:
+        drop(e)
+
+
+@pytest.mark.timeout(30)
+def test_subchannel_ring_is_mapped_at_the_channels_size_not_st_size(mock: MockVmbus) -> None:
+    """The ring file claims a fixed 4 MiB before 65995e97a1ca; the client takes the size from
+    the channel (write_avail + the header page of an untouched TX ring), never from st_size."""
+    e = make_echo(mock)
+    try:
+        e.ch.enable()
+        mock.offer_subchannels(e.guid, 1)
+        (sub,) = e.ch.open_subchannels(1, timeout=5)
+        assert sub.tx_ring is not None and sub.rx_ring is not None
+        assert sub.tx_ring.data_size == sub.rx_ring.data_size == (2 << 20) - 4096
+        assert sub.send_request(b"sized", timeout=5) == pad8(b"sized")
+    finally:
+        drop(e)
+
+
+def test_subchannel_ring_size_comes_from_the_channel(tmp_path: Path) -> None:
+    """A ring pair of 2 x 0x11000 behind a ring file that claims 4 MiB (old kernels, OpenHCL):
+    the size the client maps is the channel's (sysfs write_avail + one header page)."""
+    import os
+
+    from pyvmbus.channel import _subchannel_ring_bytes
+    from pyvmbus.mock.sysfs_tree import FIXED_RING_FILE_SIZE, SysfsTree
+    from pyvmbus.sysfs import Sysfs
+
+    tree = SysfsTree(tmp_path, "6.10")
+    guid = tree.add_device("network")
+    tree.add_channel(guid, 40, 1)
+    tree.set_ring_allocated(guid, 40, 0x11000)
+    backing = tmp_path / "backing"
+    backing.write_bytes(b"\0" * 4096)
+    os.truncate(backing, tree.ring_file_size(2 * 0x11000))
+    tree.set_ring_file(guid, 40, backing)
+    chan = Sysfs(tmp_path).device(guid).channel(40)
+    assert chan.ring_file_size == FIXED_RING_FILE_SIZE == 4 << 20
+    assert _subchannel_ring_bytes(chan) == 2 * 0x11000
+    tree.set_ring_allocated(guid, 40, None)
+    assert _subchannel_ring_bytes(chan) is None  # not set up yet: wait, do not guess

@@ -320,20 +320,33 @@ def test_subchannels_offered_but_not_yet_created_go_with_the_close() -> None:
             assert mock.offer_subchannels(guid, 2) == relids  # relids were released
 
 
+CRASHES = ["5.15", "6.10", "6.12-debian", "openhcl"]
+"""hv_uio_channel_cb without the primary lookup: before d062463 / the Dec 2025 backport, OpenHCL."""
+
+
+def test_the_crash_list_is_the_generations_flag() -> None:
+    assert CRASHES == [g for g in GENS if generation(g).subchannel_interrupt_crash]
+
+
 @pytest.mark.timeout(30)
-def test_subchannel_interrupt_oopses_the_crash_window_kernel() -> None:
-    """6.12-debian (b15b7 without d062463): open() and subchannel creation leave the masks
-    at 0 and a write touches the primary only, so a raw client's subchannel stays unmasked;
-    the host's first interrupt on it is the kernel's NULL dereference: a BUG line in the
-    kernel log, the mock process dies, clients see HostCrashed."""
-    with MockVmbus(kernel="6.12-debian") as mock:
+@pytest.mark.parametrize("kernel", CRASHES)
+def test_subchannel_interrupt_oopses_kernels_without_the_primary_lookup(kernel: str) -> None:
+    """A host interrupt on an unmasked subchannel is the kernel's NULL dereference in
+    hv_uio_channel_cb: a BUG line naming the function in the kernel log, the mock process
+    dies, every client sees HostCrashed. 5.15 / 6.10 mask subchannels at creation and a
+    write covers the primary only, so only a client that unmasks the subchannel itself
+    (the old masked-on-open shortcut did) gets there; 6.12-debian and openhcl start them
+    unmasked."""
+    gen = generation(kernel)
+    with MockVmbus(kernel=kernel) as mock:
         guid = mock.add_device("echo")
         binding.bind(mock.root, guid)
         with RawGuest(mock.root, guid) as g:
             (relid,) = mock.offer_subchannels(guid, 1)
             sub = g.subchannel(relid)
-            assert g.primary.rx.interrupt_mask == 0 and sub.rx.interrupt_mask == 0
+            assert sub.rx.interrupt_mask == int(gen.masks_on_open)  # unmasked from birth on b15b7+
             sub.rx.interrupt_mask = 1
+            g.primary.rx.interrupt_mask = 0
             g.dev.irqcontrol(True)
             assert sub.rx.interrupt_mask == 1  # the write did not reach the subchannel
             mock.command(guid, "send", payload=b"primary is fine")
@@ -350,3 +363,22 @@ def test_subchannel_interrupt_oopses_the_crash_window_kernel() -> None:
             log = mock.kernel_log()
             bug = [line for line in log if "BUG: kernel NULL pointer dereference" in line]
             assert bug and f"hv_uio_channel_cb (subchannel relid {relid}" in bug[0]
+            assert "device_obj" in bug[0] and f"kernel {kernel}" in bug[0]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kernel", [g for g in GENS if g not in CRASHES])
+def test_subchannel_interrupts_are_safe_with_the_primary_lookup(kernel: str) -> None:
+    """6.15, 6.18 (d062463) and 6.6-lts (the Dec 2025 backport): a write of 1 clears the
+    subchannel's mask (SPEC rule 6's test) and its interrupts are ordinary events."""
+    with MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("echo")
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            (relid,) = mock.offer_subchannels(guid, 1)
+            sub = g.subchannel(relid)
+            sub.rx.interrupt_mask = 1
+            g.dev.irqcontrol(True)
+            assert sub.rx.interrupt_mask == 0
+            mock.command(guid, "send", subchannel=1, payload=b"fine")
+            assert g.dev.wait(5) is not None and sub.read() is not None and mock.alive

@@ -28,6 +28,7 @@ from .errors import (
     RingCorrupt,
     RingFull,
     Timeout,
+    UnsupportedKernel,
     UsageError,
     VmbusError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "RingCorrupt",
     "RingFull",
     "Timeout",
+    "UnsupportedKernel",
     "UsageError",
     "Vmbus",
     "VmbusError",

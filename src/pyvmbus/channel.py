@@ -44,6 +44,7 @@ from .errors import (
     RingCorrupt,
     RingFull,
     Timeout,
+    UnsupportedKernel,
     VmbusError,
 )
 from .guid import Guid, parse_guid
@@ -991,10 +992,13 @@ class Channel:
                 if chan.relid in known:
                     continue
                 ring = chan.ring_path
-                if ring is None:
+                size = _subchannel_ring_bytes(chan)
+                if ring is None or size is None:
                     continue
                 try:
-                    arr = dev.map_ring_file(ring)
+                    # Sized from the channel, never from st_size: before 65995e97a1ca the
+                    # file claims a fixed 4 MiB and an mmap beyond the real ring is EINVAL.
+                    arr = dev.map_ring_file(ring, size)
                 except (FileNotFoundError, ChannelClosed):
                     continue  # not there yet, or the kernel has not opened it yet (ENODEV)
                 new.append(self._attach_subchannel(chan, arr))
@@ -1020,13 +1024,23 @@ class Channel:
         sub.name = f"{self.guid}/{relid}"
         sub._lc.device = sub.name
         tx, rx = split_rings(ring, f"channels/{relid}/ring")
+        started_unmasked = rx.interrupt_mask == 0
         rx.interrupt_mask = 1  # masked at once: until the verdict, and for good when polled
         sub._signal = HostSignal.for_channel(
             relid, sub.monitor_id, int_page=_opt_map(dev, "int_page"),
             monitor_page=_opt_map(dev, "monitor_page"), write_one=disp.guard.write_one, subchannel=True)
         sub.tx_ring, sub.rx_ring, sub._dev, sub._disp = tx, rx, dev, disp
         sub.counters._opened(disp)
+        if sub.monitor_id is None:
+            self._check_signallable(disp, sub, info)
         sub.polled, sub._polled_reason = self._subchannel_mode(disp, sub)
+        if sub.polled and started_unmasked and not disp.subchannel_irqs_safe:
+            _warn_once(f"{self.guid}/unmasked", (
+                f"channel {self.guid}: subchannel relid {relid} was UNMASKED when pyvmbus mapped it, on a "
+                "kernel whose interrupt callback oopses on a subchannel interrupt (b15b7 without d062463, "
+                "or OpenHCL): a host packet on it before that moment would have crashed the guest. "
+                "Requesting subchannels on this kernel risks the VM; update to a kernel with d062463 "
+                "(6.15+, 6.12.y from Nov 2025) or the Dec 2025 5.4-6.6 backport"))
         sub._cb_packet = self._cb_packet
         sub._cb_complete = self._cb_complete
         sub._cb_closed = self._cb_closed
@@ -1039,6 +1053,39 @@ class Channel:
         self._subs.append(sub)
         disp.add(sub)
         return sub
+
+    def _check_signallable(self, disp: Dispatcher, sub: Channel, info: ChannelInfo) -> None:
+        """A non-monitored subchannel needs the kernel to signal the host for it (SPEC rule 7).
+
+        Userspace cannot make the HvSignalEvent hypercall; only a d062463 kernel's write of
+        1 signals a non-monitored subchannel. Rule 6's probe tells whether a write reaches
+        subchannels at all; the channel's ``events`` count (the kernel's sig_events, read
+        live from sysfs) tells whether the write signalled, which tells d062463 from the
+        Dec 2025 5.4-6.6 backport (masks only). Anything else: refuse, rather than let the
+        subchannel's requests reach a host that is never told.
+        """
+        where = ("kernels with d062463 (\"uio_hv_generic: Set event for all channels on the device\"): "
+                 "upstream 6.15 and later (inferred) and 6.12.y from the Nov 2025 stable release")
+        what = f"open non-monitored subchannel relid {sub.relid}"
+        covers = disp.subchannel_interrupts_safe(self, sub)
+        if not covers:
+            raise UnsupportedKernel(str(self.guid), what, (
+                "it has no monitor id, userspace cannot make the HvSignalEvent hypercall, and on "
+                "this kernel a write of 1 to the uio fd signals the primary only (<= 6.14 before "
+                "d062463, 6.12.y before Nov 2025, OpenHCL) or nothing (5.4-6.6): its sends would "
+                "reach a host that is never told"), where)
+        before = info.events
+        disp.guard.write_one()
+        after = info.events
+        if sub.rx_ring is not None:
+            sub.rx_ring.interrupt_mask = 1  # the write cleared it; add() decides
+        disp.kick()
+        if before is None or after is None or after <= before:
+            raise UnsupportedKernel(str(self.guid), what, (
+                "it has no monitor id, userspace cannot make the HvSignalEvent hypercall, and a "
+                "write of 1 to the uio fd reached the subchannel's mask but did not signal the host "
+                f"(its sysfs events count stayed at {before}): the 5.4-6.6 LTS backport of Dec 2025 "
+                "masks subchannels but never signals"), where)
 
     def _subchannel_mode(self, disp: Dispatcher, sub: Channel) -> tuple[bool, str]:
         """(polled, why) for a new subchannel: forced by ``poll_subchannels`` or detected."""
@@ -1108,18 +1155,15 @@ class Channel:
     def _subchannel_summary(self) -> dict[str, Any]:
         """How subchannels are (or will be) dispatched and why: for info() and describe()."""
         subs = self._subs
-        disp = self._disp
         if subs:
             polled = subs[-1].polled
             return {"mode": "polled" if polled else "interrupts", "reason": subs[-1]._polled_reason}
         if self.poll_subchannels is not None:
             return {"mode": "polled" if self.poll_subchannels else "interrupts",
                     "reason": f"poll_subchannels={self.poll_subchannels}"}
-        if disp is not None and self._masked_on_open:
-            return {"mode": "interrupts", "reason": "the kernel masked the primary on open "
-                    "(before b15b7): subchannel interrupts are safe"}
         return {"mode": "undecided", "reason": "decided when the first subchannel is mapped: "
-                "does a write of 1 clear its mask?"}
+                "does a write of 1 clear its mask? (SPEC.md rule 6; the mask the kernel left on the "
+                "primary says nothing about subchannels)"}
 
     def describe(self) -> str:
         """A few lines for ``vmbus show``: state, how the host is signalled and why, counters."""
@@ -1150,6 +1194,19 @@ class Channel:
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+
+def _subchannel_ring_bytes(chan: ChannelInfo) -> int | None:
+    """TX + RX bytes of a new subchannel's ring pair, from the channel itself.
+
+    The outbound ring of a subchannel nobody has written to is empty, so its sysfs
+    ``write_avail`` is the kernel's ring_datasize (ring size minus the one-page header).
+    None while the kernel has not set the ring up yet.
+    """
+    free = chan.write_avail
+    if free is None or free <= 0:
+        return None
+    return 2 * (free + PAGE_SIZE)
 
 
 def _warn_once(key: str, text: str) -> None:

@@ -20,20 +20,21 @@ The cycle
     :meth:`Dispatcher._drain_all`.
 
 Subchannels and the crash window
-    Kernels with b15b7 ("Let userspace take care of interrupt mask") but without d062463
-    ("Set event for all channels on the device"), e.g. Debian 6.12.57, oops on a
-    subchannel interrupt (SPEC.md section 8). The channel tells them apart by behaviour,
-    never by uname: (1) right after open, before storing its own mask, it reads the
-    primary's RX mask: 1 means the kernel masks on open (before b15b7), where subchannel
-    interrupts are safe. (2) Otherwise, when the first subchannel is mapped (its mask
-    stored at 1 at once, and kept out of dispatch until the verdict), it does the normal
-    unmask (store 0 on the primary + a write of 1) and reads the subchannel's mask again:
-    only a kernel whose writes cover subchannels (d062463, the Dec 2025 LTS backport)
-    clears it. Still 1 means the crash window (or OpenHCL, where writes touch no mask;
-    polling there is merely cautious): every subchannel stays masked and is polled every
-    ``poll_interval``, it never asks the host for a "room now" interrupt
-    (pending_send_size), and a warning says why. ``poll_subchannels=True`` / ``False``
-    force either mode.
+    Before d062463 ("Set event for all channels on the device") and the Dec 2025 5.4-6.6
+    backport, hv_uio_channel_cb reads the interrupting channel's device_obj, which is
+    NULL for a subchannel: the first host interrupt on a subchannel oopses the guest
+    (<= 6.14 upstream, 6.10, the 5.4-6.6 LTS lines before Dec 2025, 6.12.y before Nov
+    2025 such as Debian 6.12.57, and OpenHCL). Old kernels only survive because they mask
+    subchannels at creation and nobody unmasks them. So "the kernel masked the primary on
+    open" says nothing about subchannels. The only test userspace has is SPEC.md rule 6,
+    done once, on the first subchannel, before it is dispatched
+    (:meth:`Dispatcher.subchannel_interrupts_safe`): store 1 in its mask, do the normal
+    unmask (store 0 on the primary + a write of 1), read the subchannel's mask back. Only
+    a kernel whose write clears subchannel masks (d062463 or the Dec 2025 backport) has
+    the safe callback. Everywhere else every subchannel stays masked and is polled every
+    ``poll_interval``, never sets pending_send_size (the host's "room now" interrupt is an
+    interrupt too) and a warning says why. ``poll_subchannels=True`` / ``False`` force
+    either mode (False on such a kernel panics the guest at the first host packet).
 
 Leader / follower
     Whoever holds the dispatch lead polls the fd and drains; every callback runs on that
@@ -253,27 +254,35 @@ class Dispatcher:
         """
         if self.subchannel_irqs_safe is not None:
             return self.subchannel_irqs_safe
-        if self.masked_on_open:
-            safe = True
-            why = ("the kernel masked the primary on open (before b15b7): subchannel interrupts "
-                   "are safe")
+        prx, srx = primary.rx_ring, sub.rx_ring
+        if prx is None or srx is None:
+            raise ChannelClosed(self.name, self.reason or "closed while opening a subchannel")
+        # SPEC.md rule 6: the subchannel's mask holds 1; the channel's normal unmask (store 0
+        # on the primary, then a 4-byte write of 1, synchronous: the kernel's irqcontrol
+        # has run when it returns); then read the subchannel's mask back.
+        srx.interrupt_mask = 1
+        prx.interrupt_mask = 0
+        shm.fence()
+        self.guard.write_one()
+        shm.fence()
+        safe = srx.interrupt_mask == 0
+        srx.interrupt_mask = 1  # not dispatched yet: add() unmasks it when it may
+        shm.fence()
+        self.kick()  # the primary was unmasked outside a cycle: let the leader re-check
+        every = f"{self.poll_interval * 1000:g} ms"
+        if safe:
+            why = ("a write of 1 cleared the subchannel's mask (d062463, or the Dec 2025 5.4-6.6 "
+                   "backport): the kernel's callback finds the primary, subchannel interrupts are safe")
+        elif self.masked_on_open:
+            why = ("a write of 1 left the subchannel's mask alone and the kernel masks on open (before "
+                   "d062463: <= 6.14, 5.4-6.6 LTS before b15b7): its interrupt callback would oops on a "
+                   f"subchannel interrupt (NULL device_obj); subchannels stay masked, polled every {every}")
         else:
-            prx, srx = primary.rx_ring, sub.rx_ring
-            if prx is None or srx is None:
-                raise ChannelClosed(self.name, self.reason or "closed while opening a subchannel")
-            # The channel's normal unmask: store 0 on the primary, then a 4-byte write of 1
-            # (synchronous: the kernel's irqcontrol has run when it returns).
-            prx.interrupt_mask = 0
-            self.guard.write_one()
-            shm.fence()
-            safe = srx.interrupt_mask == 0
-            if safe:
-                why = ("a write of 1 cleared the subchannel's mask (d062463, or the Dec 2025 LTS "
-                       "backport): subchannel interrupts are safe")
-            else:
-                why = ("kernel looks like b15b7 without d062463 (e.g. Debian 6.12.57): subchannel "
-                       "interrupts would crash it; polling subchannels every "
-                       f"{self.poll_interval * 1000:g} ms")
+            why = ("a write of 1 left the subchannel's mask alone and the kernel leaves masks to "
+                   "userspace: b15b7 without d062463 (e.g. Debian 6.12.57, 5.4-6.6 LTS between Oct and "
+                   "Dec 2025) or OpenHCL (no_mask=1), where subchannels start UNMASKED and a host "
+                   "interrupt before pyvmbus masks one oopses the guest (fixed by d062463 and the "
+                   f"Dec 2025 backport); subchannels stay masked, polled every {every}")
         self.subchannel_irqs_safe = safe
         self.subchannel_reason = why
         return safe

@@ -28,6 +28,7 @@ __all__ = [
     "RingCorrupt",
     "RingFull",
     "Timeout",
+    "UnsupportedKernel",
     "UsageError",
     "VmbusError",
 ]
@@ -257,3 +258,15 @@ class ChannelClosed(VmbusError):
         self.device = device
         self.reason = reason
         super().__init__(f"channel {device} is closed ({reason})")
+
+
+class UnsupportedKernel(UsageError):
+    """The running kernel's uio_hv_generic cannot do what the device needs; ``works_on``
+    names the kernels where it would work (the fix is a kernel update, not a retry)."""
+
+    def __init__(self, device: str, what: str, why: str, works_on: str) -> None:
+        self.device = device
+        self.what = what
+        self.why = why
+        self.works_on = works_on
+        super().__init__(f"{device}: cannot {what}: {why}; it works on {works_on}")

@@ -11,7 +11,9 @@ Two mechanisms exist, and the offer decides which one a channel needs:
   OR on its 32-bit word and no other bit is touched.
 - **non-monitored** channels: userspace cannot make the HvSignalEvent hypercall, so it
   writes a 4-byte 1 to the uio fd; since 6.10 (547fa4ffd799) the kernel then signals the
-  host. Kernels before 6.10 refuse such channels at probe, so this never has to work there.
+  host for the primary. Kernels before 6.10 and the 5.4-6.6 LTS lines refuse such
+  primaries at probe. A non-monitored *subchannel* is signalled only by d062463's
+  set_event() (6.15+, 6.12.y from Nov 2025); elsewhere pyvmbus refuses to open it.
 
 :meth:`HostSignal.describe` says which one a channel uses and why, for ``vmbus show``.
 """
@@ -140,8 +142,11 @@ class HostSignal:
         )
         if subchannel:
             reason += (
-                "; for a subchannel the kernel signals on a write only since d062463 (~6.15): "
-                "on 6.10-6.14 the host is not told about this subchannel's sends"
+                "; for a subchannel only a kernel with d062463 signals on a write (upstream 6.15+, "
+                "inferred; 6.12.y from Nov 2025): on <= 6.14 before it (6.10-6.14, 6.12.y before "
+                "Nov 2025 e.g. Debian 6.12.57, OpenHCL) a write signals the primary only, and on "
+                "the 5.4-6.6 LTS lines, even after the Dec 2025 backport, it signals nothing, so "
+                "pyvmbus refuses such a subchannel there (UnsupportedKernel)"
             )
         self = cls(Mechanism.FD_WRITE, relid, None, reason, subchannel)
         self._fd_write = write_one

@@ -329,15 +329,18 @@ class MockVmbus:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(10.0)
 
-    def offer_subchannels(self, guid: str, count: int) -> list[int]:
+    def offer_subchannels(self, guid: str, count: int, *, monitored: bool | None = None) -> list[int]:
         """The host offers ``count`` subchannels of an opened device; returns their relids.
 
         Their ``channels/<relid>/ring`` files appear ~50 ms later, asynchronously, as on
         a real kernel. They share the device's event counter; the kernel masks them on
         creation where the generation masks on open. They go away when the guest's last
-        close of the node closes the primary.
+        close of the node closes the primary. ``monitored`` (default: as the primary)
+        offers them with or without monitor ids: Hyper-V may offer a non-latency-sensitive
+        device's subchannels without one (d062463's commit message).
         """
-        return [int(r) for r in self._call("offer_subchannels", guid=str(guid), count=int(count))]
+        return [int(r) for r in self._call("offer_subchannels", guid=str(guid), count=int(count),
+                                           monitored=monitored)]
 
     def command(self, guid: str, name: str, *, subchannel: int = 0, **args: Any) -> Any:
         """Forward ``name(**args)`` to the device model of the open channel (the primary,

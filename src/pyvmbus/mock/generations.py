@@ -99,7 +99,7 @@ GENERATIONS: dict[str, KernelGeneration] = {
             write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=False,
             signal_subchannels=False, per_class_ring_size=False, page_aligned_ring=False,
             unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=True,
-            subchannel_interrupt_crash=False, gpadl_buffers="all",
+            subchannel_interrupt_crash=True, gpadl_buffers="all",
         ),
         KernelGeneration(
             "6.10", "6.10 up to d062463: a write of 1 also signals a non-monitored primary; a "
@@ -108,7 +108,7 @@ GENERATIONS: dict[str, KernelGeneration] = {
             write_covers_subchannels=False, write_touches_mask=True, signal_on_unmask=True,
             signal_subchannels=False, per_class_ring_size=True, page_aligned_ring=False,
             unregister_on_rescind=True, hide_monitor_attrs=True, fixed_ring_file_size=True,
-            subchannel_interrupt_crash=False,
+            subchannel_interrupt_crash=True,
         ),
         KernelGeneration(
             "6.15", "d062463 (~6.15-6.17): writes cover every channel; each non-monitored one is signalled",

@@ -480,8 +480,10 @@ class MockHost:
         self.kernel.offered(offer)
         return offer
 
-    def offer_subchannels(self, guid: str, count: int) -> list[int]:
+    def offer_subchannels(self, guid: str, count: int, monitored: bool | None = None) -> list[int]:
         dev = self.device(guid)
+        if monitored is None:
+            monitored = dev.offer.monitored
         primary = dev.offer
         if primary.relid not in self.channels:
             raise ChannelClosed(primary.instance, "subchannels are offered only for an opened device")
@@ -490,7 +492,7 @@ class MockHost:
         relids = []
         for _ in range(count):
             sub = Offer(primary.instance, primary.device_class, primary.model, self._alloc_relid(),
-                        self._alloc_monitor_id() if primary.monitored else None,
+                        self._alloc_monitor_id() if monitored else None,
                         subchannel_index=len(primary.subchannels) + 1, primary=primary)
             primary.subchannels.append(sub)
             relids.append(sub.relid)

@@ -594,6 +594,9 @@ class MockKernel:
             for ch in [primary, *subs] if gen.signal_subchannels else [primary]:
                 if not ch.offer.monitored:
                     ch.sig_events += 1
+                    if ch is not primary:  # sysfs events is read live: clients probe it (rule 7)
+                        self.tree.set_channel_attrs(dev.guid, ch.offer.relid, events=ch.sig_events)
+                        ch.shown["events"] = ch.sig_events
                     self.host.signal(ch.offer.relid)
 
     # -- sysfs counters ---------------------------------------------------------------------
@@ -760,7 +763,7 @@ class _Server:
                 return None
             return h.fault(a["guid"], a["kind"], a.get("args", {}))
         if name == "offer_subchannels":
-            return h.offer_subchannels(a["guid"], a["count"])
+            return h.offer_subchannels(a["guid"], a["count"], a.get("monitored"))
         if name == "command":
             return h.command(a["guid"], a["name"], a.get("args", {}), a.get("subchannel", 0))
         if name == "host_stats":
