@@ -8,11 +8,13 @@ only right on one generation must fail against the others: that is what the mock
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..classes import DEFAULT_RING_SIZE, DeviceClass
 
-__all__ = ["DEFAULT_GENERATION", "GENERATIONS", "KernelGeneration", "generation"]
+__all__ = ["BEHAVIOURS", "DEFAULT_GENERATION", "GENERATIONS", "SOURCES", "Behaviour", "KernelGeneration",
+           "generation", "kernels_markdown"]
 
 PAGE_SIZE = 4096
 HV_RING_HEADER = PAGE_SIZE  # sizeof(struct hv_ring_buffer) == PAGE_SIZE
@@ -165,3 +167,141 @@ def generation(name: str) -> KernelGeneration:
         raise ValueError(
             f"unknown kernel generation {name!r}; known: {', '.join(GENERATIONS)}"
         ) from None
+
+
+# -- the table docs/kernels.md is generated from ------------------------------------------------
+
+UHG = "uio_hv_generic.c"
+SOURCES: dict[str, str] = {
+    "5.15": "torvalds/linux uio_hv_generic.c @cbecf716 (<= 6.9) + fb1adbd7e50f/6fd28941447b "
+            "(Sep 2024 stable)",
+    "6.10": "547fa4ffd799, e566ed5b6417 (6.10) + fb1adbd7e50f/6fd28941447b",
+    "6.15": "d062463edf17 (Mar 2025)",
+    "6.18": "b15b7d2a1b09 (Aug 2025) on top of d062463edf17, 0315fef2aff9, 65995e97a1ca",
+    "6.12-debian": "37bd91f22794 (6.12.y backport of b15b7) before the Nov 2025 6.12 backport of d062463",
+    "6.6-lts": "[PATCH 5.4-6.6 v2] 'Enable user space to manage interrupt_mask for subchannels' "
+               "(Nov/Dec 2025, Closes Debian #1120602)",
+    "openhcl": "microsoft/OHCL-Linux-Kernel uio_hv_generic.c @05b48eb85d34 + openvmm openhcl_boot "
+               "build_kernel_command_line + the 'slower vmbus device channels' module parameters",
+}
+"""Where each column's facts come from (docs/kernels.md prints it under the table)."""
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """One row of docs/kernels.md: a value per generation, its kernel source, the test."""
+
+    title: str
+    value: Callable[[KernelGeneration], str]
+    source: Callable[[KernelGeneration], str]
+    test: str
+    """``tests/<file>.py::<test function>`` that holds the mock to this row."""
+
+
+def _mib(n: int) -> str:
+    return f"{n // (1 << 20)} MiB" if n % (1 << 20) == 0 else f"{n:#x}"
+
+
+def _ring(g: KernelGeneration) -> str:
+    from ..classes import class_by_name
+
+    fc = g.ring_size(class_by_name("fcopy"))
+    net = g.ring_size(class_by_name("network"))
+    if g.primary_ring_size is not None:
+        sub = g.ring_size(class_by_name("network"), True)
+        return f"{_mib(net)} (ring_size= parameter), subchannels {_mib(sub)}"
+    return f"net {_mib(net)}, fcopy {_mib(fc)}; subchannels 2 MiB"
+
+
+BEHAVIOURS: tuple[Behaviour, ...] = (
+    Behaviour(
+        "maps", lambda g: {"all": "rings, int, monitor + recv/send for every device",
+                           "nic": "rings, int, monitor + recv/send for HV_NIC only",
+                           "none": "rings, int, monitor; no recv/send (send/recv_buf_size=0)",
+                           }[g.gpadl_buffers],
+        lambda g: "hv_uio_probe, " + ("OHCL 05b48eb85d34 + boot line" if g.name == "openhcl"
+                                      else "torvalds " + UHG),
+        "tests/test_tree.py::test_uio_maps_per_generation"),
+    Behaviour(
+        "ring sizes (per direction)", _ring,
+        lambda g: ("hv_uio_probe (HV_RING_SIZE 512 pages)"
+                   if not g.per_class_ring_size and g.primary_ring_size is None
+                   else "hv_uio_probe, ring_size module parameter" if g.primary_ring_size is not None
+                   else "hv_uio_probe: hv_dev_ring_size (e566ed5b6417)"
+                   + (" + VMBUS_RING_SIZE (0315fef2aff9)" if g.page_aligned_ring else ""))
+        + "; hv_uio_new_channel (SZ_2M)",
+        "tests/test_uio.py::test_map_sizes_per_class_and_generation"),
+    Behaviour(
+        "ring file", lambda g: ("st_size fixed 4 MiB" if g.fixed_ring_file_size else "st_size = real pair")
+        + "; mmap ENODEV unless opened",
+        lambda g: "hv_uio_ring_mmap; " + ("static ring_buffer_bin_attr" if g.fixed_ring_file_size
+                                          else "65995e97a1ca (dynamic size)"),
+        "tests/test_channel.py::test_subchannel_ring_size_comes_from_the_channel"),
+    Behaviour(
+        "mask on open", lambda g: "1 (primary and subchannels)" if g.masks_on_open else "untouched (0)",
+        lambda g: "hv_uio_open, hv_uio_new_channel" + ("" if g.masks_on_open else
+                                                       " (b15b7d2a1b09 removed it)" if g.write_touches_mask
+                                                       else " (no_mask=1)"),
+        "tests/test_mock_kernel.py::test_mask_after_open"),
+    Behaviour(
+        "mask on interrupt", lambda g: "1" if g.masks_on_interrupt else "untouched",
+        lambda g: "hv_uio_channel_cb" + ("" if g.masks_on_interrupt else " (b15b7d2a1b09 / no_mask)"),
+        "tests/test_mock_kernel.py::test_mask_on_interrupt"),
+    Behaviour(
+        "mask on write", lambda g: ("none" if not g.write_touches_mask else
+                                    "primary and subchannels: !v" if g.write_covers_subchannels
+                                    else "primary only: !v"),
+        lambda g: "hv_uio_irqcontrol" + (" + set_event over sc_list (d062463edf17)"
+                                         if g.write_covers_subchannels else ""),
+        "tests/test_mock_kernel.py::test_write_masks_per_generation"),
+    Behaviour(
+        "host signal on write of 1", lambda g: ("none" if not g.signal_on_unmask else
+                                                "every non-monitored channel" if g.signal_subchannels
+                                                else "non-monitored primary only"),
+        lambda g: "hv_uio_irqcontrol: " + ("vmbus_set_event per channel (d062463edf17)"
+                                           if g.signal_subchannels
+                                           else "vmbus_setevent (547fa4ffd799)" if g.signal_on_unmask
+                                           else "no setevent"),
+        "tests/test_mock_kernel.py::test_write_of_1_signals_a_non_monitored_host"),
+    Behaviour(
+        "subchannel interrupt", lambda g: "**oops** (NULL device_obj)" if g.subchannel_interrupt_crash
+        else "safe (primary lookup)",
+        lambda g: "hv_uio_channel_cb: " + ("hv_get_drvdata(chan->device_obj)" if g.subchannel_interrupt_crash
+                                           else "chan->primary_channel->device_obj (d062463edf17)"),
+        "tests/test_mock_kernel.py::test_subchannel_interrupt_oopses_kernels_without_the_primary_lookup"),
+    Behaviour(
+        "probe refusal", lambda g: "non-monitored: -ENOTSUPP" if g.refuses_unmonitored else "none",
+        lambda g: "hv_uio_probe: !monitor_allocated" if g.refuses_unmonitored
+        else "hv_uio_probe (check removed by 547fa4ffd799 / OHCL)",
+        "tests/test_mock_kernel.py::test_old_kernels_refuse_unmonitored_channels"),
+    Behaviour(
+        "rescind", lambda g: "unregister: node + sysfs dir go, read EIO" if g.unregister_on_rescind
+        else "stays registered, read EIO",
+        lambda g: "hv_uio_rescind: vmbus_device_unregister (6fd28941447b)" if g.unregister_on_rescind
+        else "hv_uio_rescind without 6fd28941447b (OHCL 05b48eb85d34)",
+        "tests/test_mock_kernel.py::test_rescind_unregisters_on_every_generation_with_the_2024_fix"),
+    Behaviour(
+        "sysfs state", lambda g: "2 offered, 3 opened, 2 after close",
+        lambda g: "vmbus_process_offer (CHANNEL_OPEN_STATE before vmbus_device_register), __vmbus_open",
+        "tests/test_mock_kernel.py::test_state_is_2_when_offered_and_3_when_opened"),
+)
+
+
+def kernels_markdown() -> str:
+    """The behaviour x generation table of docs/kernels.md (each cell: value, source)."""
+    names = list(GENERATIONS)
+    lines = ["| behaviour | " + " | ".join(f"`{n}`" for n in names) + " | test |",
+             "|---|" + "---|" * len(names) + "---|"]
+    for b in BEHAVIOURS:
+        cells = [f"{b.value(GENERATIONS[n])}<br>*{b.source(GENERATIONS[n])}*" for n in names]
+        lines.append(f"| {b.title} | " + " | ".join(cells) + f" | `{b.test}` |")
+    lines.append("")
+    lines.append("Columns:")
+    lines.append("")
+    for n in names:
+        lines.append(f"- `{n}`: {GENERATIONS[n].description}. Source: {SOURCES[n]}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - used by scripts/kernels_md.py
+    print(kernels_markdown(), end="")
