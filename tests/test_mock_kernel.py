@@ -183,10 +183,10 @@ def test_subchannel_ring_files_appear_later_and_go_with_the_last_close(kernel: s
         if time.monotonic() - t0 < 0.03:
             assert not any(p.exists() for p in rings)  # not yet: hv_uio_new_channel runs later
         assert until(lambda: all(p.exists() for p in rings))
-        for p in rings:
-            assert p.stat().st_size == 4 << 20  # 2 x 2 MiB on every generation
-            assert p.stat().st_mode & 0o777 == 0o600
         info = Sysfs(mock.root).device(guid)
+        for p, r in zip(rings, relids, strict=True):
+            assert info.channel(r).ring_file_size == 4 << 20  # 2 x 2 MiB on every generation
+            assert p.stat().st_mode & 0o777 == 0o600
         assert [c.subchannel_id for c in info.channels()] == [0, 1, 2, 3]
         assert mock.host_stats(guid)["subchannels"] == relids
         g.close()

@@ -17,6 +17,7 @@ from pyvmbus import binding, uio
 from pyvmbus.errors import DeviceNotFound, DeviceRescinded, HostCrashed, VmbusError
 from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.guest import RawGuest
+from pyvmbus.sysfs import Sysfs, mock_ring_call
 from pyvmbus.uio import MOCK_ACK, MOCK_OK, UioDevice, connect_unix
 
 
@@ -250,24 +251,52 @@ def test_host_crash_is_host_crashed() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kernel", ["6.18", "6.10"])
+@pytest.mark.parametrize("kernel", ["6.18", "6.10", "openhcl"])
 def test_ring_file_maps_the_same_memory_as_map0(kernel: str) -> None:
+    """hv_uio_ring_mmap: ENODEV until the channel is opened (the primary's ring file exists
+    from probe on), EINVAL (vm_iomap_memory) for more than the real pair, and st_size as
+    the generation reports it: a fixed 4 MiB before 65995e97a1ca (6.10, openhcl)."""
     with MockVmbus(kernel=kernel) as mock:
         guid = mock.add_device("echo")
         name = binding.bind(mock.root, guid)
         ring_path = mock.root / "sys" / "bus" / "vmbus" / "devices" / guid / "channels" / "1" / "ring"
-        st = ring_path.stat()
-        assert st.st_mode & 0o777 == 0o600
+        assert ring_path.stat().st_mode & 0o777 == 0o600
+        st_size = Sysfs(mock.root).device(guid).channel(1).ring_file_size
         with UioDevice.open(mock.root, name, guid) as dev:
             map0 = dev.map("txrx_rings")
-            # 6.10 shows a fixed 4 MiB whatever the ring; newest the real size.
-            assert st.st_size == (4 << 20 if kernel == "6.10" else map0.size)
+            assert st_size == (4 << 20 if kernel in ("6.10", "openhcl") else map0.size)
             ring = dev.map_ring_file(ring_path, map0.size)
             assert len(ring) == map0.size
             ring[4096 + 100] = 0x5A
             assert map0.array[4096 + 100] == 0x5A
             with pytest.raises(VmbusError):
                 dev.map_ring_file(ring_path, 1000)  # not a page multiple
+            if st_size != map0.size:  # sizing the map from st_size: the kernel says EINVAL
+                with pytest.raises(VmbusError, match="EINVAL"):
+                    dev.map_ring_file(ring_path)
+                assert any("-EINVAL (vm_iomap_memory)" in line for line in mock.kernel_log())
+            else:
+                assert len(dev.map_ring_file(ring_path)) == map0.size
+
+
+@pytest.mark.timeout(30)
+def test_ring_file_mmap_is_enodev_while_the_channel_is_not_open() -> None:
+    """The primary's ring file appears at probe; the channel opens at the first open() of
+    /dev/uioN and closes at the last close: outside that, hv_uio_ring_mmap says ENODEV."""
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        name = binding.bind(mock.root, guid)
+        ring_path = mock.root / "sys" / "bus" / "vmbus" / "devices" / guid / "channels" / "1" / "ring"
+        assert ring_path.exists()  # from probe on
+        size = 2 * 0x11000  # HV_UNKNOWN's ring on the default generation
+        status, _, fd = mock_ring_call(ring_path, b"MMAP", size)
+        assert status == errno.ENODEV and fd is None  # bound, never opened
+        with UioDevice.open(mock.root, name, guid) as dev:
+            assert dev.map("txrx_rings").size == size
+            assert len(dev.map_ring_file(ring_path, size)) == size  # opened: fine
+        assert ring_path.exists()  # the last close closed the channel; the file stays
+        status, _, fd = mock_ring_call(ring_path, b"MMAP", size)
+        assert status == errno.ENODEV and fd is None
 
 
 @pytest.mark.timeout(30)

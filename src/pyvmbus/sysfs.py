@@ -18,6 +18,9 @@ import difflib
 import errno
 import os
 import re
+import socket
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,7 @@ __all__ = [
     "UioMapInfo",
     "VmbusDevice",
     "devices_dir",
+    "mock_ring_call",
     "parse_int",
     "read_attr",
     "read_uio",
@@ -50,6 +54,45 @@ _UIO_NAME = re.compile(r"uio(\d+)")
 _PREFIX = re.compile(r"\{?[0-9a-f-]+")
 MIN_PREFIX = 4
 """Shortest GUID prefix :meth:`Sysfs.device` accepts, so one stray character binds nothing."""
+
+
+RING_REQUEST = struct.Struct("=4sQ")
+"""A mock ``ring`` file's request: op (b"STAT" or b"MMAP") and the length to map."""
+RING_REPLY = struct.Struct("=iQ")
+"""Its reply: 0 or an errno, and the st_size a kernel would report (one fd with MMAP)."""
+
+
+def mock_ring_call(path: Path, op: bytes, length: int = 0,
+                   timeout: float = 5.0) -> tuple[int, int, int | None]:
+    """Ask the mock kernel behind a ``ring`` socket: (errno or 0, st_size, fd or None).
+
+    A real ``ring`` file is a sysfs bin attribute (st_size, mmap); the mock's is a unix
+    socket so it can answer as hv_uio_ring_mmap does: ENODEV for a channel that is not
+    open, EINVAL (vm_iomap_memory) for a map longer than the real ring pair, and report
+    the st_size of the generation (a fixed 4 MiB before 65995e97a1ca).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        text = os.fsencode(path)
+        if len(text) < 100:
+            sock.connect(text)
+        else:  # past sun_path's 108 bytes: reach the directory through /proc/self/fd
+            dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.connect(f"/proc/self/fd/{dfd}/".encode() + os.fsencode(path.name))
+            finally:
+                os.close(dfd)
+        sock.send(RING_REQUEST.pack(op, length))
+        msg, fds, _, _ = socket.recv_fds(sock, RING_REPLY.size, 1)
+    finally:
+        sock.close()
+    if len(msg) != RING_REPLY.size:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionResetError(f"{path}: the mock kernel closed the ring file")
+    status, size = RING_REPLY.unpack(msg)
+    return status, size, fds[0] if fds else None
 
 
 def devices_dir(root: str | os.PathLike[str]) -> Path:
@@ -253,9 +296,13 @@ class ChannelInfo:
     @property
     def ring_file_size(self) -> int | None:
         """st_size of the ring file: TX + RX bytes on newest kernels, a fixed 4 MiB on old ones."""
+        path = self.path / "ring"
         try:
-            return (self.path / "ring").stat().st_size
-        except FileNotFoundError:
+            st = path.stat()
+            if not stat.S_ISSOCK(st.st_mode):
+                return st.st_size
+            return mock_ring_call(path, b"STAT")[1]  # the mock kernel's ring file
+        except OSError:
             return None
 
 

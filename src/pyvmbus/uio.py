@@ -67,6 +67,7 @@ from .errors import (
     VmbusError,
 )
 from .guid import parse_guid
+from .sysfs import mock_ring_call
 
 __all__ = [
     "MOCK_ACK",
@@ -534,34 +535,62 @@ class UioDevice:
     def map_ring_file(self, path: str | os.PathLike[str], size: int | None = None) -> npt.NDArray[np.uint8]:
         """Map a ``channels/<relid>/ring`` file (a subchannel's TX+RX ring pair).
 
-        ``size`` defaults to the file's size. Old kernels report a fixed 4 MiB there even
-        for smaller rings, so pass the size you know when you know it. The mapping is
-        closed with the device. Raises FileNotFoundError while the file has not appeared
-        yet (it appears asynchronously), :class:`ChannelClosed` if the kernel refuses
-        because the channel is not open (ENODEV), :class:`NotPermitted` without access.
+        Pass ``size``, the channel's real pair: before 65995e97a1ca the file claims a fixed
+        4 MiB whatever the ring is, and the kernel refuses (EINVAL, vm_iomap_memory) to map
+        more than the ring; None takes st_size, which is right only on newer kernels. The
+        mapping is closed with the device. Raises FileNotFoundError while the file has not
+        appeared yet (it appears asynchronously), :class:`ChannelClosed` if the kernel
+        refuses because the channel is not open (ENODEV), :class:`VmbusError` for a size
+        the kernel refuses, :class:`NotPermitted` without access. The mock kernel's ring
+        file is a socket that answers as the kernel would (:func:`mock_ring_call`).
         """
         p = Path(path)
         try:
-            fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+            st = os.stat(p)
         except PermissionError:
             raise NotPermitted(str(p), "open") from None
+        mock = stat.S_ISSOCK(st.st_mode)
+        fd: int | None = None
         try:
-            st = os.fstat(fd)
-            length = st.st_size if size is None else size
-            if length <= 0 or length % 4096:
+            if mock:
+                try:
+                    if size is None:
+                        status, size, _ = mock_ring_call(p, b"STAT")
+                        if status:
+                            raise OSError(status, os.strerror(status))
+                    status, _, fd = mock_ring_call(p, b"MMAP", size)
+                except (ConnectionRefusedError, ConnectionResetError):
+                    raise ChannelClosed(self.device, f"{p}: the mock kernel is gone") from None
+                if status:
+                    raise OSError(status, os.strerror(status))
+            else:
+                try:
+                    fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+                except PermissionError:
+                    raise NotPermitted(str(p), "open") from None
+                if size is None:
+                    size = os.fstat(fd).st_size
+            length = size
+            if length is None or length <= 0 or length % 4096:
                 raise VmbusError(f"ring file {p}: size {length} is not a positive multiple of 4096; "
                                  "is this a ring file?")
-            try:
-                mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except PermissionError:
-                raise NotPermitted(str(p), "mmap") from None
-            except OSError as exc:
-                if exc.errno == errno.ENODEV:
-                    raise ChannelClosed(self.device, f"the kernel refuses to map {p}: the channel "
-                                        "is not open (ENODEV)") from None
-                raise
+            if fd is None:
+                raise VmbusError(f"ring file {p}: the mock kernel sent no memory")
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except PermissionError:
+            raise NotPermitted(str(p), "mmap") from None
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise ChannelClosed(self.device, f"the kernel refuses to map {p}: the channel "
+                                    "is not open (ENODEV)") from None
+            if exc.errno == errno.EINVAL:
+                raise VmbusError(f"the kernel refuses to map {size} bytes of {p} (EINVAL): more than "
+                                 "the channel's ring pair; size the map from the channel (sysfs "
+                                 "write_avail + one header page per ring), not from st_size") from None
+            raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._mmaps.append(mm)
         return np.frombuffer(mm, dtype=np.uint8)
 

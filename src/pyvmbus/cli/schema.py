@@ -38,7 +38,7 @@ _CHANNEL: Final = {
     "out_full_first": "kernel counter",
     "out_full_total": "kernel counter",
     "ring_file": "path of channels/<relid>/ring, or null before it appears",
-    "ring_file_size": "its st_size, or null",
+    "ring_file_size": "its st_size (a fixed 4 MiB on kernels before 65995e97a1ca), or null",
 }
 
 _RING_SIDE: Final = {

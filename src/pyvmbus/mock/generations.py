@@ -236,7 +236,7 @@ BEHAVIOURS: tuple[Behaviour, ...] = (
         + "; mmap ENODEV unless opened",
         lambda g: "hv_uio_ring_mmap; " + ("static ring_buffer_bin_attr" if g.fixed_ring_file_size
                                           else "65995e97a1ca (dynamic size)"),
-        "tests/test_channel.py::test_subchannel_ring_size_comes_from_the_channel"),
+        "tests/test_uio.py::test_ring_file_maps_the_same_memory_as_map0"),
     Behaviour(
         "mask on open", lambda g: "1 (primary and subchannels)" if g.masks_on_open else "untouched (0)",
         lambda g: "hv_uio_open, hv_uio_new_channel" + ("" if g.masks_on_open else

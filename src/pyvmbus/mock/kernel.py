@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import importlib
 import itertools
 import mmap
@@ -61,6 +62,7 @@ import numpy.typing as npt
 from ..guid import Guid, parse_guid
 from ..ring import RingBuffer
 from ..shm import fence, load32, store32
+from ..sysfs import RING_REPLY, RING_REQUEST
 from ..uio import MOCK_ACK, connect_unix, pack_error, pack_open_reply
 from .driver_core import DriverCore
 from .generations import KernelGeneration, generation
@@ -122,6 +124,8 @@ class _Channel:
     mm: mmap.mmap
     arr: npt.NDArray[np.uint8]
     backing: Path | None = None
+    ring_sock: socket.socket | None = None
+    """The listening socket that is this channel's ``ring`` file (see _publish_ring_file)."""
     opened: bool = False
     interrupts: int = 0
     sig_events: int = 0
@@ -133,6 +137,10 @@ class _Channel:
         return self.ring_size + 8
 
     def free(self) -> None:
+        if self.ring_sock is not None:
+            with contextlib.suppress(OSError):
+                self.ring_sock.close()
+            self.ring_sock = None
         if self.backing is not None:
             with contextlib.suppress(OSError):
                 self.backing.unlink()
@@ -347,7 +355,7 @@ class MockKernel:
         self.tree.remove_uio(guid)
         for relid, ch in list(dev.channels.items()):
             self.by_relid.pop(relid, None)
-            ch.free()
+            self._free_channel(ch)
         dev.channels.clear()
         for fd in dev.own_fds:
             os.close(fd)
@@ -362,7 +370,7 @@ class MockKernel:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            os.ftruncate(fd, self.tree.ring_file_size(size))
+            os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -371,14 +379,84 @@ class MockKernel:
         return _Channel(offer, ring_size, fd, mm, np.frombuffer(mm, dtype=np.uint8), backing=path)
 
     def _publish_ring_file(self, dev: _Device, ch: _Channel) -> None:
-        """Hard-link the backing file as ``channels/<relid>/ring`` and drop our own name."""
+        """Make ``channels/<relid>/ring`` appear: a socket that answers as the bin file does.
+
+        A real ring file is a sysfs bin attribute: its st_size is the generation's (a fixed
+        4 MiB before 65995e97a1ca), and hv_uio_ring_mmap refuses with ENODEV while the
+        channel is not open and vm_iomap_memory with EINVAL for more than the real pair.
+        A regular file can do none of that, so the mock's ring file is a unix socket
+        (:func:`pyvmbus.sysfs.mock_ring_call` is the client side). The backing file loses
+        its name at once; the channel keeps its fd.
+        """
         backing, ch.backing = ch.backing, None
-        if backing is None:
-            return
-        try:
-            self.tree.set_ring_file(dev.guid, ch.offer.relid, backing)
-        finally:
+        if backing is not None:
             backing.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+        def bind(path: Path) -> None:
+            connect_unix(listener, path, bind=True)
+            os.chmod(path, 0o600)
+
+        try:
+            self.tree.set_ring_file(dev.guid, ch.offer.relid, bind)
+        except BaseException:
+            listener.close()
+            raise
+        listener.listen(16)
+        listener.setblocking(False)
+        ch.ring_sock = listener
+        self.loop.add_reader(listener.fileno(), lambda: self._ring_accept(ch, listener))
+
+    def _free_channel(self, ch: _Channel) -> None:
+        """Stop serving the channel's ring file, then free its memory."""
+        if ch.ring_sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(ch.ring_sock.fileno())
+        ch.free()
+
+    def _ring_accept(self, ch: _Channel, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if ch.ring_sock is not listener:  # freed: stop watching the closed fd
+                    with contextlib.suppress(ValueError, OSError):
+                        self.loop.remove_reader(listener.fileno())
+                return
+            conn.setblocking(False)
+            self.loop.add_reader(conn.fileno(), functools.partial(self._ring_request, ch, conn))
+
+    def _ring_request(self, ch: _Channel, conn: socket.socket) -> None:
+        """hv_uio_ring_mmap (MMAP) or a stat of the bin file (STAT), then hang up."""
+        try:
+            msg = conn.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg = b""
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(conn.fileno())
+        try:
+            if len(msg) != RING_REQUEST.size:
+                return
+            op, length = RING_REQUEST.unpack(msg)
+            pair = 2 * ch.ring_size
+            st_size = self.tree.ring_file_size(pair)
+            if op == b"STAT":
+                conn.send(RING_REPLY.pack(0, st_size), _NOWAIT)
+            elif op == b"MMAP":
+                if not ch.opened or ch.ring_sock is None:
+                    conn.send(RING_REPLY.pack(errno.ENODEV, st_size), _NOWAIT)
+                elif length <= 0 or length > pair:
+                    self.log(f"{UIO_DRIVER}: mmap of {length:#x} bytes of relid {ch.offer.relid}'s ring "
+                             f"file ({pair:#x} bytes): -EINVAL (vm_iomap_memory)")
+                    conn.send(RING_REPLY.pack(errno.EINVAL, st_size), _NOWAIT)
+                else:
+                    socket.send_fds(conn, [RING_REPLY.pack(0, st_size)], [ch.fd], _NOWAIT)
+        except OSError:
+            pass  # the client went away
+        finally:
+            conn.close()
 
     def _init_rings(self, ch: _Channel) -> None:
         """hv_ringbuffer_init for both directions, then the generation's mask on open."""
@@ -425,7 +503,7 @@ class MockKernel:
                 self.tree.remove_channel(dev.guid, relid)
             self.by_relid.pop(relid, None)
             del dev.channels[relid]
-            ch.free()
+            self._free_channel(ch)
         for offer in list(dev.offer.subchannels):  # offered, not set up yet: gone as well
             if not offer.rescinded:
                 self.host.drop_subchannel(offer)
@@ -441,7 +519,7 @@ class MockKernel:
         self.core.remove_device(dev.guid)  # calls remove() if uio_hv_generic holds it
         for relid, ch in list(dev.channels.items()):
             self.by_relid.pop(relid, None)
-            ch.free()
+            self._free_channel(ch)
         dev.channels.clear()
         if self.devices.get(dev.guid) is dev:
             del self.devices[dev.guid]
