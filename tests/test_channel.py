@@ -669,8 +669,10 @@ def test_subchannel_mode_is_detected_from_the_kernels_behaviour(
         assert warned
         if gen.masks_on_open:  # 5.15, 6.10: masked at creation, but the callback still oopses
             assert "before d062463" in summary["reason"]
-        else:  # 6.12-debian, openhcl: subchannels start unmasked
+        else:  # 6.12-debian, openhcl: subchannels start unmasked, and the user is told the risk
             assert "start UNMASKED" in summary["reason"] and "b15b7 without d062463" in summary["reason"]
+            risk = [m for m in warned if "was UNMASKED when pyvmbus mapped it" in m]
+            assert risk and "risks the VM" in risk[0] and "d062463" in risk[0]
     else:
         assert "cleared the subchannel's mask" in summary["reason"]
         assert "subchannels: interrupts" in text

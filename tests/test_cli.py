@@ -668,3 +668,18 @@ def test_cli_ic_plugs_in_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
     group = click.Group("g")
     _register_plugins(group)
     assert seen == [group]
+
+
+@pytest.mark.timeout(30)
+def test_mock_integration_devices_have_hyperv_instance_guids() -> None:
+    """`vmbus --mock` offers the IC devices at Hyper-V's fixed instance GUIDs, so a script
+    that names /sys/bus/vmbus/devices/<guid> the way it would on Hyper-V works unchanged."""
+    from pyvmbus.classes import HYPERV_INSTANCE_GUIDS
+
+    r = run("--mock", "list", "--json")
+    assert r.exit_code == 0, r.output
+    by_class = {d["class"]: d["guid"] for d in one(r)["devices"]}
+    ics = [c for c in by_class if c in HYPERV_INSTANCE_GUIDS]
+    assert ics, by_class
+    for c in ics:
+        assert by_class[c] == str(HYPERV_INSTANCE_GUIDS[c])
