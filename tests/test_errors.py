@@ -29,6 +29,9 @@ def test_messages_carry_inputs() -> None:
     assert "nearest: abcd-1" in str(nf)
     assert "modprobe uio_hv_generic" in str(errors.DriverNotLoaded("uio_hv_generic", "/x"))
     assert "--force" in str(errors.GuardRailRefused("g", "mounted /"))
+    uk = errors.UnsupportedKernel("g", "open subchannel 5", "nothing signals it", "6.15+")
+    assert (uk.device, uk.works_on) == ("g", "6.15+") and isinstance(uk, errors.UsageError)
+    assert str(uk) == "g: cannot open subchannel 5: nothing signals it; it works on 6.15+"
 
 
 def test_every_exception_named_in_a_docstring_exists() -> None:

@@ -236,14 +236,16 @@ class Channel:
 
     Subchannels (:meth:`open_subchannels`) share the primary's dispatcher. By default
     (``poll_subchannels=None``) the channel works out whether the kernel survives a
-    subchannel interrupt: it reads the primary's mask right after open (1: the kernel
-    masks on open, before b15b7, safe), else it checks whether its unmask write clears
-    the first subchannel's mask (cleared: d062463 or later, safe; still 1: b15b7 without
-    d062463, e.g. Debian 6.12.57, where the interrupt oopses the kernel -- or OpenHCL).
-    Unsafe: every subchannel stays masked and is polled every ``poll_interval``, a
-    warning is logged once, and :meth:`describe` / :meth:`info` say so and why.
-    ``poll_subchannels=True`` always polls; ``False`` always takes interrupts, which
-    panics a guest in that window.
+    subchannel interrupt with SPEC.md rule 6's test: does its unmask write clear the
+    first subchannel's mask? (cleared: d062463 or the Dec 2025 5.4-6.6 backport, safe;
+    still 1: any older kernel, 6.12.y before Nov 2025 e.g. Debian 6.12.57, or OpenHCL,
+    where the interrupt oopses the kernel). The primary's mask after open says nothing
+    about subchannels. Unsafe: every subchannel stays masked and is polled every
+    ``poll_interval``, never sets pending_send_size, a warning is logged once, and
+    :meth:`describe` / :meth:`info` say so and why. ``poll_subchannels=True`` always
+    polls; ``False`` always takes interrupts, which panics such a guest. A subchannel
+    without a monitor id that the kernel cannot signal is refused with
+    :class:`UnsupportedKernel`.
     """
 
     def __init__(self, root: str | os.PathLike[str], guid: str, *, dispatch: str = "thread",
@@ -499,8 +501,8 @@ class Channel:
         dev = UioDevice.open(self.root, uio_name, device=self.guid, timeout=timeout)
         try:
             tx, rx = split_rings(dev.map("txrx_rings").array, f"{uio_name} txrx_rings")
-            # What open() left there tells the kernel apart: 1 = it masks on open (before
-            # b15b7; subchannel interrupts are safe), 0 = b15b7 or later, or OpenHCL.
+            # What open() left there: 1 = the kernel masks on open (before b15b7), 0 = b15b7
+            # or later, or OpenHCL. Diagnostics only: it says nothing about subchannels.
             masked_on_open = rx.interrupt_mask == 1
             # Own the mask from the first moment (never assume what open() left there):
             # masked until dispatch runs, so nobody interrupts before we listen.
@@ -591,7 +593,7 @@ class Channel:
         if rx is not None and self.parent is None:
             # Leave the primary's mask as a b15b7 kernel would (0): kernels that do not
             # zero the ring header on the next open must not show our 1 to the next
-            # enable as "the kernel masks on open" (the crash-window detection).
+            # enable as "the kernel masks on open" (diagnostics: masked_on_open).
             with contextlib.suppress(ValueError, VmbusError):
                 rx.interrupt_mask = 0
         self.tx_ring = self.rx_ring = None

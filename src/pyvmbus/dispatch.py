@@ -179,10 +179,11 @@ class Dispatcher:
         self.closed = False
         self.reason = ""
         self.polled = False
-        """True when some channel is kept masked and polled (the subchannel crash window)."""
+        """True when some channel is kept masked and polled (a kernel without the primary lookup)."""
         self.masked_on_open: bool | None = None
         """The primary's RX mask read right after open, before the client stored its own:
-        True means the kernel masks on open (before b15b7; subchannel interrupts are safe)."""
+        True means the kernel masks on open (before b15b7). It does NOT make subchannel
+        interrupts safe (5.15 and 6.10 mask on open and oops on one); only rule 6 does."""
         self.subchannel_irqs_safe: bool | None = None
         """Verdict on subchannel interrupts (None until a subchannel was probed)."""
         self.subchannel_reason = ""
