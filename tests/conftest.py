@@ -6,10 +6,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from pyvmbus import ring as _ring_mod
 
 
 def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -44,3 +46,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a Hyper-V guest (no /sys/bus/vmbus)"))
         if "root" in item.keywords and not (root and hyperv):
             item.add_marker(pytest.mark.skip(reason="needs root on a Hyper-V guest"))
+
+
+@pytest.fixture(scope="module", params=_ring_mod.ENGINES)
+def ring_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a ring test module once per ring engine ("c", "python"): every RingBuffer made
+    without an explicit engine uses it. Ring test modules say
+    ``pytestmark = pytest.mark.usefixtures("ring_engine")``."""
+    saved = _ring_mod.ENGINE
+    _ring_mod.ENGINE = request.param
+    try:
+        yield request.param
+    finally:
+        _ring_mod.ENGINE = saved

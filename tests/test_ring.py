@@ -32,6 +32,8 @@ from pyvmbus.packet import (
 )
 from pyvmbus.ring import Descriptor, RingBuffer
 
+pytestmark = pytest.mark.usefixtures("ring_engine")  # every test on each ring engine
+
 H = 4096
 DESC = struct.Struct("<HHHHQ")
 

@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from pyvmbus.errors import RingCorrupt, RingFull
 from pyvmbus.packet import Packet
-from pyvmbus.ring import Descriptor, RingBuffer
+from pyvmbus.ring import ENGINES, Descriptor, RingBuffer
 
 DESC = struct.Struct("<HHHHQ")
 HEADER = 4096
@@ -94,11 +94,13 @@ payloads = st.binary(max_size=300)
 
 
 class RingMachine(RuleBasedStateMachine):
+    engine = "python"  # the machine runs once per engine (classes below)
+
     @initialize(data_size=st.sampled_from([64, 128, 256, 1000, 4096]))
     def setup(self, data_size: int) -> None:
         self.model = Model(data_size)
         self.buf = bytearray(HEADER + data_size)
-        self.ring = RingBuffer.init(self.buf)
+        self.ring = RingBuffer.init(self.buf, engine=self.engine)
 
     @rule(
         payload=payloads,
@@ -169,6 +171,16 @@ RingMachine.TestCase.settings = settings(
 TestRingAgainstModel = RingMachine.TestCase
 
 
+class RingMachineC(RingMachine):
+    engine = "c"
+
+
+RingMachineC.TestCase.settings = RingMachine.TestCase.settings
+TestRingAgainstModelC = pytest.mark.skipif(
+    "c" not in ENGINES, reason="the C ring engine is not built"
+)(RingMachineC.TestCase)
+
+
 # -- hostile ring images ------------------------------------------------------------------------
 
 
@@ -224,6 +236,7 @@ def only_read_index_moved(before: bytes, after: bytearray) -> bool:
     return before[:4] == after[:4] and before[8:] == after[8:]
 
 
+@pytest.mark.usefixtures("ring_engine")
 @settings(max_examples=600, deadline=None)
 @given(hostile_rings())
 def test_hostile_read(image: tuple[bytearray, int]) -> None:
@@ -243,6 +256,7 @@ def test_hostile_read(image: tuple[bytearray, int]) -> None:
     assert 0 <= ring.read_index < dsize and ring.read_index % 8 == 0
 
 
+@pytest.mark.usefixtures("ring_engine")
 @settings(max_examples=400, deadline=None)
 @given(hostile_rings(), st.integers(1, 8))
 def test_hostile_read_batch_and_peek(image: tuple[bytearray, int], count: int) -> None:
@@ -268,6 +282,7 @@ def test_hostile_read_batch_and_peek(image: tuple[bytearray, int], count: int) -
         assert only_read_index_moved(before, buf)
 
 
+@pytest.mark.usefixtures("ring_engine")
 @settings(max_examples=300, deadline=None)
 @given(hostile_rings(), st.binary(max_size=200))
 def test_hostile_header_on_the_write_side(image: tuple[bytearray, int], payload: bytes) -> None:
@@ -285,6 +300,7 @@ def test_hostile_header_on_the_write_side(image: tuple[bytearray, int], payload:
     assert len(buf) == HEADER + dsize
 
 
+@pytest.mark.usefixtures("ring_engine")
 @pytest.mark.parametrize("count", [1, 3])
 def test_model_agrees_on_a_known_sequence(count: int) -> None:
     """A fixed walk through wrap and full, as a smoke test of the model itself."""

@@ -33,6 +33,8 @@ import pytest
 from pyvmbus.errors import RingFull
 from pyvmbus.ring import RingBuffer
 
+pytestmark = pytest.mark.usefixtures("ring_engine")  # every test on each ring engine
+
 HEADER = 4096
 DATA_SIZE = 8192  # small: wraps every ~25 packets, fills constantly
 MAX_BODY = 600

@@ -39,9 +39,12 @@ def _find_vectors() -> Path | None:
 
 
 VECTORS = _find_vectors()
-pytestmark = pytest.mark.skipif(
-    VECTORS is None, reason="ring-dpdk.jsonl not found (set PYVMBUS_VECTORS to its folder)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        VECTORS is None, reason="ring-dpdk.jsonl not found (set PYVMBUS_VECTORS to its folder)"
+    ),
+    pytest.mark.usefixtures("ring_engine"),  # replayed on each ring engine
+]
 
 
 def replay(path: Path, mode: str) -> int:

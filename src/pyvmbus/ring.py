@@ -36,14 +36,25 @@ full fence), never x86's implicit ordering: Hyper-V guests run on arm64 as well.
 
 Thread safety: one writer and one reader (threads, processes or the host) may work on a
 ring at the same time, as the protocol intends. Two writers, or two readers, need a lock.
+
+Engines: this module is the reference and the one source of the rules. The optional C
+extension :mod:`pyvmbus._ring` (built by setup.py where there is a compiler) does the
+common case of the per-packet loops (in-band packets in and out, single and batched)
+with the same checks in the same order, and hands everything else back to the code
+here before it touches anything, so every error and rare packet is handled (and every
+message worded) in this file. ``PYVMBUS_RING=c|python`` chooses the default engine,
+:data:`ENGINE` says which it is, ``RingBuffer(..., engine=...)`` picks one per ring.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from . import shm
 from .errors import RingCorrupt, RingFull
@@ -61,8 +72,11 @@ from .packet import (
 )
 
 __all__ = [
+    "ENGINE",
+    "ENGINES",
     "FEAT_PENDING_SEND_SZ",
     "HEADER_SIZE",
+    "READ_RECORD",
     "Descriptor",
     "PacketSpec",
     "Payload",
@@ -95,6 +109,47 @@ _U32 = 0xFFFFFFFF
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("VMBus rings are little-endian and so are all Hyper-V guests; this CPU is not")
+
+try:
+    from . import _ring as _cring
+except ImportError:  # built without a C compiler: the pure-Python engine only
+    _cring = None  # type: ignore[assignment]
+
+ENGINES: tuple[str, ...] = ("c", "python") if _cring is not None else ("python",)
+"""The ring engines this installation has, fastest first."""
+
+
+def _default_engine() -> str:
+    forced = os.environ.get("PYVMBUS_RING")
+    if not forced:
+        return ENGINES[0]
+    if forced not in ("c", "python"):
+        raise ValueError(f"PYVMBUS_RING={forced!r}: the ring engines are 'c' and 'python'")
+    if forced not in ENGINES:
+        raise ImportError(
+            "PYVMBUS_RING=c but the compiled ring engine pyvmbus._ring is not built: reinstall "
+            "pyvmbus with a C compiler (apt-get install gcc python3-dev) or unset PYVMBUS_RING"
+        )
+    return forced
+
+
+ENGINE: str = _default_engine()
+"""The engine new rings use unless told otherwise: "c" (pyvmbus._ring) or "python"."""
+
+READ_RECORD = np.dtype(
+    [
+        ("type", "<u2"),
+        ("flags", "<u2"),
+        ("extra_len", "<u4"),
+        ("transaction_id", "<u8"),
+        ("offset", "<u8"),
+        ("length", "<u8"),
+    ]
+)
+"""One packet of :meth:`RingBuffer.read_into` (32 bytes): its extra header (``extra_len``
+bytes, 0 for in-band packets) starts at ``offset`` in the caller's buffer, and its
+payload (``length`` bytes, padding included, as ``Packet.payload``) follows it."""
+_RECORD = struct.Struct("<HHIQQQ")
 
 _load32 = shm.load32
 _store32 = shm.store32
@@ -209,13 +264,19 @@ class RingBuffer:
     signals anybody itself (that is the channel layer's job).
     """
 
-    __slots__ = ("_data", "_dsize", "_guess", "_h32", "_hsize", "_mv", "_seen", "_unpack", "read_signal")
+    __slots__ = (
+        "_c", "_data", "_dsize", "_guess", "_h32", "_hsize", "_mv", "_seen", "_unpack", "read_signal",
+    )  # fmt: skip
 
     read_signal: bool
     """After :meth:`read` / :meth:`read_batch`: the writer is waiting for the space just
     freed and must be signalled (hv_pkt_iter_close's pending_send_sz rule)."""
 
-    def __init__(self, buf: Buffer, header_size: int = HEADER_SIZE) -> None:
+    def __init__(self, buf: Buffer, header_size: int = HEADER_SIZE, *, engine: str | None = None) -> None:
+        if engine is None:
+            engine = ENGINE
+        elif engine not in ENGINES:
+            raise ValueError(f"ring engine {engine!r} is not available; this installation has {ENGINES}")
         if header_size < _OFF_FEATURES + 8 or header_size % 8:
             raise ValueError(f"header_size {header_size} must be a multiple of 8 and at least 72")
         view = memoryview(buf)
@@ -248,13 +309,20 @@ class RingBuffer:
         self._guess = 0
         self._seen = 0  # len8 * 8 of the last packet read without a right guess
         self._unpack: Callable[..., tuple[Any, ...]] = _DESC_UNPACK_FROM
+        # The compiled fast path, pinning the same memory (None: this file does it all).
+        self._c = _cring.Ring(view, header_size) if engine == "c" else None
 
     @classmethod
-    def init(cls, buf: Buffer, header_size: int = HEADER_SIZE) -> RingBuffer:
+    def init(cls, buf: Buffer, header_size: int = HEADER_SIZE, *, engine: str | None = None) -> RingBuffer:
         """A ring over ``buf`` set up as new, as hv_ringbuffer_init does (see :meth:`reset`)."""
-        ring = cls(buf, header_size)
+        ring = cls(buf, header_size, engine=engine)
         ring.reset()
         return ring
+
+    @property
+    def engine(self) -> str:
+        """The engine of this ring: "c" (pyvmbus._ring) or "python"."""
+        return "python" if self._c is None else "c"
 
     def reset(self) -> None:
         """Set the ring up as hv_ringbuffer_init does: header zeroed, feature_bits = 1.
@@ -268,6 +336,8 @@ class RingBuffer:
 
     def close(self) -> None:
         """Let go of the buffer (so an mmap under it can be closed). Idempotent."""
+        if self._c is not None:
+            self._c.close()  # its pin first: a view with an export cannot be released
         for view in (self._h32, self._data, self._mv):
             view.release()
 
@@ -416,6 +486,12 @@ class RingBuffer:
         kernel's: descriptor, header, payload, zero padding to 8, trailer. RingFull if the
         packet does not fit, and then nothing was written.
         """
+        c = self._c
+        if c is not None and extra_header.__class__ is bytes and not extra_header:
+            signal = c.write(payload, type, flags, transaction_id)
+            if signal is not NotImplemented:
+                return signal  # type: ignore[no-any-return]
+            # Not the common case (or an error): the rules below decide, as without C.
         cls = payload.__class__
         if (cls is bytes or cls is bytearray) and extra_header.__class__ is bytes and not extra_header:
             n = len(payload)
@@ -489,6 +565,11 @@ class RingBuffer:
         and the reader's interrupt_mask is clear (hv_signal_on_write, once per batch).
         """
         specs = tuple(packets)  # one snapshot, walked twice: sized, then written
+        c = self._c
+        if c is not None:
+            signal = c.write_batch(specs)
+            if signal is not NotImplemented:
+                return signal  # type: ignore[no-any-return]
         # The common batch: every payload is bytes (immutable, so its length cannot
         # change between the two passes). Sized first, all or nothing, then written
         # as write() writes: one pack_into per small packet.
@@ -723,6 +804,11 @@ class RingBuffer:
         Then :attr:`read_signal` says whether the writer must be signalled. RingCorrupt
         (nothing consumed, no byte changed) if the indices or the packet are malformed.
         """
+        c = self._c
+        if c is not None:
+            got = c.read(self)  # sets read_signal
+            if got is not NotImplemented:
+                return got  # type: ignore[no-any-return]
         mv = self._mv
         # hv_pkt_iter_avail: virt_load_acquire(write_index), read ONCE; the writer's
         # packet bytes are visible once its index is. Loads of them come after this.
@@ -816,6 +902,12 @@ class RingBuffer:
         """
         if max_count < 1:
             raise ValueError(f"max_count must be at least 1, not {max_count}")
+        c = self._c
+        if c is not None:
+            # The same walk; packets it does not parse itself go through _take, as here.
+            res = c.read_batch(max_count, self._take, self)
+            if res is not NotImplemented:
+                return res  # type: ignore[no-any-return]
         mv = self._mv
         w = _load32(mv, _OFF_WRITE)  # acquire, read once for the whole batch (see read())
         r = self._h32[_W_READ]
@@ -903,6 +995,94 @@ class RingBuffer:
         self.read_signal = signal
         return packets, signal
 
+    def read_into(self, out: Buffer, records: np.ndarray[Any, np.dtype[Any]]) -> tuple[int, bool]:
+        """Read up to ``len(records)`` packets into caller memory; no Python object per packet.
+
+        ``out`` is a writable contiguous buffer (a numpy ``uint8`` array, a bytearray, an
+        mmap): each packet's extra header and payload are copied into it back to back,
+        from offset 0. ``records`` is a 1-D :data:`READ_RECORD` array that gets one record
+        per packet (type, flags, extra_len, transaction_id, offset, length). Returns
+        (packets read, signal the writer), like :meth:`read_batch`: the same walk, checks,
+        one read-index update and one signal decision. The batch also ends before a packet
+        that does not fit in what is left of ``out`` (the next call gets it); a first
+        packet that does not fit at all raises ValueError with nothing consumed.
+
+        The bytes are copies: ``out`` is the caller's, so views of it
+        (``out[o : o + n]``) are safe to keep; nothing here is a view of the ring, which
+        the other side may rewrite as soon as the read index moves.
+        """
+        view = memoryview(out)
+        if view.readonly or not view.c_contiguous:
+            raise ValueError("read_into: out must be a writable contiguous buffer")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if (
+            not isinstance(records, np.ndarray)
+            or records.dtype != READ_RECORD
+            or records.ndim != 1
+            or not records.flags.c_contiguous
+            or not records.flags.writeable
+        ):
+            raise ValueError(
+                "read_into: records must be a writable 1-D C-contiguous numpy array of ring.READ_RECORD"
+            )
+        if not len(records):
+            raise ValueError("read_into: records has room for no packet")
+        c = self._c
+        if c is not None:
+            res = c.read_into(view, records, self._take, self)
+            if res is not NotImplemented:
+                return res  # type: ignore[no-any-return]
+        # The reference: the general parser for every packet (the C engine inlines the
+        # in-band packet and calls _take for the rest, as read_batch does).
+        mv = self._mv
+        w = _load32(mv, _OFF_WRITE)  # acquire, read once for the whole batch (see read())
+        r = self._h32[_W_READ]
+        dsize = self._dsize
+        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
+            raise self._bad_indices(w, r)
+        avail = w - r if w >= r else dsize - r + w
+        rec = records.data.cast("B")
+        room = len(view)
+        filled = count = 0
+        pos = r
+        while count < len(records):
+            if not avail:
+                break
+            try:
+                pkt, used = self._take(pos, avail, w)
+            except RingCorrupt:
+                if count:
+                    break  # deliver the good ones; the bad one raises on the next call
+                raise
+            extra, payload = pkt.extra_header, pkt.payload
+            n = len(extra) + len(payload)
+            if n > room - filled:
+                if count:
+                    break  # the next call delivers it
+                raise ValueError(
+                    f"read_into: the next packet needs {n} bytes of out, which has {room}"
+                )
+            view[filled : filled + len(extra)] = extra
+            view[filled + len(extra) : filled + n] = payload
+            _RECORD.pack_into(
+                rec, count * _RECORD.size, pkt.type, pkt.flags, len(extra), pkt.transaction_id,
+                filled, len(payload),
+            )  # fmt: skip
+            filled += n
+            count += 1
+            pos += used
+            if pos >= dsize:
+                pos -= dsize
+            avail -= used
+        if not count:
+            self.read_signal = False
+            return 0, False
+        total = w - r if w >= r else dsize - r + w
+        signal = self._commit(pos, total - avail)
+        self.read_signal = signal
+        return count, signal
+
     def _commit(self, new: int, bytes_read: int) -> bool:
         """Store the read index, then decide on the signal (hv_pkt_iter_close, newest)."""
         mv = self._mv
@@ -944,3 +1124,9 @@ class RingBuffer:
         if (curr_write_sz - bytes_read) & _U32 > pending:
             return False
         return curr_write_sz > pending
+
+
+if _cring is not None:
+    # Tell the C engine where Packet's fields and RingBuffer.read_signal live (slot
+    # offsets), so it builds genuine Packets and sets read_signal as this file does.
+    _cring.bind(Packet, RingBuffer, RingCorrupt)
