@@ -6,15 +6,21 @@
  * per-packet loops of ring.py: one in-band packet in or out, a batch in or out, and the
  * batch read into caller arrays (read_into) that makes no Python object per packet.
  *
+ * Ring is the base class of ring.RingBuffer: write() and read() are called straight
+ * into C (no Python frame on the hot path), the batch calls through RingBuffer's thin
+ * Python wrappers.  An unattached Ring (the "python" engine, or after close) does
+ * nothing itself.
+ *
  * ring.py stays the reference and the ONE source of the rules.  This code only ever
  * does the common case, with the same checks in the same order; on anything else it
  * hands the whole call back BEFORE it has touched the ring or the caller's objects:
  *
- *   - write / write_batch / read return NotImplemented, and RingBuffer runs the same call
- *     in Python, which raises the same RingCorrupt / RingFull / ValueError / TypeError
- *     with the same message (or handles the rare packet: extra headers, gather lists of
- *     odd buffers, range lists);
- *   - read_batch / read_into call RingBuffer._take (the Python general parser) for a
+ *   - write / read call RingBuffer._write_py / _read_py with the same arguments, which
+ *     raise the same RingCorrupt / RingFull / ValueError / TypeError with the same
+ *     message (or handle the rare packet: extra headers, odd gather lists, range lists);
+ *   - _write_batch / _read_batch / _read_into return NotImplemented, and the wrapper runs
+ *     ring.py's code;
+ *   - _read_batch / _read_into call RingBuffer._take (the Python general parser) for a
  *     packet they do not parse themselves, exactly where ring.py's read_batch calls it,
  *     and treat its RingCorrupt as ring.py does (end of batch, or raise if first).
  *
@@ -251,48 +257,43 @@ field(PyObject *o, unsigned long long max, uint64_t *out)
     return 1;
 }
 
-static int
-owner_ok(PyObject *owner)
-{
-    if (!PyObject_TypeCheck(owner, ringbuffer_type)) {
-        PyErr_SetString(PyExc_TypeError, "owner must be the RingBuffer of this ring");
-        return 0;
-    }
-    return 1;
-}
-
 /* -- Ring ----------------------------------------------------------------------------- */
 
-static int
-Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
+/* _attach(buf, header_size): pin the ring's memory and take the fast path from now on. */
+static PyObject *
+Ring_attach(RingObject *self, PyObject *args)
 {
     PyObject *buf;
     Py_ssize_t header_size;
-    static char *kwlist[] = {"buf", "header_size", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On", kwlist, &buf, &header_size))
-        return -1;
+    if (!PyArg_ParseTuple(args, "On", &buf, &header_size))
+        return NULL;
+    if (!ringbuffer_type || !PyObject_TypeCheck(self, ringbuffer_type)) {
+        PyErr_SetString(PyExc_TypeError, "only a pyvmbus.ring.RingBuffer attaches a ring");
+        return NULL;
+    }
     if (self->pinned) {
-        PyErr_SetString(PyExc_TypeError, "Ring is already initialised");
-        return -1;
+        PyErr_SetString(PyExc_ValueError, "ring is already attached");
+        return NULL;
     }
     if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE) < 0)
-        return -1;
+        return NULL;
     Py_ssize_t dsize = self->view.len - header_size;
     if (header_size < 72 || header_size % 8 || dsize <= 0 || dsize % 8 || dsize > 0xFFFFFFFFLL ||
         ((uintptr_t)self->view.buf & 3u)) {
         PyBuffer_Release(&self->view);
         PyErr_SetString(PyExc_ValueError, "bad ring geometry (RingBuffer checks it first)");
-        return -1;
+        return NULL;
     }
     self->pinned = 1;
     self->hdr = (uint32_t *)self->view.buf;
     self->data = (uint8_t *)self->view.buf + header_size;
     self->dsize = (uint32_t)dsize;
-    return 0;
+    Py_RETURN_NONE;
 }
 
+/* _detach(): release the pin (RingBuffer.close); the Python engine takes over. */
 static PyObject *
-Ring_close(RingObject *self, PyObject *unused)
+Ring_detach(RingObject *self, PyObject *unused)
 {
     if (self->pinned) {
         self->pinned = 0;
@@ -404,22 +405,41 @@ put_packet(RingObject *rb, uint32_t pos, uint16_t type, uint16_t flags, uint64_t
     return put(rb, pos, &trailer, TRAILER);
 }
 
+static PyObject *str_write_py, *str_read_py;
+
+/* The same call, handed to ring.py: RingBuffer._write_py(*args, **kwargs). */
 static PyObject *
-Ring_write(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+write_py(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "write(payload, type, flags, transaction_id)");
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *stack[1 + 8];
+    if (nargs + nkw > 8) {
+        PyErr_SetString(PyExc_TypeError, "write() takes at most 5 arguments");
         return NULL;
     }
-    if (!self->pinned)
-        Py_RETURN_NOTIMPLEMENTED; /* closed: ring.py says so */
-    uint64_t type, flags, tid;
-    if (!field(args[1], 0xFFFF, &type) || !field(args[2], 0xFFFF, &flags) ||
-        !field(args[3], UINT64_MAX, &tid))
-        Py_RETURN_NOTIMPLEMENTED; /* ring.py raises its ValueError (after its other checks) */
+    stack[0] = (PyObject *)self;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        stack[1 + i] = args[i];
+    return PyObject_VectorcallMethod(str_write_py, stack, (size_t)(1 + nargs), kwnames);
+}
+
+/* write(payload, type=6, flags=0, transaction_id=0, *, extra_header=b"") */
+static PyObject *
+Ring_write(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    /* Only the plain positional call (the hot path) is done here; keywords, defaults
+     * and every error go to ring.py, which parses them as Python does. */
+    if (!self->pinned || kwnames || nargs < 1 || nargs > 4)
+        return write_py(self, args, nargsf, kwnames);
+    uint64_t type = 6, flags = 0, tid = 0;
+    if ((nargs > 1 && !field(args[1], 0xFFFF, &type)) || (nargs > 2 && !field(args[2], 0xFFFF, &flags)) ||
+        (nargs > 3 && !field(args[3], UINT64_MAX, &tid)))
+        return write_py(self, args, nargsf, kwnames); /* ring.py raises its ValueError */
     gather_t g;
     if (!gather(args[0], &g))
-        Py_RETURN_NOTIMPLEMENTED;
+        return write_py(self, args, nargsf, kwnames);
     size_t size = (DESC + g.n + 7u) & ~(size_t)7u; /* len8 * 8 */
     uint32_t dsize = self->dsize;
     /* Our own index: only this writer stores it. */
@@ -432,7 +452,7 @@ Ring_write(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* ring.py's order: size limit, bad indices, then "only room for the packet: full". */
     if (size > MAX_PACKET || bad_indices(w, r, dsize) || avail <= need) {
         gather_release(&g);
-        Py_RETURN_NOTIMPLEMENTED;
+        return write_py(self, args, nargsf, kwnames);
     }
     uint32_t end = put_packet(self, w, (uint16_t)type, (uint16_t)flags, tid, g.parts, g.nparts,
                               NULL, g.n);
@@ -531,30 +551,29 @@ advance(uint32_t pos, uint32_t n, uint32_t dsize)
 }
 
 static PyObject *
-Ring_read(RingObject *self, PyObject *owner)
+Ring_read(RingObject *self, PyObject *unused)
 {
-    if (!owner_ok(owner))
-        return NULL;
+    PyObject *owner = (PyObject *)self;
     if (!self->pinned)
-        Py_RETURN_NOTIMPLEMENTED;
+        return PyObject_CallMethodNoArgs(owner, str_read_py);
     uint32_t dsize = self->dsize;
     /* hv_pkt_iter_avail: virt_load_acquire(write_index), read ONCE; the writer's packet
      * bytes are visible once its index is.  Loads of them come after this. */
     uint32_t w = load_acq(&self->hdr[W_WRITE]);
     uint32_t r = load_own(&self->hdr[W_READ]); /* our own, but shared: checked below */
     if (bad_indices(w, r, dsize))
-        Py_RETURN_NOTIMPLEMENTED; /* ring.py raises RingCorrupt */
+        return PyObject_CallMethodNoArgs(owner, str_read_py); /* it raises RingCorrupt */
     if (w == r) {
         set_read_signal(owner, 0);
         Py_RETURN_NONE;
     }
     uint32_t avail = w > r ? w - r : dsize - r + w;
     if (avail < MIN_PACKET)
-        Py_RETURN_NOTIMPLEMENTED;
+        return PyObject_CallMethodNoArgs(owner, str_read_py);
     desc_t d;
     get_desc(self, r, &d);
-    if (!common_packet(&d, avail))
-        Py_RETURN_NOTIMPLEMENTED; /* an extra header, a range list, or an error: ring.py */
+    if (!common_packet(&d, avail)) /* an extra header, a range list, or an error: ring.py */
+        return PyObject_CallMethodNoArgs(owner, str_read_py);
     uint32_t size = (uint32_t)d.len8 << 3;
     PyObject *payload = copy_out(self, advance(r, DESC, dsize), size - DESC);
     if (!payload)
@@ -569,10 +588,10 @@ Ring_read(RingObject *self, PyObject *owner)
 /* ring.py's _take(pos, avail, w) for a packet the C walk does not parse: (pkt, used) or
  * NULL with the exception set. */
 static PyObject *
-call_take(PyObject *take, uint32_t pos, uint32_t avail, uint32_t w, uint32_t *used)
+call_take(PyObject *owner, uint32_t pos, uint32_t avail, uint32_t w, uint32_t *used)
 {
-    PyObject *res = PyObject_CallFunction(take, "kkk", (unsigned long)pos, (unsigned long)avail,
-                                          (unsigned long)w);
+    PyObject *res = PyObject_CallMethod(owner, "_take", "kkk", (unsigned long)pos, (unsigned long)avail,
+                                        (unsigned long)w);
     if (!res)
         return NULL;
     unsigned long u;
@@ -602,20 +621,14 @@ batch_ends(Py_ssize_t done)
 }
 
 static PyObject *
-Ring_read_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+Ring_read_batch(RingObject *self, PyObject *arg)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "read_batch(max_count, take, owner)");
-        return NULL;
-    }
-    if (!owner_ok(args[2]))
-        return NULL;
     if (!self->pinned)
         Py_RETURN_NOTIMPLEMENTED;
-    Py_ssize_t max_count = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t max_count = PyLong_AsSsize_t(arg);
     if (max_count == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *take = args[1], *owner = args[2];
+    PyObject *owner = (PyObject *)self;
     uint32_t dsize = self->dsize;
     uint32_t w = load_acq(&self->hdr[W_WRITE]); /* acquire, read once for the whole batch */
     uint32_t r = load_own(&self->hdr[W_READ]);
@@ -645,7 +658,7 @@ Ring_read_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto append;
             }
         }
-        pkt = call_take(take, pos, avail, w, &used);
+        pkt = call_take(owner, pos, avail, w, &used);
         if (!pkt) {
             if (batch_ends(PyList_GET_SIZE(packets)))
                 break;
@@ -711,15 +724,13 @@ put_record(uint8_t *rec, uint16_t type, uint16_t flags, uint32_t extra_len, uint
 static PyObject *
 Ring_read_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "read_into(out, records, take, owner)");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_read_into(out, records)");
         return NULL;
     }
-    if (!owner_ok(args[3]))
-        return NULL;
     if (!self->pinned)
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *take = args[2], *owner = args[3];
+    PyObject *owner = (PyObject *)self;
     Py_buffer out, recs;
     if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -764,7 +775,7 @@ Ring_read_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto next;
             }
         }
-        PyObject *pkt = call_take(take, pos, avail, w, &used);
+        PyObject *pkt = call_take(owner, pos, avail, w, &used);
         if (!pkt) {
             if (batch_ends(count))
                 break;
@@ -808,16 +819,23 @@ done:
 }
 
 static PyMethodDef Ring_methods[] = {
-    {"close", (PyCFunction)Ring_close, METH_NOARGS, "Release the pinned buffer. Idempotent."},
-    {"write", (PyCFunction)(void (*)(void))Ring_write, METH_FASTCALL,
-     "write(payload, type, flags, tid) -> bool | NotImplemented"},
-    {"write_batch", (PyCFunction)Ring_write_batch, METH_O,
-     "write_batch(specs: tuple) -> bool | NotImplemented"},
-    {"read", (PyCFunction)Ring_read, METH_O, "read(owner) -> Packet | None | NotImplemented"},
-    {"read_batch", (PyCFunction)(void (*)(void))Ring_read_batch, METH_FASTCALL,
-     "read_batch(max_count, take, owner) -> (list, bool) | NotImplemented"},
-    {"read_into", (PyCFunction)(void (*)(void))Ring_read_into, METH_FASTCALL,
-     "read_into(out, records, take, owner) -> (count, bool) | NotImplemented"},
+    {"_attach", (PyCFunction)Ring_attach, METH_VARARGS,
+     "_attach(buf, header_size): pin the ring and take the compiled fast path."},
+    {"_detach", (PyCFunction)Ring_detach, METH_NOARGS, "Release the pin. Idempotent."},
+    {"write", (PyCFunction)(void (*)(void))Ring_write, METH_FASTCALL | METH_KEYWORDS,
+     "write(payload, type=6, flags=0, transaction_id=0, *, extra_header=b'') -> bool\n\n"
+     "Write one packet; True when the reader must be signalled. The compiled fast path of\n"
+     "RingBuffer._write_py (ring.py), which documents it and handles every other case."},
+    {"read", (PyCFunction)Ring_read, METH_NOARGS,
+     "read() -> Packet | None\n\n"
+     "Copy out the next packet and consume it; then read_signal says whether to signal the\n"
+     "writer. The compiled fast path of RingBuffer._read_py (ring.py), which documents it."},
+    {"_write_batch", (PyCFunction)Ring_write_batch, METH_O,
+     "_write_batch(specs: tuple) -> bool | NotImplemented"},
+    {"_read_batch", (PyCFunction)Ring_read_batch, METH_O,
+     "_read_batch(max_count) -> (list, bool) | NotImplemented"},
+    {"_read_into", (PyCFunction)(void (*)(void))Ring_read_into, METH_FASTCALL,
+     "_read_into(out, records) -> (count, bool) | NotImplemented"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -825,10 +843,9 @@ static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pyvmbus._ring.Ring",
     .tp_basicsize = sizeof(RingObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Ring(buf, header_size): the compiled fast path of one pyvmbus.ring.RingBuffer.",
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The compiled fast path: the base class of pyvmbus.ring.RingBuffer.",
     .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Ring_init,
     .tp_dealloc = (destructor)Ring_dealloc,
     .tp_methods = Ring_methods,
 };
@@ -892,7 +909,9 @@ PyInit__ring(void)
     if (PyType_Ready(&RingType) < 0)
         return NULL;
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
-    if (!empty_bytes)
+    str_write_py = PyUnicode_InternFromString("_write_py");
+    str_read_py = PyUnicode_InternFromString("_read_py");
+    if (!empty_bytes || !str_write_py || !str_read_py)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

@@ -52,7 +52,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -114,6 +114,13 @@ try:
     from . import _ring as _cring
 except ImportError:  # built without a C compiler: the pure-Python engine only
     _cring = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from ._ring import Ring as _RingBase
+elif _cring is not None:
+    _RingBase = _cring.Ring  # write() and read() run in C, straight from the caller
+else:
+    _RingBase = object
 
 ENGINES: tuple[str, ...] = ("c", "python") if _cring is not None else ("python",)
 """The ring engines this installation has, fastest first."""
@@ -250,7 +257,7 @@ def _bad_field(exc: struct.error, type: int, flags: int, transaction_id: int) ->
     )
 
 
-class RingBuffer:
+class RingBuffer(_RingBase):
     """One direction of a VMBus channel: struct hv_ring_buffer + data (include/linux/hyperv.h).
 
     ``buf`` is the header followed by the data area, in any writable buffer (bytearray,
@@ -265,7 +272,16 @@ class RingBuffer:
     """
 
     __slots__ = (
-        "_c", "_data", "_dsize", "_guess", "_h32", "_hsize", "_mv", "_seen", "_unpack", "read_signal",
+        "_data",
+        "_dsize",
+        "_engine",
+        "_guess",
+        "_h32",
+        "_hsize",
+        "_mv",
+        "_seen",
+        "_unpack",
+        "read_signal",
     )  # fmt: skip
 
     read_signal: bool
@@ -309,8 +325,11 @@ class RingBuffer:
         self._guess = 0
         self._seen = 0  # len8 * 8 of the last packet read without a right guess
         self._unpack: Callable[..., tuple[Any, ...]] = _DESC_UNPACK_FROM
-        # The compiled fast path, pinning the same memory (None: this file does it all).
-        self._c = _cring.Ring(view, header_size) if engine == "c" else None
+        self._engine = engine
+        if engine == "c":
+            # The compiled fast path, pinning the same memory (unattached, the base
+            # class hands every call to the methods of this file).
+            self._attach(view, header_size)
 
     @classmethod
     def init(cls, buf: Buffer, header_size: int = HEADER_SIZE, *, engine: str | None = None) -> RingBuffer:
@@ -322,7 +341,7 @@ class RingBuffer:
     @property
     def engine(self) -> str:
         """The engine of this ring: "c" (pyvmbus._ring) or "python"."""
-        return "python" if self._c is None else "c"
+        return self._engine
 
     def reset(self) -> None:
         """Set the ring up as hv_ringbuffer_init does: header zeroed, feature_bits = 1.
@@ -336,8 +355,8 @@ class RingBuffer:
 
     def close(self) -> None:
         """Let go of the buffer (so an mmap under it can be closed). Idempotent."""
-        if self._c is not None:
-            self._c.close()  # its pin first: a view with an export cannot be released
+        if self._engine == "c":
+            self._detach()  # its pin first: a view with an export cannot be released
         for view in (self._h32, self._data, self._mv):
             view.release()
 
@@ -469,7 +488,7 @@ class RingBuffer:
 
     # -- writer --------------------------------------------------------------------------
 
-    def write(
+    def _write_py(
         self,
         payload: Payload,
         type: int = PacketType.DATA_INBAND,
@@ -486,12 +505,6 @@ class RingBuffer:
         kernel's: descriptor, header, payload, zero padding to 8, trailer. RingFull if the
         packet does not fit, and then nothing was written.
         """
-        c = self._c
-        if c is not None and extra_header.__class__ is bytes and not extra_header:
-            signal = c.write(payload, type, flags, transaction_id)
-            if signal is not NotImplemented:
-                return signal  # type: ignore[no-any-return]
-            # Not the common case (or an error): the rules below decide, as without C.
         cls = payload.__class__
         if (cls is bytes or cls is bytearray) and extra_header.__class__ is bytes and not extra_header:
             n = len(payload)
@@ -565,9 +578,8 @@ class RingBuffer:
         and the reader's interrupt_mask is clear (hv_signal_on_write, once per batch).
         """
         specs = tuple(packets)  # one snapshot, walked twice: sized, then written
-        c = self._c
-        if c is not None:
-            signal = c.write_batch(specs)
+        if self._engine == "c":
+            signal = self._write_batch(specs)
             if signal is not NotImplemented:
                 return signal  # type: ignore[no-any-return]
         # The common batch: every payload is bytes (immutable, so its length cannot
@@ -798,17 +810,12 @@ class RingBuffer:
         gpa = parse_gpa_direct(extra) if typ == PacketType.DATA_USING_GPA_DIRECT else None
         return _make_packet(typ, flags, tid, payload, extra, transfer, gpa), size + TRAILER_SIZE
 
-    def read(self) -> Packet | None:
+    def _read_py(self) -> Packet | None:
         """Copy out the next packet and consume it; None if the ring is empty.
 
         Then :attr:`read_signal` says whether the writer must be signalled. RingCorrupt
         (nothing consumed, no byte changed) if the indices or the packet are malformed.
         """
-        c = self._c
-        if c is not None:
-            got = c.read(self)  # sets read_signal
-            if got is not NotImplemented:
-                return got  # type: ignore[no-any-return]
         mv = self._mv
         # hv_pkt_iter_avail: virt_load_acquire(write_index), read ONCE; the writer's
         # packet bytes are visible once its index is. Loads of them come after this.
@@ -874,6 +881,12 @@ class RingBuffer:
         self.read_signal = False
         return pkt
 
+    if TYPE_CHECKING or _cring is None:
+        # The public names. With the C engine built, the base class's write() and read()
+        # take the call and come to _write_py / _read_py for all but the common case.
+        write = _write_py
+        read = _read_py
+
     def _learn(self, len8: int) -> None:
         """After a read without a (right) guess: the guess for the next (see _unpacker).
 
@@ -902,10 +915,9 @@ class RingBuffer:
         """
         if max_count < 1:
             raise ValueError(f"max_count must be at least 1, not {max_count}")
-        c = self._c
-        if c is not None:
+        if self._engine == "c":
             # The same walk; packets it does not parse itself go through _take, as here.
-            res = c.read_batch(max_count, self._take, self)
+            res = self._read_batch(max_count)
             if res is not NotImplemented:
                 return res  # type: ignore[no-any-return]
         mv = self._mv
@@ -1028,9 +1040,8 @@ class RingBuffer:
             )
         if not len(records):
             raise ValueError("read_into: records has room for no packet")
-        c = self._c
-        if c is not None:
-            res = c.read_into(view, records, self._take, self)
+        if self._engine == "c":
+            res = self._read_into(view, records)
             if res is not NotImplemented:
                 return res  # type: ignore[no-any-return]
         # The reference: the general parser for every packet (the C engine inlines the
