@@ -328,3 +328,32 @@ def test_engine_choice() -> None:
         RingBuffer(bytearray(HEADER + 64), engine="rust")
     rb.close()
     rb.close()
+
+
+def test_the_mock_hosts_rings_take_the_default_engine(ring_engine: str) -> None:
+    """The mock host's channel builds its two rings with RingBuffer's default engine, so
+    the host process (which picks it from PYVMBUS_RING like any other) gets the fast path."""
+    from types import SimpleNamespace
+
+    from pyvmbus.mock.host import _Chan
+    from pyvmbus.mock.models import models
+
+    offer = SimpleNamespace(
+        relid=1, subchannel_index=0, instance="x", class_guid="y", monitored=False,
+        model=sorted(models())[0], monitor_id=None,
+    )  # fmt: skip
+    dev = SimpleNamespace(counters=lambda relid: None)
+    ring_size = 2 * 4096 * 2
+    chan = _Chan(None, dev, offer, np.zeros(2 * ring_size, dtype=np.uint8), ring_size)  # type: ignore[arg-type]
+    assert chan.tx.engine == chan.rx.engine == ring_engine
+
+
+@pytest.mark.timeout(60)
+def test_the_mock_host_process_has_the_compiled_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With PYVMBUS_RING unset (the default: "c" where built), the mock host process has
+    pyvmbus._ring loaded."""
+    from pyvmbus.mock import MockVmbus
+
+    monkeypatch.delenv("PYVMBUS_RING", raising=False)
+    with MockVmbus(kernel="6.18") as mock, open(f"/proc/{mock.pid}/maps") as maps:
+        assert "pyvmbus/_ring." in maps.read()
