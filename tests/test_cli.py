@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pyvmbus import binding
+from pyvmbus import ring as ring_mod
 from pyvmbus.cli import main
 from pyvmbus.cli.schema import SCHEMAS
 from pyvmbus.cli.state import MOCK_DEVICES
@@ -192,6 +193,8 @@ def test_show_text_and_json_schema(ro: MockVmbus) -> None:
     keys(d["signal"], "show.signal")
     for side in ("tx", "rx"):
         keys(d["ring"][side], "ring.side")
+    assert d["ring"]["engine"] == ring_mod.ENGINE
+    assert f"engine: {ring_mod.ENGINE} (" in text
     assert d["class"] == "echo" and d["monitored"] is True
     assert d["signal"]["mechanism"] == "monitor-page"
     assert d["signal"]["int_page_word_offset"] == 2048 + 4 * (d["relid"] // 32)

@@ -114,6 +114,10 @@ def render_show(d: dict[str, Any]) -> str:
     lines += ["", "ring state (primary channel):", _ring_rows(d["ring"])]
     if d["ring"].get("note"):
         lines.append(f"  note: {d['ring']['note']}")
+    engine = d["ring"].get("engine")
+    if engine:
+        how = "compiled, pyvmbus._ring" if engine == "c" else "pure Python, ring.py"
+        lines.append(f"  engine: {engine} ({how}; PYVMBUS_RING=c|python chooses)")
     sig = d["signal"]
     lines += ["", f"signalling the host: {sig['mechanism']}", f"  why: {sig['reason']}"]
     lines += [f"  note: {n}" for n in sig["notes"]]

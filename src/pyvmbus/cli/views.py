@@ -244,6 +244,13 @@ class MappedRings:
         self.close()
 
 
+def ring_engine() -> str:
+    """The ring engine this process runs: "c" (pyvmbus._ring) or "python" (PYVMBUS_RING)."""
+    from .. import ring
+
+    return ring.ENGINE
+
+
 def device_detail(root: Path, dev: VmbusDevice) -> dict[str, Any]:
     """Everything ``vmbus show`` reports about one device."""
     attrs: dict[str, str | None] = {}
@@ -295,7 +302,8 @@ def device_detail(root: Path, dev: VmbusDevice) -> dict[str, Any]:
         "attributes": attrs,
         "channels": [channel_row(c) for c in dev.channels()],
         "uio": uio_out,
-        "ring": {k: v for k, v in ring_from_sysfs(dev).items() if k in ("tx", "rx", "note")},
+        "ring": {**{k: v for k, v in ring_from_sysfs(dev).items() if k in ("tx", "rx", "note")},
+                 "engine": ring_engine()},
         "signal": signal_info(dev),
         "bind_record": None if record is None else {
             "previous_driver": record.previous_driver, "method": record.method,
