@@ -357,3 +357,22 @@ def test_the_mock_host_process_has_the_compiled_engine(monkeypatch: pytest.Monke
     monkeypatch.delenv("PYVMBUS_RING", raising=False)
     with MockVmbus(kernel="6.18") as mock, open(f"/proc/{mock.pid}/maps") as maps:
         assert "pyvmbus/_ring." in maps.read()
+
+
+def test_closing_during_a_c_read_is_refused() -> None:
+    """A close from Python code the C walk calls (another thread, in real life) must not
+    free the memory under the walk: BufferError, and the ring stays usable."""
+
+    class Closing(RingBuffer):
+        __slots__ = ()
+
+        def _take(self, pos: int, avail: int, w: int) -> Any:
+            self.close()
+            return super()._take(pos, avail, w)
+
+    rb = Closing.init(bytearray(HEADER + 4096), engine="c")
+    rb.write(b"x" * 8, 11, 0, 1, extra_header=bytes(8))  # an extra header: the walk calls _take
+    with pytest.raises(BufferError, match="in use"):
+        rb.read_batch(4)
+    assert rb.available_to_read() == 40  # nothing consumed
+    rb.close()

@@ -71,6 +71,7 @@ typedef struct {
     PyObject_HEAD
     Py_buffer view; /* pins the ring's memory while this object lives (or until close) */
     int pinned;
+    int busy; /* calls in progress: _detach refuses meanwhile (their pointers stay valid) */
     uint32_t *hdr;
     uint8_t *data;
     uint32_t dsize;
@@ -295,6 +296,12 @@ Ring_attach(RingObject *self, PyObject *args)
 static PyObject *
 Ring_detach(RingObject *self, PyObject *unused)
 {
+    if (self->busy) {
+        /* Another thread is inside a read or write of this ring (it let go of the GIL in
+         * Python code it called): its pointers into the ring must stay valid. */
+        PyErr_SetString(PyExc_BufferError, "the ring is in use by a read or write in another thread");
+        return NULL;
+    }
     if (self->pinned) {
         self->pinned = 0;
         PyBuffer_Release(&self->view);
@@ -426,7 +433,7 @@ write_py(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
 
 /* write(payload, type=6, flags=0, transaction_id=0, *, extra_header=b"") */
 static PyObject *
-Ring_write(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+Ring_write_impl(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     /* Only the plain positional call (the hot path) is done here; keywords, defaults
@@ -461,7 +468,7 @@ Ring_write(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwn
 }
 
 static PyObject *
-Ring_write_batch(RingObject *self, PyObject *specs)
+Ring_write_batch_impl(RingObject *self, PyObject *specs)
 {
     if (!self->pinned)
         Py_RETURN_NOTIMPLEMENTED;
@@ -551,7 +558,7 @@ advance(uint32_t pos, uint32_t n, uint32_t dsize)
 }
 
 static PyObject *
-Ring_read(RingObject *self, PyObject *unused)
+Ring_read_impl(RingObject *self, PyObject *unused)
 {
     PyObject *owner = (PyObject *)self;
     if (!self->pinned)
@@ -605,6 +612,13 @@ call_take(PyObject *owner, uint32_t pos, uint32_t avail, uint32_t w, uint32_t *u
     *used = (uint32_t)u;
     PyObject *pkt = Py_NewRef(PyTuple_GET_ITEM(res, 0));
     Py_DECREF(res);
+    /* The call ran Python code, which may have let another thread close the ring (and
+     * unmap its memory): stop before the walk touches it again. */
+    if (!((RingObject *)owner)->pinned) {
+        Py_DECREF(pkt);
+        PyErr_SetString(PyExc_ValueError, "the ring was closed during the read");
+        return NULL;
+    }
     return pkt;
 }
 
@@ -621,7 +635,7 @@ batch_ends(Py_ssize_t done)
 }
 
 static PyObject *
-Ring_read_batch(RingObject *self, PyObject *arg)
+Ring_read_batch_impl(RingObject *self, PyObject *arg)
 {
     if (!self->pinned)
         Py_RETURN_NOTIMPLEMENTED;
@@ -722,7 +736,7 @@ put_record(uint8_t *rec, uint16_t type, uint16_t flags, uint32_t extra_len, uint
 }
 
 static PyObject *
-Ring_read_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+Ring_read_into_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "_read_into(out, records)");
@@ -815,6 +829,52 @@ Ring_read_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 done:
     PyBuffer_Release(&recs);
     PyBuffer_Release(&out);
+    return res;
+}
+
+/* The entry points: each call is counted in busy (see Ring_detach). */
+static PyObject *
+Ring_write(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    self->busy++;
+    PyObject *res = Ring_write_impl(self, args, nargsf, kwnames);
+    self->busy--;
+    return res;
+}
+
+static PyObject *
+Ring_write_batch(RingObject *self, PyObject *specs)
+{
+    self->busy++;
+    PyObject *res = Ring_write_batch_impl(self, specs);
+    self->busy--;
+    return res;
+}
+
+static PyObject *
+Ring_read(RingObject *self, PyObject *unused)
+{
+    self->busy++;
+    PyObject *res = Ring_read_impl(self, unused);
+    self->busy--;
+    return res;
+}
+
+static PyObject *
+Ring_read_batch(RingObject *self, PyObject *arg)
+{
+    self->busy++;
+    PyObject *res = Ring_read_batch_impl(self, arg);
+    self->busy--;
+    return res;
+}
+
+static PyObject *
+Ring_read_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    self->busy++;
+    PyObject *res = Ring_read_into_impl(self, args, nargs);
+    self->busy--;
     return res;
 }
 
