@@ -8,6 +8,8 @@ ring, for each engine ("c": pyvmbus._ring, "python": ring.py) and API:
 - batch: ``write_batch(k specs); read_batch(k)`` (a Packet per packet);
 - into (C engine): ``write_batch(k specs); read_into(out, records)``: the batch read into
   caller numpy arrays, no Python object per packet read;
+- arrays (C engine): ``write_from(data, records); read_into(out, records)``: no Python
+  object per packet on either side;
 
 and two floors, the copies a pair cannot avoid (the payload into the ring's data area
 at the ring's offsets, and back out into a new buffer):
@@ -115,6 +117,29 @@ def into(size: int, data_size: int, engine: str) -> Runner:
     def run() -> int:
         for _ in range(reps):
             write_batch(packets)
+            read_into(out, records)
+        return reps * count
+
+    return run
+
+
+def arrays(size: int, data_size: int, engine: str) -> Runner:
+    """write_from + read_into: both sides of the batch from and into numpy arrays."""
+    ring = RingBuffer.init(bytearray(HEADER + data_size), engine=engine)
+    count = batch_count(size, data_size)
+    data = np.frombuffer(os.urandom(size) * count, dtype=np.uint8)
+    src = np.zeros(count, dtype=READ_RECORD)
+    src["type"], src["length"] = 6, size
+    src["offset"] = np.arange(count) * size
+    src["transaction_id"] = np.arange(count)
+    out = np.empty(count * packet_size(size), dtype=np.uint8)
+    records = np.empty(count, dtype=READ_RECORD)
+    write_from, read_into = ring.write_from, ring.read_into
+    reps = max(1, 4000 // count)
+
+    def run() -> int:
+        for _ in range(reps):
+            write_from(data, src)
             read_into(out, records)
         return reps * count
 
@@ -288,6 +313,7 @@ def contenders(size: int, data_size: int, lib: Any) -> dict[str, Runner]:
         runners[f"{engine}:batch"] = batch(size, data_size, engine)
         if engine == "c":
             runners["c:into"] = into(size, data_size, engine)
+            runners["c:arrays"] = arrays(size, data_size, engine)
     return runners
 
 
@@ -314,7 +340,7 @@ def measure(seconds: float, rounds: int, data_size: int) -> dict[str, Any]:
     s = out["sizes"]
     fast = "c" if "c" in ring_mod.ENGINES else "python"
     best_batch = max(
-        (s[64][name]["best"], name) for name in s[64] if name.endswith((":batch", ":into"))
+        (s[64][name]["best"], name) for name in s[64] if name.endswith((":batch", ":into", ":arrays"))
     )  # fmt: skip
     out["targets"] = {
         f"batch 64 B >= 5M packets/s ({best_batch[1]}: {best_batch[0] / 1e6:.2f} M)": (
@@ -350,9 +376,9 @@ def report(res: dict[str, Any]) -> str:
         for name, r in row.items():
             if name == "batch_count":
                 continue
-            label = name.replace(":batch", f":batch/{row['batch_count']}").replace(
-                ":into", f":into/{row['batch_count']}"
-            )
+            label = name
+            for api in (":batch", ":into", ":arrays"):
+                label = label.replace(api, f"{api}/{row['batch_count']}")
             c_ratio = f"{r['vs_c_floor']:>9.3f}x" if "vs_c_floor" in r else f"{'-':>10}"
             lines.append(
                 f"{_size(int(size)):>8} {label:>16} {r['best']:>13,.0f} ({r['median']:>10,.0f}) "

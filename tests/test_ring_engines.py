@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from pyvmbus.errors import RingFull
 from pyvmbus.packet import encode_gpa_direct, encode_transfer_pages
 from pyvmbus.ring import ENGINES, READ_RECORD, RingBuffer
 from test_ring_hypothesis import hostile_rings
@@ -143,6 +144,25 @@ def hostile(pair: Pair, rng: random.Random) -> None:
         pair.poke(HEADER + pos, rng.randbytes(min(16, dsize - pos)))
 
 
+def write_from_op(rng: random.Random, dsize: int) -> Callable[[RingBuffer, bytearray], Any]:
+    """write_from with random records over random data, now and then a bad record."""
+    data = rng.randbytes(rng.choice([16, 64, 300, dsize]))
+    records = np.zeros(rng.randrange(0, 6), dtype=READ_RECORD)
+    for rec in records:
+        extra = rng.choice([0, 0, 0, 8, 16]) if rng.random() < 0.97 else rng.choice([3, 12])
+        length = rng.randrange(0, min(80, len(data) - extra) + 1)
+        rec["type"], rec["flags"] = rng.choice([6, 11, 7]), rng.randrange(0x10000)
+        rec["transaction_id"] = rng.getrandbits(64)
+        rec["extra_len"], rec["length"] = extra, length
+        rec["offset"] = rng.randrange(0, max(1, len(data) - extra - length + 1))
+        if rng.random() < 0.03:
+            rec["offset"] = rng.choice([len(data), 2**64 - 1, 2**40])
+        if rng.random() < 0.02:
+            rec["length"] = rng.choice([600_000, 2**63])
+    as_bytes = rng.random() < 0.5
+    return lambda rb, _b: rb.write_from(data if as_bytes else np.frombuffer(data, np.uint8), records)
+
+
 def random_ops(pair: Pair, rng: random.Random, steps: int, hostility: float = 0.05) -> None:
     """``steps`` random operations on both engines; a ``hostility`` share of them rewrite
     shared memory, and a broken ring is repaired now and then so the healthy paths get
@@ -194,6 +214,8 @@ def random_ops(pair: Pair, rng: random.Random, steps: int, hostility: float = 0.
         elif k < 74:
             count = rng.randrange(1, 9)
             pair.run("read_batch", lambda rb, _b, n=count: rb.read_batch(n))
+        elif k < 80:
+            pair.run("write_from", write_from_op(rng, dsize))
         elif k < 86:
             out_size = rng.choice([0, 8, 64, 200, dsize])
             pair.run("read_into", read_into_op(out_size, rng.randrange(1, 6)))
@@ -376,3 +398,54 @@ def test_closing_during_a_c_read_is_refused() -> None:
         rb.read_batch(4)
     assert rb.available_to_read() == 40  # nothing consumed
     rb.close()
+
+
+def test_read_into_then_write_from_relays_the_packets() -> None:
+    """What read_into delivers, write_from writes on byte for byte (a relay), on each engine."""
+    for engine in ENGINES:
+        src = RingBuffer.init(bytearray(HEADER + 4096), engine=engine)
+        ref = RingBuffer.init(bytearray(HEADER + 4096), engine="python")
+        dst_buf = bytearray(HEADER + 4096)
+        dst = RingBuffer.init(dst_buf, engine=engine)
+        writes: list[tuple[bytes, int, int, int, bytes]] = [
+            (b"a" * 13, 6, 1, 7, b""),
+            (b"b" * 64, 11, 0, 8, b""),
+            (b"c" * 8, 7, 0, 9, encode_transfer_pages(2, [(8, 0)])),
+        ]
+        for payload, typ, flags, tid, extra in writes:
+            src.write(payload, typ, flags, tid, extra_header=extra)
+            ref.write(payload, typ, flags, tid, extra_header=extra)
+        out = np.zeros(1024, dtype=np.uint8)
+        recs = np.zeros(8, dtype=READ_RECORD)
+        count, _ = src.read_into(out, recs)
+        assert count == 3
+        assert dst.write_from(out, recs[:count]) is True  # empty -> non-empty: signal
+        assert dst_buf == ref._mv.tobytes()
+        assert dst.write_from(out, recs[:0]) is False  # nothing to write
+
+
+def test_write_from_refuses_bad_records_and_writes_nothing() -> None:
+    for engine in ENGINES:
+        buf = bytearray(HEADER + 256)
+        rb = RingBuffer.init(buf, engine=engine)
+        recs = np.zeros(2, dtype=READ_RECORD)
+        recs["length"] = [8, 8]
+        recs["offset"] = [0, 100]
+        before = bytes(buf)
+        with pytest.raises(ValueError, match=r"record 1 .* outside the 64 bytes of data"):
+            rb.write_from(bytes(64), recs)
+        recs["offset"][1] = 0
+        recs["extra_len"][1] = 4
+        with pytest.raises(ValueError, match="record 1: extra_len 4 is not a multiple of 8"):
+            rb.write_from(bytes(64), recs)
+        recs["extra_len"][1] = 0
+        recs["length"][1] = 600
+        recs["offset"][1] = 0
+        with pytest.raises(ValueError, match="outside"):
+            rb.write_from(bytes(64), recs)
+        with pytest.raises(ValueError, match="records must be"):
+            rb.write_from(bytes(64), np.zeros(2, dtype=np.uint64))
+        recs["length"] = [200, 200]
+        with pytest.raises(RingFull):
+            rb.write_from(bytes(400), recs)
+        assert bytes(buf) == before

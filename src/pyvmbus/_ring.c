@@ -540,6 +540,93 @@ Ring_write_batch_impl(RingObject *self, PyObject *specs)
     return res;
 }
 
+/* _write_from(data, records): RingBuffer.write_from's packets (the same layout as
+ * read_into's), or NotImplemented for ring.py to raise what is wrong. */
+static PyObject *
+Ring_write_from_impl(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_write_from(data, records)");
+        return NULL;
+    }
+    if (!self->pinned)
+        Py_RETURN_NOTIMPLEMENTED;
+    Py_buffer data, recs;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &recs, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    PyObject *res = Py_NewRef(Py_NotImplemented);
+    Py_ssize_t count = recs.len / RECORD_SIZE;
+    const uint8_t *rec = recs.buf;
+    size_t total = 0;
+    /* Pass 1, ring.py's checks in its order: inside data, extra_len % 8, the size limit. */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const uint8_t *r = rec + (size_t)i * RECORD_SIZE;
+        uint32_t extra_len;
+        uint64_t offset, length;
+        memcpy(&extra_len, r + 4, 4);
+        memcpy(&offset, r + 16, 8);
+        memcpy(&length, r + 24, 8);
+        if (offset > (uint64_t)data.len || extra_len > (uint64_t)data.len - offset ||
+            length > (uint64_t)data.len - offset - extra_len || (extra_len & 7u))
+            goto done;
+        uint64_t size = (DESC + (uint64_t)extra_len + length + 7u) & ~(uint64_t)7u;
+        if (size > MAX_PACKET)
+            goto done;
+        total += (size_t)size + TRAILER;
+    }
+    if (!count) {
+        Py_SETREF(res, Py_NewRef(Py_False)); /* ring.py: nothing to write, no signal */
+        goto done;
+    }
+    uint32_t dsize = self->dsize;
+    uint32_t w = load_own(&self->hdr[W_WRITE]); /* our own index (see write) */
+    uint32_t r = load_acq(&self->hdr[W_READ]);  /* acquire (see write) */
+    uint32_t avail = w >= r ? dsize - w + r : r - w;
+    /* Packet k fits after packets 0..k-1 iff avail > their total: the last is the test. */
+    if (bad_indices(w, r, dsize) || avail <= total)
+        goto done;
+    uint32_t pos = w;
+    static const uint8_t zeros[8];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const uint8_t *rr = rec + (size_t)i * RECORD_SIZE;
+        uint16_t type, flags, off8, len8;
+        uint32_t extra_len;
+        uint64_t tid, offset, length;
+        memcpy(&type, rr, 2);
+        memcpy(&flags, rr + 2, 2);
+        memcpy(&extra_len, rr + 4, 4);
+        memcpy(&tid, rr + 8, 8);
+        memcpy(&offset, rr + 16, 8);
+        memcpy(&length, rr + 24, 8);
+        uint32_t hlen = DESC + extra_len;
+        uint32_t size = (uint32_t)((hlen + length + 7u) & ~(uint64_t)7u);
+        uint8_t raw[DESC];
+        off8 = (uint16_t)(hlen >> 3);
+        len8 = (uint16_t)(size >> 3);
+        memcpy(raw, &type, 2);
+        memcpy(raw + 2, &off8, 2);
+        memcpy(raw + 4, &len8, 2);
+        memcpy(raw + 6, &flags, 2);
+        memcpy(raw + 8, &tid, 8);
+        uint32_t start = pos;
+        pos = put(self, pos, raw, DESC);
+        pos = put(self, pos, (const uint8_t *)data.buf + offset, extra_len + length);
+        pos = put(self, pos, zeros, size - hlen - length);
+        /* Trailer: hv_get_ring_bufferindices, the packet's start index << 32. */
+        uint64_t trailer = (uint64_t)start << 32;
+        pos = put(self, pos, &trailer, TRAILER);
+    }
+    Py_SETREF(res, PyBool_FromLong(publish(self, w, pos)));
+done:
+    PyBuffer_Release(&recs);
+    PyBuffer_Release(&data);
+    return res;
+}
+
 /* A new bytes object with n bytes of the data area from pos (the one copy out). */
 static PyObject *
 copy_out(RingObject *rb, uint32_t pos, uint32_t n)
@@ -878,6 +965,15 @@ Ring_read_into(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     return res;
 }
 
+static PyObject *
+Ring_write_from(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    self->busy++;
+    PyObject *res = Ring_write_from_impl(self, args, nargs);
+    self->busy--;
+    return res;
+}
+
 static PyMethodDef Ring_methods[] = {
     {"_attach", (PyCFunction)Ring_attach, METH_VARARGS,
      "_attach(buf, header_size): pin the ring and take the compiled fast path."},
@@ -894,6 +990,8 @@ static PyMethodDef Ring_methods[] = {
      "_write_batch(specs: tuple) -> bool | NotImplemented"},
     {"_read_batch", (PyCFunction)Ring_read_batch, METH_O,
      "_read_batch(max_count) -> (list, bool) | NotImplemented"},
+    {"_write_from", (PyCFunction)(void (*)(void))Ring_write_from, METH_FASTCALL,
+     "_write_from(data, records) -> bool | NotImplemented"},
     {"_read_into", (PyCFunction)(void (*)(void))Ring_read_into, METH_FASTCALL,
      "_read_into(out, records) -> (count, bool) | NotImplemented"},
     {NULL, NULL, 0, NULL},

@@ -690,6 +690,79 @@ class RingBuffer(_RingBase):
             pos = end - dsize if end >= dsize else end
         return self._publish(w, pos)
 
+    def write_from(self, data: Buffer, records: np.ndarray[Any, np.dtype[Any]]) -> bool:
+        """Write one packet per record of ``records`` out of ``data``; no Python object per packet.
+
+        The mirror of :meth:`read_into`, with the same layout: record i (a
+        :data:`READ_RECORD`) describes a packet whose extra header is ``extra_len`` bytes
+        of ``data`` at ``offset`` and whose payload is the ``length`` bytes after it, and
+        gives its type, flags and transaction_id. So what read_into filled can be written
+        on as it is (a relay). Like :meth:`write_batch`: all or nothing (RingFull with the
+        batch total), one write-index update, one signal decision (the return value).
+        ValueError, naming the record, for a record outside ``data``, an extra header not
+        a multiple of 8 or a packet over 524,280 bytes; nothing is written then.
+        """
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError("write_from: data must be a contiguous buffer")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if (
+            not isinstance(records, np.ndarray)
+            or records.dtype != READ_RECORD
+            or records.ndim != 1
+            or not records.flags.c_contiguous
+        ):
+            raise ValueError("write_from: records must be a 1-D C-contiguous numpy array of ring.READ_RECORD")
+        if self._engine == "c":
+            signal = self._write_from(view, records)
+            if signal is not NotImplemented:
+                return signal  # type: ignore[no-any-return]
+        # The reference. Pass 1 checks and sizes every record (all or nothing).
+        rec = records.data.cast("B")
+        plan = []
+        total = 0
+        for i in range(len(records)):
+            typ, flags, extra_len, tid, offset, length = _RECORD.unpack_from(rec, i * _RECORD.size)
+            if offset + extra_len + length > len(view):
+                raise ValueError(
+                    f"write_from: record {i} (offset {offset}, extra_len {extra_len}, length {length}) "
+                    f"is outside the {len(view)} bytes of data"
+                )
+            if extra_len % 8:
+                raise ValueError(f"write_from: record {i}: extra_len {extra_len} is not a multiple of 8")
+            hlen = DESCRIPTOR_SIZE + extra_len
+            size = (hlen + length + 7) & ~7
+            if size > MAX_PACKET_SIZE:
+                raise ValueError(
+                    f"write_from: record {i}: packet of {size} bytes exceeds the VMBus maximum of "
+                    f"{MAX_PACKET_SIZE}"
+                )
+            total += size + TRAILER_SIZE
+            plan.append((typ, flags, tid, offset, hlen, length, size))
+        if not plan:
+            return False
+        mv = self._mv
+        dsize = self._dsize
+        w = self._h32[_W_WRITE]  # our own index (see write())
+        r = _load32(mv, _OFF_READ)  # acquire (see write())
+        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
+            raise self._bad_indices(w, r)
+        avail = dsize - w + r if w >= r else r - w
+        # Packet k fits after packets 0..k-1 iff avail > their total: the last is the test.
+        if avail <= total:
+            raise RingFull(total, avail)
+        pos = w
+        for typ, flags, tid, offset, hlen, length, size in plan:
+            desc = _DESC_PACK(typ, hlen >> 3, size >> 3, flags, tid)
+            body = view[offset : offset + hlen - DESCRIPTOR_SIZE + length]
+            tail = _PAD_TRAILER[size - hlen - length](pos << 32)
+            self._put(pos, (desc, body, tail))
+            pos += size + TRAILER_SIZE
+            if pos >= dsize:
+                pos -= dsize
+        return self._publish(w, pos)
+
     def _publish(self, old: int, new: int) -> bool:
         """Store the new write index, then decide on the signal (hv_signal_on_write)."""
         mv = self._mv
