@@ -31,6 +31,7 @@ from test_ring_hypothesis import hostile_rings
 
 pytestmark = pytest.mark.skipif("c" not in ENGINES, reason="the C ring engine is not built")
 
+
 HEADER = 4096
 DESC = struct.Struct("<HHHHQ")
 
