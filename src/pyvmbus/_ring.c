@@ -420,15 +420,20 @@ write_py(RingObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnam
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *stack[1 + 8];
-    if (nargs + nkw > 8) {
-        PyErr_SetString(PyExc_TypeError, "write() takes at most 5 arguments");
-        return NULL;
+    PyObject *small[1 + 8];
+    PyObject **stack = small;
+    if (nargs + nkw > 8) { /* a wrong call: ring.py words the TypeError */
+        stack = PyMem_Malloc(sizeof(PyObject *) * (size_t)(1 + nargs + nkw));
+        if (!stack)
+            return PyErr_NoMemory();
     }
     stack[0] = (PyObject *)self;
     for (Py_ssize_t i = 0; i < nargs + nkw; i++)
         stack[1 + i] = args[i];
-    return PyObject_VectorcallMethod(str_write_py, stack, (size_t)(1 + nargs), kwnames);
+    PyObject *res = PyObject_VectorcallMethod(str_write_py, stack, (size_t)(1 + nargs), kwnames);
+    if (stack != small)
+        PyMem_Free(stack);
+    return res;
 }
 
 /* write(payload, type=6, flags=0, transaction_id=0, *, extra_header=b"") */
