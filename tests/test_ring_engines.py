@@ -14,6 +14,7 @@ test_ring_vectors. The other ring test modules run whole on both engines as well
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from collections.abc import Callable
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.skipif("c" not in ENGINES, reason="the C ring engine is
 
 HEADER = 4096
 DESC = struct.Struct("<HHHHQ")
+FUZZ_STEPS = int(os.environ.get("PYVMBUS_RING_FUZZ_STEPS", "2500"))
+"""Operations per seeded run (36 runs); PYVMBUS_RING_FUZZ_STEPS=100000 for a long soak."""
 
 
 def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
@@ -237,7 +240,7 @@ def random_ops(pair: Pair, rng: random.Random, steps: int, hostility: float = 0.
 def test_random_operations_agree(dsize: int, hostility: float, seed: int) -> None:
     rng = random.Random(seed * 7919 + dsize + int(hostility * 1000))
     pair = Pair(RingBuffer.init(bytearray(HEADER + dsize), engine="python")._mv.tobytes())
-    random_ops(pair, rng, 2500, hostility)
+    random_ops(pair, rng, FUZZ_STEPS, hostility)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
