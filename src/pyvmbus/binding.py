@@ -382,7 +382,15 @@ def _bind(rootp: Path, g: Guid, force: bool, timeout: float) -> str:
             code = _mock_failure(rootp, mark, g, final_path)
             return None if code is None else _probe_failed(dev, code, str(final_path))
 
-        return _wait_for_uio(rootp, dev, timeout, failed)
+        node = _wait_for_uio(rootp, dev, timeout, failed)
+        # On a kernel the store ran inside write(); the mock's driver core logs it once the
+        # probe returned, which can be after the node appeared. Return only then: a restore
+        # right after must not take this store's late log line for its own drivers_probe
+        # (seen under load as a restore that returned with the device still unbound).
+        what = final_path.name if final_path.name == "drivers_probe" else \
+            f"{final_path.parent.name}/{final_path.name}"
+        _wait(lambda: _mock_store_ran(rootp, mark, g, what), timeout)
+        return node
     except (BindFailed, Timeout) as exc:
         note = _roll_back(rootp, g, previous, min(timeout, 5.0))
         if isinstance(exc, Timeout):
