@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from .capture import CaptureWriter, ChannelTap
     from .sysfs import ChannelInfo
 
 __all__ = [
@@ -251,6 +252,7 @@ class Channel:
     def __init__(self, root: str | os.PathLike[str], guid: str, *, dispatch: str = "thread",
                  poll_subchannels: bool | None = None, poll_interval: float = 0.001,
                  request_timeout: float = 30.0, send_timeout: float = 30.0,
+                 capture: str | os.PathLike[str] | CaptureWriter | None = None,
                  _parent: Channel | None = None) -> None:
         if dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, not {dispatch!r}")
@@ -304,6 +306,11 @@ class Channel:
         self._cb_complete: CompleteCallback | None = None
         self._cb_closed: ClosedCallback | None = None
         self._cb_subchannel: SubchannelCallback | None = None
+        self._capture: CaptureWriter | None = None
+        self._tap: ChannelTap | None = None
+        """Set while a capture records this channel: the packet paths call it (else one check)."""
+        if capture is not None:
+            self.capture(capture)
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -400,6 +407,74 @@ class Channel:
             return ChannelClosed(self.name, self._lc.reason or "not enabled")
         return InvalidState(self.name, st.value, action, "wait until the channel is started")
 
+    # -- capture (pyvmbus.capture) -----------------------------------------------------------
+
+    def capture(self, path: str | os.PathLike[str] | CaptureWriter) -> CaptureWriter:
+        """Record this channel and its subchannels into the pcapng file ``path`` (or a
+        :class:`~pyvmbus.capture.CaptureWriter` shared with other channels); returns the writer.
+
+        Every packet both ways, lifecycle events, signals and interrupts, from now on
+        (the next enable, or at once if open) until :meth:`stop_capture`. A file this
+        call opened is replaced by a new one if called again. Recording never changes
+        what the channel does; a write error stops it with a warning.
+        """
+        from .capture import CaptureWriter
+
+        if self.parent is not None:
+            raise InvalidState(self.name, self.state.value, "capture", "capture the primary channel")
+        writer = path if isinstance(path, CaptureWriter) else CaptureWriter(path)
+        old = self._capture
+        self._capture = writer
+        if old is not None and old is not writer:
+            self.stop_capture(old)
+            self._capture = writer
+        if self._dev is not None and self._lc.state is not ChannelState.DISABLED:
+            for ch in (self, *self._subs):
+                ch._start_tap(writer)
+        return writer
+
+    def stop_capture(self, writer: CaptureWriter | None = None) -> None:
+        """Stop recording and close the capture file (if this channel opened it)."""
+        writer = writer or self._capture
+        if writer is None:
+            return
+        for ch in (self, *self._subs):
+            if ch._tap is not None and ch._tap.writer is writer:
+                ch._tap = None
+        if self._disp is not None and self._disp.on_event is not None:
+            self._disp.on_event = None
+        self._capture = None
+        writer.close()
+
+    @property
+    def capturing(self) -> CaptureWriter | None:
+        """The capture writer recording this channel, or None."""
+        return self._capture if self.parent is None else self.parent._capture
+
+    def _start_tap(self, writer: CaptureWriter) -> None:
+        """Open this channel's interface in the capture, hook its signal, record "opened"."""
+        from .sysfs import Sysfs
+
+        relid = self.relid if self.relid is not None else 0xFFFF_FFFF
+        sub = self.subchannel_index
+        tap = writer.tap(str(self.guid), relid, sub,
+                         f"VMBus channel relid {relid} (subchannel {sub}) of {self.guid}")
+        if self._signal is not None:
+            tap.hook_signal(self._signal)
+        cls_guid = cls_name = None
+        with contextlib.suppress(Exception):  # a label only: never fail the enable for it
+            dev = Sysfs(self.root).device(self.guid)
+            cls_guid, cls_name = str(dev.class_guid), dev.device_class.name
+        tx, rx = self.tx_ring, self.rx_ring
+        tap.event("opened", device=str(self.guid), relid=self.relid, subchannel=sub,
+                  monitor_id=self.monitor_id, class_guid=cls_guid, **{"class": cls_name},
+                  tx_ring_size=tx.data_size if tx is not None else None,
+                  rx_ring_size=rx.data_size if rx is not None else None,
+                  signal=self._signal.mechanism.value if self._signal is not None else None)
+        self._tap = tap
+        if self.parent is None and self._disp is not None:
+            self._disp.on_event = tap.interrupt
+
     # -- enable / disable --------------------------------------------------------------------
 
     def enable(self, *, dispatch: str | None = None, timeout: float = 10.0) -> None:
@@ -434,10 +509,16 @@ class Channel:
             with self._state_lock:
                 self._lc.fire(Event.OPEN_FAILED)
             raise
+        if self._capture is not None:
+            self._start_tap(self._capture)
         try:
             if self._cb_opened is not None:
                 self._cb_opened(self)
-        except BaseException:
+        except BaseException as exc:
+            tap, self._tap = self._tap, None
+            if tap is not None:
+                tap.event("closed", reason=f"error: on_opened raised {exc!r}")
+                tap.flush()
             self.tx_ring = self.rx_ring = None
             self._signal = None
             self._dev = None
@@ -449,6 +530,8 @@ class Channel:
         disp = Dispatcher(dev, self.name, mode, self.poll_interval, self._guard)
         disp.masked_on_open = self._masked_on_open
         disp.channels = (self,)
+        if self._tap is not None:
+            disp.on_event = self._tap.interrupt
         self._disp = disp
         self.counters._opened(disp)
         with self._state_lock:
@@ -473,6 +556,8 @@ class Channel:
             if self._lc.state is not ChannelState.STARTED:
                 raise ChannelClosed(self.name, self._lc.reason or "closed during enable")
             self._lc.fire(Event.POST_STARTED)
+        if self._tap is not None:
+            self._tap.event("post_started")
         disp.kick()  # deliver what was held during post-started, in order
 
     def _run_start_callback(self, cb: StateCallback | None, what: str) -> None:
@@ -558,6 +643,8 @@ class Channel:
         """Closing begins (the dispatcher, any thread): fail requests, end packets() readers."""
         with self._state_lock:
             self._lc.close(reason)
+        if reason == "rescinded" and self._tap is not None:
+            self._tap.event("rescind")
         self._fail_pending(ChannelClosed(self.name, reason))
         for sink in list(self._sinks):
             sink(None)
@@ -575,6 +662,10 @@ class Channel:
 
     def report_closed(self, reason: str) -> None:
         """Run on_closed(channel, reason) after the teardown (the dispatcher calls it)."""
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            tap.event("closed", reason=reason)
+            tap.flush()
         cb = self._cb_closed
         if cb is None:
             return
@@ -621,6 +712,8 @@ class Channel:
             except RingCorrupt as exc:
                 self._fatal(exc, f"corrupt: {exc}")
                 return 0
+            if self._tap is not None and pkts:
+                self._tap.rx(pkts)
             if signal and self._signal is not None:
                 self._signal.signal()  # the host waits for room in our RX ring
             got += len(pkts)
@@ -765,8 +858,12 @@ class Channel:
                 # (A polled subchannel never asks: the host's "room now" interrupt on it
                 # would oops a crash-window kernel; its dispatcher polls anyway.)
                 tx.set_pending_send_size(pending)
+            tap = self._tap
             try:
-                signal = tx.write(payload, packet_type, flags, txid)
+                if tap is None:
+                    signal = tx.write(payload, packet_type, flags, txid)
+                else:
+                    signal = tap.write(tx, payload, packet_type, flags, txid)
             except RingFull as full:
                 return full.needed
             counters = self.counters  # under the lock: senders on several threads
@@ -846,8 +943,9 @@ class Channel:
         txids = [self.new_txid() for _ in payloads]
         specs = [(p, packet_type, flags, t) for p, t in zip(payloads, txids, strict=True)]
         with self._tx_lock:
+            tap = self._tap
             try:
-                signal = tx.write_batch(specs)
+                signal = tx.write_batch(specs) if tap is None else tap.write_batch(tx, specs)
             except RingFull:
                 signal = None
             else:
@@ -1035,6 +1133,8 @@ class Channel:
         sub.counters._opened(disp)
         if sub.monitor_id is None:
             self._check_signallable(disp, sub, info)
+        if self._capture is not None:
+            sub._start_tap(self._capture)
         sub.polled, sub._polled_reason = self._subchannel_mode(disp, sub)
         if sub.polled and started_unmasked and not disp.subchannel_irqs_safe:
             _warn_once(f"{self.guid}/unmasked", (

@@ -209,6 +209,9 @@ class Dispatcher:
         self._cycle_hooks: list[Callable[[], None]] = []
         self._before_unmask: Callable[[], None] | None = None
         """Test hook: runs after the drain, before the unmask step (no-lost-wakeup tests)."""
+        self.on_event: Callable[[int], None] | None = None
+        """Called with the kernel's event count for each uio event consumed (a capture's
+        interrupt record); None costs one check per interrupt, nothing per packet."""
 
     # -- start -------------------------------------------------------------------------------
 
@@ -486,6 +489,9 @@ class Dispatcher:
             return False
         self.events += 1
         self.event_count = count
+        hook = self.on_event
+        if hook is not None:
+            hook(count)
         return True
 
     def _drain_all(self, event: bool) -> int:

@@ -276,8 +276,10 @@ class MockVmbus:
         return HostCrashed("mock VMBus", f"{detail}; its output: {self._process_tail(5)}")
 
     # -- devices ----------------------------------------------------------------------------
-    def add_device(self, what: str, *, instance: str | None = None, monitored: bool | None = None,
-                   model: str | None = None) -> Guid:
+    def add_device(self, what: str | None = None, *, instance: str | None = None,
+                   monitored: bool | None = None, model: str | None = None,
+                   replay: str | os.PathLike[str] | None = None,
+                   vary: dict[int, Any] | None = None) -> Guid:
         """Offer a device; return its instance GUID.
 
         ``what``: a model name ("echo", "heartbeat", ...; the device gets the model's
@@ -290,9 +292,53 @@ class MockVmbus:
         Relids are allocated from 1 upward, monitor ids from 0 for monitored
         channels. The device appears under ``root/sys/bus/vmbus/devices`` and the driver
         core binds it as a kernel would (e.g. network -> hv_netvsc).
+
+        ``replay``: a capture (pcapng from :mod:`pyvmbus.capture`): the device is offered
+        with the captured device's instance GUID (unless ``instance``), class and monitor
+        setting, and its host plays the capture back and checks the guest against it
+        (:mod:`pyvmbus.mock.replay`; ``vary`` marks payload bytes that may differ, by record
+        number; ``what`` picks the device when the capture has several). Read the outcome
+        with :meth:`replay_report` / :meth:`replay_check`.
         """
+        if replay is not None:
+            return self._add_replay(replay, what, instance, monitored, vary)
+        if what is None:
+            raise TypeError("add_device() needs what (a model, class name or class GUID) or replay=")
         guid = self._call("add_device", what=what, instance=instance, monitored=monitored, model=model)
         return parse_guid(guid)
+
+    def _add_replay(self, path: str | os.PathLike[str], device: str | None, instance: str | None,
+                    monitored: bool | None, vary: dict[int, Any] | None) -> Guid:
+        from .replay import build_script
+
+        try:
+            script = build_script(path, device, vary)
+        except ValueError as exc:
+            raise _errors.UsageError(f"replay {path}: {exc}") from None
+        guid = self._call("add_device", what=script.class_guid or str(ECHO_CLASS_GUID),
+                          instance=instance or script.device,
+                          monitored=script.monitored if monitored is None else monitored,
+                          model="replay", replay=script)
+        return parse_guid(guid)
+
+    def replay_report(self, guid: str) -> dict[str, Any]:
+        """How a replayed device's guest did so far: ok, expected / matched guest packets,
+        host packets played, diffs (one string each: record number, expected, got),
+        ring_sizes the capture had. KeyError if the device is not a replay."""
+        report = self._call("replay_report", guid=str(guid))
+        if report is None:
+            raise KeyError(f"{guid} is not a replayed device (add_device(replay=...))")
+        return dict(report)
+
+    def replay_check(self, guid: str) -> dict[str, Any]:
+        """:meth:`replay_report`, raising :class:`~pyvmbus.mock.replay.ReplayMismatch` with
+        every diff unless the guest did all the capture recorded, and nothing else."""
+        from .replay import ReplayMismatch
+
+        report = self.replay_report(guid)
+        if not report["ok"]:
+            raise ReplayMismatch(str(guid), list(report["diffs"]))
+        return report
 
     def remove_device(self, guid: str) -> None:
         """Hot-remove: the host rescinds the device for good; it is unregistered on every kernel."""

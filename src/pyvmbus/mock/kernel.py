@@ -827,8 +827,19 @@ class _Server:
         if name == "ping":
             return os.getpid()
         if name == "add_device":
+            script = a.get("replay")
+            if script is not None:
+                from . import replay  # registers the "replay" model
             offer = h.add_device(a["what"], a.get("instance"), a.get("monitored"), a.get("model"))
+            if script is not None:
+                script.device = str(offer.instance)
+                replay.SCRIPTS[str(offer.instance)] = script
             return str(offer.instance)
+        if name == "replay_report":
+            from .replay import SCRIPTS
+
+            script = SCRIPTS.get(a["guid"])
+            return script.report() if script is not None else None
         if name == "remove_device":
             return h.rescind(a["guid"], remove=True)
         if name == "rescind":
