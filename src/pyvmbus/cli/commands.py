@@ -254,10 +254,14 @@ def _parse_sends(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--preview", type=click.IntRange(min=0), metavar="N", default=16, show_default=True,
               help="Payload bytes shown per packet.")
 @click.option("--force", is_flag=True, help="Bind even when a guard rail refuses.")
+@click.option("--capture", "capture_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.pcapng",
+              help="Record every packet, lifecycle event, signal and interrupt into FILE (pcapng; "
+                   "'vmbus capture show FILE', Wireshark with contrib/wireshark/vmbus.lua).")
 @json_option
 @click.pass_obj
 def enable(state: CliState, device: str, count: int | None, timeout: float | None, sends: tuple[bytes, ...],
-           no_wait: bool, reply_timeout: float, preview: int, force: bool) -> None:
+           no_wait: bool, reply_timeout: float, preview: int, force: bool, capture_file: Path | None) -> None:
     """Open DEVICE's channel and print each lifecycle event and packet until Ctrl-C.
 
     Binds DEVICE to uio_hv_generic first if needed; on exit (Ctrl-C, SIGTERM, --count,
@@ -266,7 +270,8 @@ def enable(state: CliState, device: str, count: int | None, timeout: float | Non
     """
     dev = state.device(device)
     opts = EnableOptions(count=count, timeout=timeout, reply_timeout=reply_timeout, force=force,
-                         sends=tuple(SendSpec(p, wait=not no_wait) for p in sends))
+                         sends=tuple(SendSpec(p, wait=not no_wait) for p in sends),
+                         capture=None if capture_file is None else str(capture_file))
     out = Output(state.json, preview=preview)
     out.echo(f"enabling {dev.guid} ({_class(dev)}); Ctrl-C to stop")
     run_enable(state.bus(), dev, opts, out)
@@ -400,10 +405,15 @@ def _check_mock_devices(ctx: click.Context, param: click.Parameter,
               help=f"uio_hv_generic generation [default: the global --kernel, or {DEFAULT_GENERATION}].")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=None,
               help="Stop after S seconds [default: run until Ctrl-C / SIGTERM].")
+@click.option("--replay", "replays", multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE.pcapng",
+              help="Offer the device recorded in this capture; its host plays the capture back and "
+                   "checks the guest against it; the verdict is printed on exit, exit 1 on a "
+                   "difference (repeatable; then no default devices).")
 @json_option
 @click.pass_obj
 def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], serve_kernel: str | None,
-          timeout: float | None) -> None:
+          timeout: float | None, replays: tuple[Path, ...]) -> None:
     """Run a mock VMBus in the foreground for other processes to use with --root.
 
     \b
@@ -429,9 +439,11 @@ def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], se
     start = time.monotonic()
     flag = StopFlag()
     out.on_broken = lambda: flag.stop("output closed")
+    verdicts: list[dict[str, Any]] = []
     try:
-        with stop_on_signals(flag), MockVmbus(kernel=kernel, devices=devices or MOCK_DEVICES,
-                                               root=root) as m:
+        with stop_on_signals(flag), MockVmbus(kernel=kernel, devices=devices or
+                                               (() if replays else MOCK_DEVICES), root=root) as m:
+            replayed = [str(m.add_device(replay=str(f))) for f in replays]
             rows = list_devices(Sysfs(m.root))
             data = {"event": "serving", "t": round(time.monotonic() - start, 3), "root": str(m.root),
                     "kernel": m.generation.name, "pid": m.pid, "devices": rows}
@@ -454,11 +466,29 @@ def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], se
                         flag.stop("timeout")
                         break
                     ctl.serve(0.2 if left is None else min(0.2, left))
+                verdicts = [m.replay_report(g) for g in replayed if m.alive]
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+    for rep in verdicts:
+        data = {"event": "replay", "t": round(time.monotonic() - start, 3), **rep}
+        out.emit(data, lambda data=data: render_replay(data))  # type: ignore[misc]
     out.emit({"event": "stopped", "t": round(time.monotonic() - start, 3), "why": flag.why},
              f"mock VMBus stopped ({flag.why})")
+    if not all(rep["ok"] for rep in verdicts):
+        from ..mock.replay import ReplayMismatch
+
+        bad = next(rep for rep in verdicts if not rep["ok"])
+        raise ReplayMismatch(bad["device"], list(bad["diffs"]))
+
+
+def render_replay(data: dict[str, Any]) -> str:
+    """The text of serve's ``replay`` verdict."""
+    head = (f"replay of {data['device']} ({data['source']}): "
+            + ("OK" if data["ok"] else f"{len(data['diffs'])} difference(s)")
+            + f": {data['matched']}/{data['expected']} guest packets as recorded, "
+            f"{data['played']} host packets played")
+    return "\n".join([head, *("  " + d for d in data["diffs"])])
 
 
 @mock.command()
@@ -487,14 +517,14 @@ def fault(state: CliState, device: str, kind: str, fault_root: Path | None) -> N
 # -- plug-ins -----------------------------------------------------------------------------------
 def _register_plugins(group: click.Group) -> None:
     """Commands that live in other modules: ``vmbus ic ...`` and ``vmbus fcopy-daemon`` (issue 6),
-    ``vmbus ic kvp`` and ``vmbus kvp ...`` (issue 13).
+    ``vmbus ic kvp`` and ``vmbus kvp ...`` (issue 13), ``vmbus capture ...`` (issue 12).
 
     pyvmbus.cli.ic and pyvmbus.cli.kvp define ``register(main)``, which adds their commands
     to this group (in that order: kvp adds to ic's group); they take
     :class:`~pyvmbus.cli.state.CliState` with ``@click.pass_obj`` and get the same
     --root/--mock/--json handling and error mapping.
     """
-    for name in ("ic", "kvp"):
+    for name in ("ic", "kvp", "capture"):  # capture: ``vmbus capture show`` (pyvmbus/cli/capture.py)
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:

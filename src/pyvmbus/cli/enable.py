@@ -80,6 +80,8 @@ class EnableOptions:
     reply_timeout: float = 5.0
     force: bool = False
     bind_timeout: float = 10.0
+    capture: str | None = None
+    """Record the session into this pcapng file (pyvmbus.capture)."""
 
 
 def parse_send(text: str) -> bytes:
@@ -242,7 +244,7 @@ def run_enable(bus: Vmbus, dev: VmbusDevice, opts: EnableOptions, out: Output,
             uio = bus.bind(guid, force=opts.force, timeout=opts.bind_timeout)
             bound_here = True
             run.ev("bound", uio=uio, previous_driver=previous)
-        ch = bus.channel(guid)
+        ch = bus.channel(guid) if opts.capture is None else bus.channel(guid, capture=opts.capture)
         ch.on_opened(run.opened)
         ch.on_started(run.started)
         ch.on_post_started(run.post_started)
@@ -266,6 +268,7 @@ def run_enable(bus: Vmbus, dev: VmbusDevice, opts: EnableOptions, out: Output,
             if ch.state is not ChannelState.DISABLED:
                 with contextlib.suppress(VmbusError):
                     ch.disable()
+            ch.stop_capture()
             if bound_here:
                 _restore(bus, run, failure or run.closed_reason)
         run.ev("stopped", why=flag.why or "error", packets=run.packets, replies=run.replies)

@@ -82,6 +82,14 @@ _IC_SUMMARY: Final = {
     "errors": "exceptions inside the service (a bug: please report)",
 }
 
+_RECORD: Final = {"record": "record (frame) number in the file, from 1", "relid": "channel relid",
+                  "subchannel": "0 for the primary, else the subchannel index"}
+_PACKET: Final = {"type": "packet type number", "type_name": "DATA_INBAND, COMP, ...",
+                  "flags": "descriptor flags", "transaction_id": "transaction id",
+                  "length": "payload bytes (padded to 8, as the ring holds them)",
+                  "payload_hex": "first --preview bytes, hex", "offset8": "descriptor offset8",
+                  "len8": "descriptor len8"}
+
 SCHEMAS: Final[dict[str, dict[str, str]]] = {
     "error": {
         "error": "the one-line message (also the fix)",
@@ -163,6 +171,24 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
     "mock.stopped": {**EVENT_COMMON, "why": "SIGINT, SIGTERM or timeout"},
     "mock.fault": {**EVENT_COMMON, **_FAULT},
     "mock fault": _FAULT,
+    "mock.replay": {**EVENT_COMMON, "device": "GUID of the replayed device", "source": "the capture file",
+                    "ok": "true when the guest did what the capture recorded, and nothing else",
+                    "expected": "guest packets in the capture", "matched": "of them matched",
+                    "played": "host packets sent", "diffs": "list of strings: record number, expected, got",
+                    "ring_sizes": "{subchannel: TX ring data size in the capture}"},
+    # vmbus capture show FILE: one object per record
+    **{f"capture.{name}": {**EVENT_COMMON, **_RECORD, **extra} for name, extra in {
+        "opened": {"device": "instance GUID", "monitor_id": "or null", "class": "class short name or null",
+                   "class_guid": "class GUID or null", "tx_ring_size": "TX ring data bytes",
+                   "rx_ring_size": "RX ring data bytes"},
+        "post_started": {}, "rescind": {},
+        "closed": {"reason": "disabled, rescinded, ..."},
+        "packet": {**_PACKET},
+        "sent": {**_PACKET, "completion_requested": "descriptor flags bit 0"},
+        "signal": {"count": "signals sent on this channel so far"},
+        "interrupt": {"count": "the kernel's uio event count"},
+        "malformed": {"error": "why the record cannot be decoded"},
+    }.items()},
     # vmbus ic heartbeat|shutdown|timesync|fcopy (and fcopy-daemon --json): the runner's events
     "ic.bound": {**EVENT_COMMON, "device": "GUID", "uio": "uio node",
                  "previous_driver": "driver it had (hv_utils, or null); restored on exit"},
@@ -232,4 +258,5 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
 """Object name -> {key: note}. ``enable.*`` events also make up ``demo``'s stream;
 ``watch.action`` covers the add, remove, bind, unbind and change events; ``ic.*`` are the
 events of ``vmbus ic ...`` (``ic.<service>.summary`` its last line); ``kvp.record`` is a
-line of ``vmbus kvp list`` and ``get``."""
+line of ``vmbus kvp list`` and ``get``; ``capture.*`` the records ``vmbus capture show``
+prints."""
