@@ -174,7 +174,9 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
     "mock.replay": {**EVENT_COMMON, "device": "GUID of the replayed device", "source": "the capture file",
                     "ok": "true when the guest did what the capture recorded, and nothing else",
                     "expected": "guest packets in the capture", "matched": "of them matched",
-                    "played": "host packets sent", "diffs": "list of strings: record number, expected, got",
+                    "played": "host packets sent",
+                    "pending": "guest packets of the capture not seen (yet)",
+                    "diffs": "list of strings: record number, expected, got",
                     "ring_sizes": "{subchannel: TX ring data size in the capture}"},
     # vmbus capture show FILE: one object per record
     **{f"capture.{name}": {**EVENT_COMMON, **_RECORD, **extra} for name, extra in {

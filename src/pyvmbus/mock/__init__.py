@@ -323,8 +323,8 @@ class MockVmbus:
 
     def replay_report(self, guid: str) -> dict[str, Any]:
         """How a replayed device's guest did so far: ok, expected / matched guest packets,
-        host packets played, diffs (one string each: record number, expected, got),
-        ring_sizes the capture had. KeyError if the device is not a replay."""
+        host packets played, pending (guest packets not seen yet), diffs (one string each:
+        record number, expected, got), ring_sizes the capture had. KeyError if the device is not a replay."""
         report = self._call("replay_report", guid=str(guid))
         if report is None:
             raise KeyError(f"{guid} is not a replayed device (add_device(replay=...))")

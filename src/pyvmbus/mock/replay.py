@@ -133,8 +133,11 @@ class Script:
                     for sub, subs in self.sessions.items() for i in range(self.opens.get(sub, 0), len(subs))
                     if subs[i]]
         diffs = [*self.diffs, *missing, *unopened]
+        waiting = len(missing) + sum(1 for sub, subs in self.sessions.items()
+                                     for i in range(self.opens.get(sub, 0), len(subs))
+                                     for st in subs[i] if not st.host)
         return {"device": self.device, "source": self.source, "ok": not diffs, "expected": expected,
-                "matched": self.matched, "played": self.played, "diffs": diffs,
+                "matched": self.matched, "played": self.played, "pending": waiting, "diffs": diffs,
                 "ring_sizes": dict(self.ring_sizes)}
 
 

@@ -1,0 +1,356 @@
+"""Capture and replay (issue 12): pcapng round trips, tshark with the Lua dissector, replay diffs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from capture_sessions import MODELS, Session, drive
+from pyvmbus.bus import Vmbus
+from pyvmbus.capture import (
+    LINKTYPE,
+    CaptureError,
+    CaptureWriter,
+    Direction,
+    RecordKind,
+    read_capture,
+    write_capture,
+)
+from pyvmbus.cli import main
+from pyvmbus.cli.schema import EVENT_COMMON, SCHEMAS
+from pyvmbus.ic import HeartbeatService
+from pyvmbus.mock import MockVmbus
+from pyvmbus.mock.replay import ReplayMismatch
+from pyvmbus.packet import PacketType
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "capture"
+LUA = REPO / "contrib" / "wireshark" / "vmbus.lua"
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockVmbus]:
+    with MockVmbus() as m:
+        yield m
+
+
+def _pad(payload: bytes) -> bytes:
+    return payload + bytes(-(16 + len(payload)) % 8)
+
+
+# -- capture -> read back -> same packets -------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("model", MODELS)
+def test_capture_of_every_model_round_trips(tmp_path: Path, model: str) -> None:
+    path = tmp_path / f"{model}.pcapng"
+    with MockVmbus() as m:
+        ses: Session = drive(m, model, capture=path)
+    cap = read_capture(path)
+    assert [i.link_type for i in cap.interfaces] == [LINKTYPE]
+    events = [r.event["event"] for r in cap.events()]
+    assert events[0] == "opened" and "post_started" in events and events[-1] == "closed"
+    assert cap.records[-1].event["reason"] == "disabled"
+    opened = cap.records[0].event
+    assert opened["device"] == cap.devices()[0] and opened["tx_ring_size"] > 0
+    rx = [r.packet for r in cap.packets() if r.direction is Direction.HOST_TO_GUEST]
+    tx = [r.packet for r in cap.packets() if r.direction is Direction.GUEST_TO_HOST]
+    assert [(p.type, p.flags, p.transaction_id, p.payload) for p in rx] == \
+        [(p.type, p.flags, p.transaction_id, p.payload) for p in ses.received]
+    assert [(p.type, p.flags, p.transaction_id, p.payload) for p in tx] == \
+        [(t, f, txid, _pad(pl)) for pl, t, f, txid in ses.sent]
+    # signals only guest->host, interrupts only host->guest; numbers in file order
+    assert all(r.direction is Direction.GUEST_TO_HOST for r in cap.records if r.kind is RecordKind.SIGNAL)
+    assert all(r.direction is Direction.HOST_TO_GUEST for r in cap.records if r.kind is RecordKind.INTERRUPT)
+    assert [r.number for r in cap.records] == list(range(1, len(cap.records) + 1))
+    assert [r.seq for r in cap.records] == list(range(1, len(cap.records) + 1))
+
+
+def test_rewritten_capture_is_identical(tmp_path: Path) -> None:
+    cap = read_capture(FIXTURES / "heartbeat.pcapng")
+    out = tmp_path / "copy.pcapng"
+    write_capture(out, cap.interfaces, cap.records)
+    again = read_capture(out)
+    assert again.records == cap.records and again.interfaces == cap.interfaces
+
+
+def test_bad_capture_files_say_what_is_wrong(tmp_path: Path) -> None:
+    bad = tmp_path / "x.pcapng"
+    bad.write_bytes(b"\xd4\xc3\xb2\xa1" + bytes(20))
+    with pytest.raises(CaptureError, match="not a pcapng file"):
+        read_capture(bad)
+    good = (FIXTURES / "echo.pcapng").read_bytes()
+    bad.write_bytes(good[:-10])
+    with pytest.raises(CaptureError, match="truncated or corrupt"):
+        read_capture(bad)
+    with pytest.raises(CaptureError, match="cannot read it"):
+        read_capture(tmp_path / "missing.pcapng")
+    # a record whose pseudo-header is not ours
+    cap = read_capture(FIXTURES / "echo.pcapng")
+    raw = bytearray(good)
+    pos = raw.find(b"VB\x01")
+    raw[pos:pos + 2] = b"XX"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CaptureError, match="pseudo-header magic"):
+        read_capture(bad)
+    assert cap.records
+
+
+@pytest.mark.timeout(60)
+def test_subchannels_get_their_own_interface(mock: MockVmbus, tmp_path: Path) -> None:
+    guid = mock.add_device("echo")
+    bus = Vmbus(mock.root)
+    bus.bind(guid)
+    path = tmp_path / "sub.pcapng"
+    ch = bus.channel(guid, capture=path)
+    ch.enable()
+    try:
+        mock.offer_subchannels(str(guid), 2)
+        subs = ch.open_subchannels(2)
+        assert subs[1].send_request(b"sub two", timeout=5) == _pad(b"sub two")
+    finally:
+        ch.disable()
+        ch.stop_capture()
+    cap = read_capture(path)
+    assert len(cap.interfaces) == 3
+    opened = [r for r in cap.events() if r.event["event"] == "opened"]
+    assert sorted(r.subchannel for r in opened) == [0, 1, 2]
+    pkts = [r for r in cap.packets() if r.subchannel == subs[1].subchannel_index]
+    assert [(r.direction, r.packet.type) for r in pkts] == [
+        (Direction.GUEST_TO_HOST, PacketType.DATA_INBAND), (Direction.HOST_TO_GUEST, PacketType.COMP)]
+    assert pkts[0].relid == subs[1].relid and pkts[0].interface != 0
+    closed = [r for r in cap.events() if r.event["event"] == "closed"]
+    assert len(closed) == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_capture_file_does_not_stop_the_channel(mock: MockVmbus, tmp_path: Path) -> None:
+    guid = mock.add_device("echo")
+    bus = Vmbus(mock.root)
+    bus.bind(guid)
+    writer = CaptureWriter(tmp_path / "broken.pcapng")
+    ch = bus.channel(guid, capture=writer)
+    ch.enable()
+    try:
+        assert ch.send_request(b"one", timeout=5) == _pad(b"one")
+        writer._file.close()  # the disk goes away under the capture
+        assert ch.send_request(b"two", timeout=5) == _pad(b"two")
+        assert not writer.live
+    finally:
+        ch.disable()
+
+
+@pytest.mark.timeout(60)
+def test_rescind_is_recorded(mock: MockVmbus, tmp_path: Path) -> None:
+    guid = mock.add_device("echo")
+    bus = Vmbus(mock.root)
+    bus.bind(guid)
+    path = tmp_path / "rescind.pcapng"
+    ch = bus.channel(guid, capture=path)
+    ch.enable()
+    mock.rescind(str(guid))
+    assert ch.run(timeout=10) == "rescinded"
+    ch.stop_capture()
+    names = [r.event.get("reason", r.event["event"]) for r in read_capture(path).events()]
+    assert names[-2:] == ["rescind", "rescinded"]
+
+
+# -- tshark with the Lua dissector --------------------------------------------------------------
+
+def _tshark() -> str:
+    exe = shutil.which("tshark")
+    if exe is None:
+        pytest.skip("tshark is not installed (Debian: apt-get install tshark; .ci/run installs it)")
+    return exe
+
+
+def _fields(path: Path, *fields: str) -> list[list[str]]:
+    cmd = [_tshark(), "-X", f"lua_script:{LUA}", "-r", str(path), "-T", "fields"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    assert "Lua" not in out.stderr, out.stderr  # a dissector error shows up there
+    return [line.split("\t") for line in out.stdout.splitlines()]
+
+
+@pytest.mark.timeout(120)
+def test_tshark_decodes_a_capture_made_through_the_mock(mock: MockVmbus, tmp_path: Path) -> None:
+    path = tmp_path / "echo.pcapng"
+    drive(mock, "echo", capture=path, add=False, guid=str(mock.add_device("echo")))
+    rows = _fields(path, "vmbus.kind", "vmbus.direction", "vmbus.pkt.type", "vmbus.pkt.offset8",
+                   "vmbus.pkt.len8", "vmbus.pkt.flags", "vmbus.pkt.trans_id", "vmbus.pkt.payload",
+                   "vmbus.event.name", "vmbus.relid")
+    cap = read_capture(path)
+    assert len(rows) == len(cap.records)
+    relid = str(cap.records[0].relid)
+    assert all(r[9] == relid for r in rows)
+    pkts = [r for r in rows if r[0] == "1"]
+    # the request: DATA_INBAND, offset8 2, len8 (16+13+3)/8 = 4, completion requested, txid 1
+    assert pkts[0][1:8] == ["0", "0x0006", "2", "4", "0x0001", "1", (b"hello capture" + bytes(3)).hex()]
+    assert pkts[1][1:7] == ["1", "0x000b", "2", "4", "0x0000", "1"]
+    assert [r[8] for r in rows if r[0] == "2"] == ["opened", "post_started", "closed"]
+
+
+@pytest.mark.timeout(120)
+def test_tshark_decodes_the_integration_services() -> None:
+    hb = _fields(FIXTURES / "heartbeat.pcapng", "vmbus.direction", "vmbus.ic.msgtype", "vmbus.ic.flags",
+                 "vmbus.ic.negotiate.message_version", "vmbus.ic.heartbeat.seq_num",
+                 "vmbus.ic.framework_version")
+    ic = [r for r in hb if r[1]]
+    assert [r[1] for r in ic] == ["0", "0", "1", "1", "1", "1"]
+    assert ic[0][3] == "1.0,3.0" and ic[1][3] == "3.0" and ic[1][2] == "0x05"
+    assert [r[4] for r in ic[2:]] == ["0", "1", "1", "2"]  # the guest answers seq + 1
+    sd = _fields(FIXTURES / "shutdown.pcapng", "vmbus.ic.shutdown.flags", "vmbus.ic.shutdown.message",
+                 "vmbus.ic.shutdown.reason_code", "vmbus.ic.shutdown.timeout_seconds")
+    assert ["0x00000002", "patching", "0x80000000", "30"] in sd
+    ts = _fields(FIXTURES / "timesync.pcapng", "vmbus.ic.msgtype", "vmbus.ic.timesync.parenttime",
+                 "vmbus.ic.timesync.vmreferencetime", "vmbus.ic.timesync.flags")
+    cap = read_capture(FIXTURES / "timesync.pcapng")
+    sample = next(r.packet.payload for r in cap.packets() if r.packet.payload[12] == 4)
+    parent = struct.unpack_from("<Q", sample, 28)[0]
+    assert any(r[0] == "4" and r[1] == str(parent) and r[3] in ("0x02", "0x01") for r in ts)
+    fc = _fields(FIXTURES / "fcopy.pcapng", "vmbus.ic.fcopy.operation", "vmbus.ic.fcopy.file_name",
+                 "vmbus.ic.fcopy.path_name", "vmbus.ic.fcopy.size", "vmbus.ic.fcopy.file_size")
+    assert ["0", "hello.txt", "/tmp/pyvmbus-capture-fixture/in", "", "52"] in fc
+    assert ["1", "", "", "52", ""] in fc
+
+
+@pytest.mark.timeout(120)
+def test_tshark_verbose_shows_the_pseudo_header() -> None:
+    out = subprocess.run([_tshark(), "-X", f"lua_script:{LUA}", "-r", str(FIXTURES / "echo.pcapng"), "-V",
+                          "-c", "3"], capture_output=True, text=True, timeout=60, check=True).stdout
+    for text in ("Pseudo-header", "Magic: VB", "Record kind: packet (1)", "Direction: guest->host (0)",
+                 "Packet type: DATA_INBAND (0x0006)", "Transaction id: 1", "Completion requested: True"):
+        assert text in out, text
+
+
+# -- replay -----------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("model", MODELS)
+def test_replay_against_the_same_client_passes(model: str) -> None:
+    with MockVmbus() as m:
+        guid = m.add_device(replay=FIXTURES / f"{model}.pcapng")
+        assert str(guid) == read_capture(FIXTURES / f"{model}.pcapng").devices()[0]
+        drive(m, model, add=False, guid=str(guid))
+        report = m.replay_check(str(guid))
+    assert report["ok"] and report["matched"] == report["expected"] > 0
+    assert report["played"] > 0 or model == "null"  # the null host never answers
+
+
+class _OffByOne(HeartbeatService):
+    """A broken heartbeat: answers seq + 2."""
+
+    def handle(self, payload: bytes) -> bytes | None:
+        resp = super().handle(payload)
+        if resp is not None and resp[12] == 1:
+            buf = bytearray(resp)
+            struct.pack_into("<Q", buf, 28, struct.unpack_from("<Q", buf, 28)[0] + 1)
+            return bytes(buf)
+        return resp
+
+
+@pytest.mark.timeout(60)
+def test_replay_against_a_changed_client_fails_with_a_readable_diff() -> None:
+    with MockVmbus() as m:
+        guid = m.add_device(replay=FIXTURES / "heartbeat.pcapng")
+        drive(m, "heartbeat", add=False, guid=str(guid), service=_OffByOne())
+        with pytest.raises(ReplayMismatch) as info:
+            m.replay_check(str(guid))
+    text = str(info.value)
+    assert "2 difference(s)" in text
+    assert "record 8 (guest->host, subchannel 0): payload byte 28 is 0x02, expected 0x01" in text
+    assert "expected DATA_INBAND flags=0x0 txid=2 len=72 payload" in text and "got      DATA_INBAND" in text
+    assert "record 11" in text
+
+
+@pytest.mark.timeout(60)
+def test_variable_bytes_marked_in_a_comment_or_by_argument(tmp_path: Path) -> None:
+    cap = read_capture(FIXTURES / "heartbeat.pcapng")
+    edited = [replace(r, comment="pyvmbus-vary: 28:36") if r.number in (8, 11) else r for r in cap.records]
+    path = tmp_path / "vary.pcapng"
+    write_capture(path, cap.interfaces, edited)
+    with MockVmbus() as m:
+        guid = m.add_device(replay=path)
+        drive(m, "heartbeat", add=False, guid=str(guid), service=_OffByOne())
+        assert m.replay_check(str(guid))["ok"]
+    with MockVmbus() as m:
+        guid = m.add_device(replay=FIXTURES / "heartbeat.pcapng", vary={8: "28:36", 11: [(28, 36)]})
+        drive(m, "heartbeat", add=False, guid=str(guid), service=_OffByOne())
+        assert m.replay_check(str(guid))["ok"]
+
+
+@pytest.mark.timeout(60)
+def test_replay_reports_what_the_guest_never_sent() -> None:
+    with MockVmbus() as m:
+        guid = m.add_device(replay=FIXTURES / "echo.pcapng")
+        report = m.replay_report(str(guid))
+    assert not report["ok"]
+    assert "subchannel 0 session 1 (record 3) was never opened" in report["diffs"]
+
+
+def test_replay_of_a_device_not_in_the_capture_is_a_clear_error() -> None:
+    from pyvmbus.errors import UsageError
+
+    with MockVmbus() as m, pytest.raises(UsageError, match="has no channel of device 1234"):
+        m.add_device("12345678-0000-0000-0000-000000000000", replay=FIXTURES / "echo.pcapng")
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+def _run(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args), prog_name="vmbus", catch_exceptions=False)
+
+
+def test_capture_show_text_and_json() -> None:
+    res = _run("capture", "show", str(FIXTURES / "echo.pcapng"))
+    assert res.exit_code == 0, res.output
+    assert "sent      request (completion requested): DATA_INBAND(6) flags=0x1 txid=1 len=16" in res.output
+    assert "packet    COMP(11) flags=0x0 txid=1 len=16" in res.output
+    assert "closed    reason: disabled" in res.output
+    res = _run("capture", "show", str(FIXTURES / "heartbeat.pcapng"), "--json")
+    events = [json.loads(line) for line in res.output.splitlines()]
+    assert len(events) == len(read_capture(FIXTURES / "heartbeat.pcapng").records)
+    for ev in events:
+        schema = SCHEMAS[f"capture.{ev['event']}"]
+        assert set(ev) == set(schema), ev
+        assert set(EVENT_COMMON) <= set(schema)
+    res = _run("capture", "show", str(FIXTURES / "heartbeat.pcapng"), "--packets-only", "--json")
+    assert {json.loads(line)["event"] for line in res.output.splitlines()} == {
+        "opened", "post_started", "packet", "sent", "closed"}
+
+
+def test_capture_show_of_a_bad_file(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"nope")
+    res = CliRunner().invoke(main, ["capture", "show", str(tmp_path / "x")], prog_name="vmbus")
+    assert res.exit_code != 0 and "truncated block header" in res.output
+
+
+@pytest.mark.timeout(60)
+def test_enable_capture_option(tmp_path: Path) -> None:
+    path = tmp_path / "cli.pcapng"
+    res = _run("--mock", "enable", "echo", "--send", "68656c6c6f", "--count", "1", "--timeout", "10",
+               "--capture", str(path))
+    assert res.exit_code == 0, res.output
+    pkts = [r.packet for r in read_capture(path).packets()]
+    assert [(p.type, p.payload) for p in pkts] == [(6, _pad(b"hello")), (11, _pad(b"hello"))]
+
+
+@pytest.mark.timeout(60)
+def test_mock_serve_replay_prints_the_verdict(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["mock", "serve", "--replay", str(FIXTURES / "echo.pcapng"), "--timeout",
+                                    "0.5", "--root", str(tmp_path / "root"), "--json"], prog_name="vmbus")
+    events = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    verdict = next(e for e in events if e["event"] == "replay")
+    assert set(verdict) == set(SCHEMAS["mock.replay"])
+    assert not verdict["ok"] and "was never opened" in verdict["diffs"][0]
+    assert res.exit_code == 1
