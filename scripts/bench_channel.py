@@ -20,11 +20,15 @@ Figures (nothing is asserted):
   back (no caller involved);
 - ``pipelined``: asyncio requests 64 deep;
 - ``stream_out`` / ``stream_in``: one-way throughput guest -> host (a host that only
-  reads) and host -> guest (the host posts, the guest's on_packet counts).
+  reads) and host -> guest (the host posts, the guest's on_packet counts);
+- ``capture_*``: what recording into a pcapng file (pyvmbus.capture) costs at 64 B: the
+  caller round trip with and without a capture (interleaved blocks) and both streams,
+  with the slowdown in percent (the issue's budget: under 20 %).
 
     python scripts/bench_channel.py            # ~40 s
     python scripts/bench_channel.py --quick    # ~15 s
     python scripts/bench_channel.py --json     # one JSON object
+    python scripts/bench_channel.py --capture-only   # only the capture overhead (~20 s)
 """
 
 from __future__ import annotations
@@ -122,12 +126,14 @@ def echo_device(mock: MockVmbus, monitored: bool) -> str:
 
 class Requests:
     """send_request round trips on an enabled channel; ``handoff``: a separate thread
-    holds the lead all the time (ch.run()), so the requester only ever follows."""
+    holds the lead all the time (ch.run()), so the requester only ever follows;
+    ``capture``: record into that pcapng file."""
 
     def __init__(self, mock: MockVmbus, dispatch: str, monitored: bool = False,
-                 handoff: bool = False) -> None:
+                 handoff: bool = False, capture: str | None = None) -> None:
+        opts: dict[str, Any] = {} if capture is None else {"capture": capture}
         self.ch = Vmbus(mock.root).channel(echo_device(mock, monitored),
-                                           dispatch="caller" if handoff else dispatch)
+                                           dispatch="caller" if handoff else dispatch, **opts)
         self.ch.enable()
         self.runner: threading.Thread | None = None
         if handoff:
@@ -140,6 +146,7 @@ class Requests:
 
     def close(self) -> None:
         self.ch.disable()
+        self.ch.stop_capture()
         if self.runner is not None:
             self.runner.join(5)
 
@@ -244,12 +251,14 @@ def pipelined(mock: MockVmbus, guid: str, n: int, window: int = 64) -> dict[str,
 
 # -- one-way streaming -------------------------------------------------------------------------
 
-def stream_out(mock: MockVmbus, size: int, n: int, batch: int = 1) -> dict[str, float]:
+def stream_out(mock: MockVmbus, size: int, n: int, batch: int = 1, capture: str | None = None
+               ) -> dict[str, float]:
     """Guest -> host: send() (or send_batch() of ``batch``) n packets to a host that only
     reads (null model), until it has read them all."""
     guid = mock.add_device(ECHO_CLASS_GUID, monitored=False, model="null")
     Vmbus(mock.root).bind(guid)
-    ch = Vmbus(mock.root).channel(guid, dispatch="caller")
+    opts: dict[str, Any] = {} if capture is None else {"capture": capture}
+    ch = Vmbus(mock.root).channel(guid, dispatch="caller", **opts)
     ch.enable()
     payload = b"s" * size
     try:
@@ -270,12 +279,15 @@ def stream_out(mock: MockVmbus, size: int, n: int, batch: int = 1) -> dict[str, 
                 "signals": ch.info()["counters"]["signals"], "n": n}
     finally:
         ch.disable()
+        ch.stop_capture()
         mock.remove_device(guid)
 
 
-def stream_in(mock: MockVmbus, guid: str, size: int, n: int) -> dict[str, float]:
+def stream_in(mock: MockVmbus, guid: str, size: int, n: int, capture: str | None = None
+              ) -> dict[str, float]:
     """Host -> guest: the host posts n packets; the guest's on_packet counts them."""
-    ch = Vmbus(mock.root).channel(guid, dispatch="caller")
+    opts: dict[str, Any] = {} if capture is None else {"capture": capture}
+    ch = Vmbus(mock.root).channel(guid, dispatch="caller", **opts)
     got = 0
 
     def on_packet(c: Channel, p: object) -> None:
@@ -297,6 +309,43 @@ def stream_in(mock: MockVmbus, guid: str, size: int, n: int) -> dict[str, float]
                 "n": n, "interrupts": ch.info()["interrupts"]}
     finally:
         ch.disable()
+        ch.stop_capture()
+
+
+# -- capture overhead --------------------------------------------------------------------------
+
+def capture_overhead(mock: MockVmbus, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """64 B with and without a pcapng capture: round trips interleaved, streams back to back
+    (each measured twice, the better run kept, to damp this shared machine's noise)."""
+    import tempfile
+
+    res: dict[str, Any] = {}
+    rounds, per_round = (4, 500) if quick else (10, 1000)
+    with tempfile.TemporaryDirectory(prefix="pyvmbus-bench-") as tmp:
+        subjects: dict[str, Any] = {
+            "rtt_plain": Requests(mock, "caller"),
+            "rtt_capture": Requests(mock, "caller", capture=f"{tmp}/rtt.pcapng"),
+        }
+        try:
+            res.update(interleaved(subjects, rounds, per_round, mock.pid))
+        finally:
+            for subject in subjects.values():
+                subject.close()
+        res["capture_rtt_slowdown_pct"] = round(
+            (res["rtt_capture"]["median_us"] / res["rtt_plain"]["median_us"] - 1) * 100, 1)
+        log(f"capture: round trip 64 B {res['rtt_plain']['median_us']} us -> "
+            f"{res['rtt_capture']['median_us']} us ({res['capture_rtt_slowdown_pct']:+} %)")
+        n = 10_000 if quick else 20_000
+        fast = echo_device(mock, monitored=False)
+        for name, fn in (("stream_out", lambda cap: stream_out(mock, 64, n, capture=cap)),
+                         ("stream_in", lambda cap: stream_in(mock, fast, 64, n, capture=cap))):
+            plain = max(fn(None)["packets_per_s"] for _ in range(2))
+            cap = max(fn(f"{tmp}/{name}.pcapng")["packets_per_s"] for _ in range(2))
+            res[f"capture_{name}_64"] = {"plain_packets_per_s": plain, "capture_packets_per_s": cap,
+                                          "slowdown_pct": round((plain / cap - 1) * 100, 1)}
+            log(f"capture: {name} 64 B {plain} -> {cap} packets/s "
+                f"({res[f'capture_{name}_64']['slowdown_pct']:+} % time per packet)")
+    return res
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -347,6 +396,7 @@ def run(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
             log(f"  ... send_batch of {batch:2}          {res[f'stream_out_batch_{size}']}")
             res[f"stream_in_{size}"] = stream_in(mock, fast, size, count)
             log(f"one-way host->guest {size:5} B     {res[f'stream_in_{size}']}")
+        res.update(capture_overhead(mock, quick, log))
     pp = res["pingpong"]["median_us"]
     for name in ("raw", "rtt_caller", "rtt_thread", "rtt_handoff"):
         res[f"ratio_{name}"] = round(res[name]["median_us"] / pp, 2)
@@ -359,8 +409,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (~15 s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--capture-only", action="store_true", help="only the capture overhead figures")
     args = ap.parse_args()
-    res = run(args.quick, (lambda s: None) if args.json else print)
+    log: Callable[[str], None] = (lambda s: None) if args.json else print
+    if args.capture_only:
+        with MockVmbus(kernel="6.18") as mock:
+            res = capture_overhead(mock, args.quick, log)
+    else:
+        res = run(args.quick, log)
     if args.json:
         json.dump(res, sys.stdout, indent=1)
         print()
