@@ -79,6 +79,19 @@ PINNED = {
     "kvp.record": "pool key value",
     "kvp.set": "pool key value created",
     "kvp.delete": "pool key deleted",
+    "mock.replay": "event t device source ok expected matched played pending diffs ring_sizes",
+    "capture.opened": "event t record relid subchannel device monitor_id class class_guid "
+                      "tx_ring_size rx_ring_size",
+    "capture.post_started": "event t record relid subchannel",
+    "capture.rescind": "event t record relid subchannel",
+    "capture.closed": "event t record relid subchannel reason",
+    "capture.packet": "event t record relid subchannel type type_name flags transaction_id length "
+                      "payload_hex offset8 len8",
+    "capture.sent": "event t record relid subchannel type type_name flags transaction_id length "
+                    "payload_hex offset8 len8 completion_requested",
+    "capture.signal": "event t record relid subchannel count",
+    "capture.interrupt": "event t record relid subchannel count",
+    "capture.malformed": "event t record relid subchannel error",
 }
 
 
