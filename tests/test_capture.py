@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -144,7 +145,9 @@ def test_a_failing_capture_file_does_not_stop_the_channel(mock: MockVmbus, tmp_p
         assert ch.send_request(b"one", timeout=5) == _pad(b"one")
         writer._file.close()  # the disk goes away under the capture
         assert ch.send_request(b"two", timeout=5) == _pad(b"two")
+        writer.flush()  # the write fails here: logged, capture stopped, nothing raised
         assert not writer.live
+        assert ch.send_request(b"three", timeout=5) == _pad(b"three")
     finally:
         ch.disable()
 
@@ -167,9 +170,20 @@ def test_rescind_is_recorded(mock: MockVmbus, tmp_path: Path) -> None:
 # -- tshark with the Lua dissector --------------------------------------------------------------
 
 def _tshark() -> str:
+    """tshark, or a skip that says why it cannot run our Lua dissector here."""
     exe = shutil.which("tshark")
     if exe is None:
         pytest.skip("tshark is not installed (Debian: apt-get install tshark; .ci/run installs it)")
+    version = subprocess.run([exe, "-v"], capture_output=True, text=True, timeout=30).stdout
+    if "without Lua" in version:
+        pytest.skip("this tshark was built without Lua: it cannot load contrib/wireshark/vmbus.lua")
+    if os.geteuid() == 0:
+        # Wireshark before 4.2 runs user Lua scripts as root only when init.lua says so
+        # (Debian's package does: run_user_scripts_when_superuser = true).
+        for init in (Path("/usr/share/wireshark/init.lua"), Path("/usr/local/share/wireshark/init.lua")):
+            if init.is_file() and "run_user_scripts_when_superuser = false" in init.read_text():
+                pytest.skip(f"tshark runs no user Lua as root here ({init}: "
+                            "run_user_scripts_when_superuser = false): run the tests as a normal user")
     return exe
 
 
@@ -354,3 +368,61 @@ def test_mock_serve_replay_prints_the_verdict(tmp_path: Path) -> None:
     assert set(verdict) == set(SCHEMAS["mock.replay"])
     assert not verdict["ok"] and "was never opened" in verdict["diffs"][0]
     assert res.exit_code == 1
+
+
+@pytest.mark.timeout(60)
+def test_replay_plays_a_transfer_page_packet_written_by_hand(tmp_path: Path) -> None:
+    """A capture edited (here: written) by hand: the host sends a transfer-page packet with
+    its ranges, the guest must answer "ack"."""
+    from pyvmbus.capture import Interface, Record
+    from pyvmbus.mock.models import ECHO_CLASS_GUID
+    from pyvmbus.packet import encode_transfer_pages
+
+    dev = "6563686f-0000-4000-8000-0000000000aa"
+    extra = encode_transfer_pages(7, [(100, 0), (28, 4096)])
+    payload = b"rndis...".ljust(16, b"\0")
+
+    def pkt(ptype: int, body: bytes, txid: int, hdr: bytes = b"") -> bytes:
+        off = 16 + len(hdr)
+        return struct.pack("<HHHHQ", ptype, off // 8, (off + len(body)) // 8, 0, txid) + hdr + body
+
+    def ev(obj: dict[str, Any]) -> bytes:
+        return json.dumps(obj).encode()
+
+    rows = [(RecordKind.EVENT, Direction.LOCAL, ev({"event": "opened", "device": dev, "subchannel": 0,
+                                                     "class_guid": str(ECHO_CLASS_GUID), "monitor_id": 0})),
+            (RecordKind.EVENT, Direction.LOCAL, ev({"event": "post_started"})),
+            (RecordKind.PACKET, Direction.HOST_TO_GUEST,
+             pkt(PacketType.DATA_USING_XFER_PAGES, payload, 42, extra)),
+            (RecordKind.PACKET, Direction.GUEST_TO_HOST,
+             pkt(PacketType.DATA_INBAND, b"ack".ljust(8, b"\0"), 9)),
+            (RecordKind.EVENT, Direction.LOCAL, ev({"event": "closed", "reason": "disabled"}))]
+    records = [Record(i + 1, 0, 1_000_000 * i, k, d, 1, 0, i + 1, data)
+               for i, (k, d, data) in enumerate(rows)]
+    path = tmp_path / "hand.pcapng"
+    write_capture(path, [Interface(0, f"vmbus:{dev}")], records)
+    with MockVmbus() as m:
+        guid = m.add_device(replay=path)
+        bus = Vmbus(m.root)
+        bus.bind(str(guid))
+        ch = bus.channel(str(guid))
+        got = []
+
+        @ch.on_packet
+        def _(c: Any, p: Any) -> None:
+            got.append(p)
+            c.send(b"ack")
+
+        ch.enable()
+        try:
+            deadline = 50
+            while m.replay_report(str(guid))["pending"] and deadline:
+                deadline -= 1
+                ch.poll(0.1)
+        finally:
+            ch.disable()
+        report = m.replay_check(str(guid))
+    assert report["played"] == 1 and report["matched"] == 1
+    assert got[0].type == PacketType.DATA_USING_XFER_PAGES and got[0].transaction_id == 42
+    assert got[0].transfer_pages is not None and got[0].transfer_pages.pageset_id == 7
+    assert [(r.byte_count, r.byte_offset) for r in got[0].transfer_pages.ranges] == [(100, 0), (28, 4096)]

@@ -39,8 +39,10 @@ module lazily when a capture is asked for.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
+import itertools
 import json
 import logging
 import os
@@ -434,13 +436,21 @@ def write_capture(path: str | os.PathLike[str], interfaces: Sequence[Interface],
 
 
 class CaptureWriter:
-    """An open capture file; :class:`ChannelTap` objects write each channel's records into it.
+    """An open capture file; :class:`ChannelTap` objects queue each channel's records into it.
 
     Made by :meth:`pyvmbus.Channel.capture` (or ``Channel(capture=...)``); pass the same
-    writer to several channels to get several devices in one file. A write error (disk
-    full) stops the capture with a logged warning and never reaches the channel.
-    ``close()`` (or leaving ``with``) finishes the file; it is flushed at every channel close.
+    writer to several channels to get several devices in one file. The taps only queue
+    a small tuple per record, numbered from one counter at the moment it happened (for a
+    TX packet: before the ring write, under the channel's TX lock, so the reply can only
+    get a later number); :meth:`flush` sorts the queue, writes the records in number
+    order (holding back any that waits for an earlier number still in flight) and
+    flushes the file. It runs at every channel close, when the queue passes
+    :attr:`QUEUE_LIMIT`, and at :meth:`close`. A write error (disk full) stops the
+    capture with a logged warning and never reaches the channel.
     """
+
+    QUEUE_LIMIT = 2048
+    """Records queued before the next tap call writes them out."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -449,14 +459,19 @@ class CaptureWriter:
             self._file.write(_shb(_app()))
         except OSError as exc:
             raise CaptureError(self.path, f"cannot write it: {exc.strerror or exc}") from None
-        self.lock = threading.Lock()
-        """Held around each ring write + its record, and each record: file order = event order."""
         self.records = 0
-        """Records written so far (also the last sequence number)."""
+        """Records written to the file so far (each one's ``seq`` in the pseudo-header)."""
         self.live = True
         """False once closed or after a write error."""
+        self.next_seq = itertools.count(1).__next__
+        """The record counter (thread-safe under the GIL): taken when a thing happens."""
+        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.put = self._queue.append
+        """Queue one record tuple ``(seq, kind, ...)`` (a deque append: thread-safe)."""
+        self._held: list[tuple[Any, ...]] = []
+        self._next_written = 1
+        self._lock = threading.Lock()  # one flusher at a time; interface table
         self._interfaces: dict[tuple[str, int], int] = {}
-        self._write = self._file.write
 
     def __enter__(self) -> CaptureWriter:
         return self
@@ -470,45 +485,128 @@ class CaptureWriter:
     def interface(self, name: str, relid: int, description: str) -> int:
         """The interface number of channel (``name``, ``relid``); a new IDB the first time."""
         key = (name, relid)
-        with self.lock:
+        with self._lock:
             idx = self._interfaces.get(key)
             if idx is None:
                 idx = self._interfaces[key] = len(self._interfaces)
-                self._put(_idb(f"vmbus:{name}", description))
+                self.put((self.next_seq(), _Q_BLOCK, _idb(f"vmbus:{name}", description)))
             return idx
 
     def tap(self, name: str, relid: int, subchannel: int, description: str) -> ChannelTap:
         """A tap for one channel (its interface made on first use)."""
         return ChannelTap(self, self.interface(name, relid, description), relid, subchannel)
 
-    def _put(self, data: bytes) -> None:
-        if not self.live:
-            return
-        try:
-            self._write(data)
-        except (OSError, ValueError) as exc:
-            self._failed(exc)
+    def flush(self, final: bool = False) -> None:
+        """Write the queued records in order and flush the file; ``final``: all of them,
+        even past a number still in flight (the channel is gone)."""
+        with self._lock:
+            if self.live:
+                self._write_queued(final)
+                if self.live:
+                    try:
+                        self._file.flush()
+                    except (OSError, ValueError) as exc:
+                        self._failed(exc)
+
+    def maybe_flush(self) -> None:
+        """From a tap: write out a long queue unless someone else is writing already."""
+        if len(self._queue) > self.QUEUE_LIMIT and self._lock.acquire(blocking=False):
+            try:
+                if self.live:
+                    self._write_queued(False)
+            finally:
+                self._lock.release()
+
+    def _write_queued(self, final: bool) -> None:
+        """Holding the lock: serialise the queued records in seq order, one file write."""
+        q = self._queue
+        items = self._held
+        pop = q.popleft
+        for _ in range(len(q)):
+            items.append(pop())
+        items.sort(key=_first)
+        nxt = self._next_written
+        n = self.records
+        out: list[bytes] = []
+        add = out.append
+        done = 0
+        # A packet's block: 28-byte EPB header + 16-byte pseudo-header + the packet (plen,
+        # a multiple of 8, so no pcapng padding) + the 4-byte closing length: 48 + plen.
+        for item in items:
+            seq = item[0]
+            if seq != nxt and not final:
+                break  # an earlier record is still being made on another thread
+            nxt = seq + 1
+            done += 1
+            kind = item[1]
+            if kind == _Q_TX:
+                _, _, ts, iface, relid, sub, payload, ptype, flags, txid = item
+                if payload.__class__ is not bytes:
+                    payload = (b"".join(bytes(p) for p in payload) if isinstance(payload, (list, tuple))
+                               else bytes(memoryview(payload).cast("B")))
+                ln = len(payload)
+                plen = (DESCRIPTOR_SIZE + ln + 7) & ~7
+                total = 48 + plen
+                n += 1
+                add(_PKT_HEAD.pack(_EPB_TYPE, total, iface, ts >> 32, ts & 0xFFFF_FFFF, total - 32,
+                                   total - 32, PSEUDO_MAGIC, PSEUDO_VERSION, 1, 0, 0, sub, relid, n,
+                                   ptype, 2, plen >> 3, flags, txid))
+                add(payload)
+                add(_PAD_TAIL[plen - DESCRIPTOR_SIZE - ln].pack(total))
+            elif kind == _Q_RX:
+                _, _, ts, iface, relid, sub, pkts = item
+                hi, lo = ts >> 32, ts & 0xFFFF_FFFF
+                for pkt in pkts:
+                    extra = pkt.extra_header
+                    off = DESCRIPTOR_SIZE + len(extra)
+                    plen = off + len(pkt.payload)
+                    total = 48 + plen
+                    n += 1
+                    add(_PKT_HEAD.pack(_EPB_TYPE, total, iface, hi, lo, total - 32, total - 32,
+                                       PSEUDO_MAGIC, PSEUDO_VERSION, 1, 1, 0, sub, relid, n, pkt.type,
+                                       off >> 3, plen >> 3, pkt.flags, pkt.transaction_id))
+                    if extra:
+                        add(extra)
+                    add(pkt.payload)
+                    add(_U32.pack(total))
+            elif kind == _Q_COUNT:
+                _, _, ts, iface, relid, sub, rkind, direction, count = item
+                n += 1
+                add(_COUNT_REC.pack(_EPB_TYPE, _COUNT_REC.size, iface, ts >> 32, ts & 0xFFFF_FFFF, 24, 24,
+                                    PSEUDO_MAGIC, PSEUDO_VERSION, rkind, direction, 0, sub, relid, n,
+                                    count & 0xFFFF_FFFF_FFFF_FFFF, _COUNT_REC.size))
+            elif kind == _Q_EVENT:
+                _, _, ts, iface, relid, sub, body = item
+                n += 1
+                head = PSEUDO.pack(PSEUDO_MAGIC, PSEUDO_VERSION, RecordKind.EVENT, Direction.LOCAL, 0, sub,
+                                   relid, n)
+                add(_epb(iface, ts, head + body))
+            elif kind == _Q_BLOCK:
+                add(item[2])
+            # _Q_NONE: a number taken by a write that failed (ring full): nothing to write
+        self._held = items[done:]
+        self._next_written = nxt
+        self.records = n
+        if out:
+            try:
+                self._file.write(b"".join(out))
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
         """A write failed (disk full, file closed under us): stop capturing, keep the channel."""
         if self.live:
             self.live = False
+            self._queue.clear()
+            self._held = []
             _log.warning("capture %s stopped: %s (the channel goes on without it)", self.path, exc)
             with contextlib.suppress(OSError, ValueError):
                 self._file.close()
 
-    def flush(self) -> None:
-        """Push buffered records to the file."""
-        with self.lock:
-            if self.live:
-                try:
-                    self._file.flush()
-                except (OSError, ValueError) as exc:
-                    self._failed(exc)
-
     def close(self) -> None:
-        """Flush and close the file (idempotent); taps then record nothing."""
-        with self.lock:
+        """Write everything queued, close the file (idempotent); taps then record nothing."""
+        self.flush(final=True)
+        with self._lock:
             if not self.live:
                 return
             self.live = False
@@ -518,13 +616,22 @@ class CaptureWriter:
                 _log.warning("capture %s: closing failed: %s", self.path, exc)
 
 
+def _first(item: tuple[Any, ...]) -> int:
+    return int(item[0])
+
+
+_Q_NONE, _Q_TX, _Q_RX, _Q_COUNT, _Q_EVENT, _Q_BLOCK = range(6)
+"""What a queued record tuple holds (its second item)."""
+
+
 class ChannelTap:
     """The capture hooks of one open channel: the only capture code on the packet paths.
 
     The channel calls :meth:`write` / :meth:`write_batch` instead of the ring's own when
-    a tap is set (the ring write and its record happen under the writer's lock), and
-    :meth:`rx` with each batch it read. Everything else (events, signals, interrupts)
-    is per lifecycle step or per signal, not per packet.
+    a tap is set, and :meth:`rx` with each batch it read; each queues one tuple (a
+    number, a timestamp and references: the bytes are copied when the queue is written
+    out, except a payload the caller may change, which is copied at once). Events,
+    signals and interrupts queue one tuple each too.
     """
 
     __slots__ = ("iface", "relid", "sub", "writer")
@@ -537,127 +644,81 @@ class ChannelTap:
 
     # -- packets (hot paths) ---------------------------------------------------------------
     def write(self, tx: RingBuffer, payload: Any, ptype: int, flags: int, txid: int) -> bool:
-        """``tx.write(...)`` and its record, under the capture lock; RingFull as tx.write."""
+        """``tx.write(...)`` and its record (numbered before the write); RingFull as tx.write.
+
+        Called under the channel's TX lock, so records of one ring are in ring order."""
         w = self.writer
-        with w.lock:
+        seq = w.next_seq()
+        try:
             signal = tx.write(payload, ptype, flags, txid)
-            if w.live:
-                self._tx(w, payload, ptype, flags, txid)
+        except BaseException:
+            w.put((seq, _Q_NONE))
+            raise
+        if payload.__class__ is not bytes:
+            payload = _frozen(payload)
+        w.put((seq, _Q_TX, time.time_ns(), self.iface, self.relid, self.sub, payload, ptype, flags, txid))
+        if len(w._queue) > w.QUEUE_LIMIT:
+            w.maybe_flush()
         return signal
 
     def write_batch(self, tx: RingBuffer, specs: Sequence[tuple[Any, int, int, int]]) -> bool:
-        """``tx.write_batch(specs)`` and a record per packet, under the capture lock."""
+        """``tx.write_batch(specs)`` and a record per packet."""
         w = self.writer
-        with w.lock:
+        seqs = [w.next_seq() for _ in specs]
+        try:
             signal = tx.write_batch(specs)
-            if w.live:
-                for payload, ptype, flags, txid in specs:
-                    self._tx(w, payload, ptype, flags, txid)
+        except BaseException:
+            for seq in seqs:
+                w.put((seq, _Q_NONE))
+            raise
+        ts = time.time_ns()
+        for seq, (payload, ptype, flags, txid) in zip(seqs, specs, strict=True):
+            if payload.__class__ is not bytes:
+                payload = _frozen(payload)
+            w.put((seq, _Q_TX, ts, self.iface, self.relid, self.sub, payload, ptype, flags, txid))
+        w.maybe_flush()
         return signal
 
-    def _tx(self, w: CaptureWriter, payload: Any, ptype: int, flags: int, txid: int) -> None:
-        if payload.__class__ is not bytes:
-            payload = (b"".join(payload) if isinstance(payload, (list, tuple))
-                       else bytes(memoryview(payload).cast("B")))
-        n = len(payload)
-        plen = (DESCRIPTOR_SIZE + n + 7) & ~7
-        dlen = PSEUDO.size + plen
-        total = _EPB_HEAD.size + dlen + 4
-        ts = time.time_ns()
-        w.records = seq = w.records + 1
-        write = w._write
-        try:
-            write(_PKT_HEAD.pack(_EPB_TYPE, total, self.iface, ts >> 32, ts & 0xFFFF_FFFF, dlen, dlen,
-                                 PSEUDO_MAGIC, PSEUDO_VERSION, 1, 0, 0, self.sub, self.relid, seq,
-                                 ptype, 2, plen >> 3, flags, txid))
-            write(payload)
-            write(_PAD_TAIL[plen - DESCRIPTOR_SIZE - n].pack(total))
-        except (OSError, ValueError) as exc:
-            w._failed(exc)
-
     def rx(self, pkts: Sequence[Packet]) -> None:
-        """Record a batch read from the RX ring (one timestamp: they were read together;
-        one file write for the batch)."""
+        """Record a batch read from the RX ring (one timestamp: they were read together)."""
         w = self.writer
-        ts = time.time_ns()
-        hi, lo = ts >> 32, ts & 0xFFFF_FFFF
-        pack = _PKT_HEAD.pack
-        tail = _U32.pack
-        iface, sub, relid = self.iface, self.sub, self.relid
-        with w.lock:
-            if not w.live:
-                return
-            seq = w.records
-            parts: list[bytes] = []
-            add = parts.append
-            for pkt in pkts:
-                extra = pkt.extra_header
-                payload = pkt.payload
-                off = DESCRIPTOR_SIZE + len(extra)
-                plen = off + len(payload)
-                total = _EPB_HEAD.size + PSEUDO.size + plen + 4
-                seq += 1
-                add(pack(_EPB_TYPE, total, iface, hi, lo, total - 32, total - 32, PSEUDO_MAGIC,
-                         PSEUDO_VERSION, 1, 1, 0, sub, relid, seq, pkt.type, off >> 3, plen >> 3,
-                         pkt.flags, pkt.transaction_id))
-                if extra:
-                    add(extra)
-                add(payload)
-                add(tail(total))
-            w.records = seq
-            try:
-                w._write(b"".join(parts))
-            except (OSError, ValueError) as exc:
-                w._failed(exc)
+        w.put((w.next_seq(), _Q_RX, time.time_ns(), self.iface, self.relid, self.sub, pkts))
+        if len(w._queue) > w.QUEUE_LIMIT:
+            w.maybe_flush()
 
     # -- the rest ----------------------------------------------------------------------------
-    def _other(self, kind: RecordKind, direction: Direction, data: bytes) -> None:
-        w = self.writer
-        with w.lock:
-            if not w.live:
-                return
-            w.records += 1
-            head = PSEUDO.pack(PSEUDO_MAGIC, PSEUDO_VERSION, kind, direction, 0, self.sub, self.relid,
-                               w.records)
-            try:
-                w._write(_epb(self.iface, time.time_ns(), head + data))
-            except (OSError, ValueError) as exc:
-                w._failed(exc)
-
     def event(self, name: str, **fields: Any) -> None:
         """A lifecycle event record (``opened``, ``post_started``, ``rescind``, ``closed``)."""
         body = json.dumps({"event": name, **fields}, separators=(",", ":"), default=str)
-        self._other(RecordKind.EVENT, Direction.LOCAL, body.encode())
-
-    def _count(self, kind: int, direction: int, count: int) -> None:
-        """A signal or interrupt record: one struct call (they come once per packet or so)."""
         w = self.writer
-        ts = time.time_ns()
-        with w.lock:
-            if not w.live:
-                return
-            w.records = seq = w.records + 1
-            try:
-                w._write(_COUNT_REC.pack(_EPB_TYPE, _COUNT_REC.size, self.iface, ts >> 32, ts & 0xFFFF_FFFF,
-                                         24, 24, PSEUDO_MAGIC, PSEUDO_VERSION, kind, direction, 0, self.sub,
-                                         self.relid, seq, count & 0xFFFF_FFFF_FFFF_FFFF, _COUNT_REC.size))
-            except (OSError, ValueError) as exc:
-                w._failed(exc)
+        w.put((w.next_seq(), _Q_EVENT, time.time_ns(), self.iface, self.relid, self.sub, body.encode()))
 
     def interrupt(self, count: int) -> None:
         """The dispatcher consumed a uio event (``Dispatcher.on_event``)."""
-        self._count(RecordKind.INTERRUPT, Direction.HOST_TO_GUEST, count)
+        w = self.writer
+        w.put((w.next_seq(), _Q_COUNT, time.time_ns(), self.iface, self.relid, self.sub,
+               RecordKind.INTERRUPT, Direction.HOST_TO_GUEST, count))
 
     def hook_signal(self, sig: HostSignal) -> None:
         """Record every signal ``sig`` sends: wrap its ``signal`` (the channel's one way to signal)."""
         inner: Callable[[], None] = sig.signal
-        record = self._count
+        w = self.writer
+        put, next_seq, ns = w.put, w.next_seq, time.time_ns
+        head = (self.iface, self.relid, self.sub, RecordKind.SIGNAL, Direction.GUEST_TO_HOST)
 
         def signal() -> None:
             inner()
-            record(RecordKind.SIGNAL, Direction.GUEST_TO_HOST, sig.signals)
+            put((next_seq(), _Q_COUNT, ns(), *head, sig.signals))
 
         sig.signal = signal
 
     def flush(self) -> None:
+        """Write out what is queued (a channel closed)."""
         self.writer.flush()
+
+
+def _frozen(payload: Any) -> Any:
+    """A payload the caller may change later, copied now (bytes, or a tuple of bytes)."""
+    if isinstance(payload, (list, tuple)):
+        return tuple(p if p.__class__ is bytes else bytes(memoryview(p).cast("B")) for p in payload)
+    return bytes(memoryview(payload).cast("B"))

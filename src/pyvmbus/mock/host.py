@@ -219,7 +219,7 @@ class _Chan(HostChannel):
         self.tx = RingBuffer(ring[:ring_size], header_size=mmap.PAGESIZE)  # guest -> host
         self.rx = RingBuffer(ring[ring_size:2 * ring_size], header_size=mmap.PAGESIZE)  # host -> guest
         self.rx_raw = ring[ring_size:2 * ring_size]
-        self.queue: collections.deque[tuple[Payload, int, int, int]] = collections.deque()
+        self.queue: collections.deque[tuple[Payload, int, int, int, bytes]] = collections.deque()
         self.open = True
         self.broken = ""
         self.stats = dev.counters(offer.relid)
@@ -231,7 +231,7 @@ class _Chan(HostChannel):
 
     # -- HostChannel ------------------------------------------------------------------------
     def send(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
-             transaction_id: int = 0) -> bool:
+             transaction_id: int = 0, extra_header: bytes = b"") -> bool:
         if not self.open:
             raise ChannelClosed(self.instance, f"relid {self.relid} is not open")
         if self.dev.corrupt_pending:
@@ -240,7 +240,7 @@ class _Chan(HostChannel):
             self.dev.corrupt_pending -= 1
             return True
         try:
-            signal = self.rx.write(payload, type, flags, transaction_id)
+            signal = self.rx.write(payload, type, flags, transaction_id, extra_header=extra_header)
         except RingFull as exc:
             # Ask the guest to signal once it has read enough, then try once more: the
             # guest may have drained the ring before it could see the request.
@@ -248,7 +248,7 @@ class _Chan(HostChannel):
                 self._count("ring_full")
                 return False
             try:
-                signal = self.rx.write(payload, type, flags, transaction_id)
+                signal = self.rx.write(payload, type, flags, transaction_id, extra_header=extra_header)
             except RingFull:
                 self._count("ring_full")
                 return False
@@ -261,13 +261,13 @@ class _Chan(HostChannel):
         return True
 
     def post(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
-             transaction_id: int = 0) -> None:
-        if self.queue or not self.send(payload, type, flags, transaction_id):
+             transaction_id: int = 0, extra_header: bytes = b"") -> None:
+        if self.queue or not self.send(payload, type, flags, transaction_id, extra_header):
             if isinstance(payload, (bytearray, memoryview)):
                 payload = bytes(payload)  # the model may reuse its buffer
             elif not isinstance(payload, bytes):
                 payload = [bytes(p) for p in payload]
-            self.queue.append((payload, type, flags, transaction_id))
+            self.queue.append((payload, type, flags, transaction_id, extra_header))
 
     @property
     def queued(self) -> int:
@@ -304,8 +304,8 @@ class _Chan(HostChannel):
     def flush(self) -> None:
         """Send queued packets while they fit (after the guest signalled it read some)."""
         while self.queue and self.open:
-            payload, type_, flags, tid = self.queue[0]
-            if not self.send(payload, type_, flags, tid):
+            payload, type_, flags, tid, extra = self.queue[0]
+            if not self.send(payload, type_, flags, tid, extra):
                 return
             self.queue.popleft()
         if not self.queue:

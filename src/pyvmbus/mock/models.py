@@ -62,8 +62,11 @@ class HostChannel:
     monitored: bool
 
     def send(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
-             transaction_id: int = 0) -> bool:
-        """Write one packet into the guest's RX ring now; False if it does not fit."""
+             transaction_id: int = 0, extra_header: bytes = b"") -> bool:
+        """Write one packet into the guest's RX ring now; False if it does not fit.
+
+        ``extra_header``: bytes between the descriptor and the payload (a transfer-page or
+        GPA-direct header; a multiple of 8 long), counted by offset8."""
         raise NotImplementedError
 
     def complete(self, pkt: Packet, payload: Payload = b"") -> bool:
@@ -71,7 +74,7 @@ class HostChannel:
         return self.send(payload, PacketType.COMP, 0, pkt.transaction_id)
 
     def post(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
-             transaction_id: int = 0) -> None:
+             transaction_id: int = 0, extra_header: bytes = b"") -> None:
         """Send now if the ring has room and nothing is queued, else queue it (never lost)."""
         raise NotImplementedError
 

@@ -88,6 +88,7 @@ class Step:
     transaction_id: int
     payload: bytes
     vary: Ranges = ()
+    extra_header: bytes = b""
 
     def describe(self, pkt: Packet | None = None) -> str:
         p = pkt if pkt is not None else self
@@ -201,7 +202,7 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
         if m:
             ranges = ranges + parse_vary(m.group(1), f"record {r.number} comment: ")
         target.append(Step(r.number, r.direction is Direction.HOST_TO_GUEST, pkt.type, pkt.flags,
-                           pkt.transaction_id, pkt.payload, ranges))
+                           pkt.transaction_id, pkt.payload, ranges, pkt.extra_header))
     return Script(cap.path, device, class_guid, monitored, rings, sessions)
 
 
@@ -236,7 +237,7 @@ class _Session:
             txid = st.transaction_id
             if txid in self.txids and (st.type == PacketType.COMP or st.type == PacketType.DATA_INBAND):
                 txid = self.txids[txid]
-            chan.post(st.payload, st.type, st.flags, txid)
+            chan.post(st.payload, st.type, st.flags, txid, st.extra_header)
             self.script.played += 1
         self.script.pending[self.sub] = steps[self.pos:]
 
@@ -260,6 +261,8 @@ class _Session:
                 why.append(f"completion txid {pkt.transaction_id}, expected {st.transaction_id}")
         elif pkt.transaction_id != st.transaction_id:
             self.txids[st.transaction_id] = pkt.transaction_id
+        if pkt.extra_header != st.extra_header:
+            why.append(f"extra header {_hex(pkt.extra_header)}, expected {_hex(st.extra_header)}")
         if len(pkt.payload) != len(st.payload) and st.vary != _ALL:
             why.append(f"payload length {len(pkt.payload)}, expected {len(st.payload)}")
         diff = _first_difference(st.payload, pkt.payload, st.vary)
