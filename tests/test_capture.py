@@ -131,6 +131,20 @@ def test_subchannels_get_their_own_interface(mock: MockVmbus, tmp_path: Path) ->
     assert pkts[0].relid == subs[1].relid and pkts[0].interface != 0
     closed = [r for r in cap.events() if r.event["event"] == "closed"]
     assert len(closed) == 3
+    # and replayed: the host offers the two subchannels, their sessions play
+    with MockVmbus() as m:
+        rguid = m.add_device(replay=path)
+        rbus = Vmbus(m.root)
+        rbus.bind(str(rguid))
+        rch = rbus.channel(str(rguid))
+        rch.enable()
+        try:
+            rsubs = rch.open_subchannels(2, timeout=10)
+            assert rsubs[1].send_request(b"sub two", timeout=5) == _pad(b"sub two")
+        finally:
+            rch.disable()
+        report = m.replay_check(str(rguid))
+    assert report["matched"] == 1 and report["played"] == 1
 
 
 @pytest.mark.timeout(60)

@@ -118,6 +118,8 @@ class Script:
     ring_sizes: dict[int, int | None]
     sessions: dict[int, list[list[Step]]]
     """subchannel index -> sessions (one per open) -> steps in order."""
+    offers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """primary session -> (steps played before, subchannel count): when to offer subchannels."""
     opens: dict[int, int] = field(default_factory=dict)
     diffs: list[str] = field(default_factory=list)
     matched: int = 0
@@ -170,6 +172,7 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
     class_guid: str | None = None
     monitored = False
     rings: dict[int, int | None] = {}
+    offers: dict[int, tuple[int, int]] = {}
     for r in cap.records:
         if r.kind is RecordKind.EVENT:
             ev = r.event
@@ -185,6 +188,13 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
                     class_guid = ev.get("class_guid") or class_guid
                     monitored = ev.get("monitor_id") is not None
                     rings[0] = ev.get("tx_ring_size")
+                elif current.get(0) is not None:
+                    # the host offered subchannels during this primary session: offer as many,
+                    # once the primary has got as far as it had when the first one opened
+                    index = len(sessions[0]) - 1
+                    at, count = offers.get(index, (len(sessions[0][-1]), 0))
+                    offers[index] = (at, max(count, sub))
+                    rings[sub] = ev.get("tx_ring_size")
             elif ev["event"] == "closed" and r.interface in ifaces:
                 current[ifaces[r.interface]] = None
             continue
@@ -203,7 +213,7 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
             ranges = ranges + parse_vary(m.group(1), f"record {r.number} comment: ")
         target.append(Step(r.number, r.direction is Direction.HOST_TO_GUEST, pkt.type, pkt.flags,
                            pkt.transaction_id, pkt.payload, ranges, pkt.extra_header))
-    return Script(cap.path, device, class_guid, monitored, rings, sessions)
+    return Script(cap.path, device, class_guid, monitored, rings, sessions, offers)
 
 
 SCRIPTS: dict[str, Script] = {}
@@ -221,15 +231,23 @@ def _first_difference(want: bytes, got: bytes, vary: Ranges) -> int | None:
 
 
 class _Session:
-    def __init__(self, script: Script, sub: int, steps: list[Step]) -> None:
+    def __init__(self, script: Script, sub: int, steps: list[Step],
+                 offer: tuple[int, int] | None = None) -> None:
         self.script = script
         self.sub = sub
         self.steps = list(steps)
         self.pos = 0
         self.txids: dict[int, int] = {}
+        self.offer = offer
         script.pending[sub] = self.steps
 
     def play(self, chan: HostChannel) -> None:
+        if self.offer is not None and self.pos >= self.offer[0]:
+            count, self.offer = self.offer[1], None
+            host = getattr(chan, "host", None)  # the mock host (pyvmbus.mock.host._Chan)
+            if host is not None:
+                host.offer_subchannels(str(chan.instance), count)
+                chan.log(f"replay: offered {count} subchannel(s), as the capture had")
         steps = self.steps
         while self.pos < len(steps) and steps[self.pos].host:
             st = steps[self.pos]
@@ -299,7 +317,7 @@ class ReplayModel(DeviceModel):
             script.diffs.append(f"subchannel {sub} opened {n + 1} time(s); the capture has {len(sessions)} "
                                 "session(s) of it")
             return
-        self.session = _Session(script, sub, sessions[n])
+        self.session = _Session(script, sub, sessions[n], script.offers.get(n) if sub == 0 else None)
         self.session.play(chan)
 
     def packet(self, chan: HostChannel, pkt: Packet) -> None:
