@@ -440,3 +440,36 @@ def test_replay_plays_a_transfer_page_packet_written_by_hand(tmp_path: Path) -> 
     assert got[0].type == PacketType.DATA_USING_XFER_PAGES and got[0].transaction_id == 42
     assert got[0].transfer_pages is not None and got[0].transfer_pages.pageset_id == 7
     assert [(r.byte_count, r.byte_offset) for r in got[0].transfer_pages.ranges] == [(100, 0), (28, 4096)]
+
+
+@pytest.mark.timeout(60)
+def test_one_writer_for_two_devices_and_a_capture_started_while_open(mock: MockVmbus, tmp_path: Path) -> None:
+    bus = Vmbus(mock.root)
+    a, b = str(mock.add_device("echo")), str(mock.add_device("echo"))
+    for g in (a, b):
+        bus.bind(g)
+    path = tmp_path / "two.pcapng"
+    with CaptureWriter(path) as writer:
+        cha = bus.channel(a, capture=writer)
+        chb = bus.channel(b)
+        cha.enable()
+        chb.enable()
+        try:
+            assert chb.send_request(b"not recorded", timeout=5)
+            chb.capture(writer)  # open already: its "opened" record is written now
+            assert cha.send_request(b"from a", timeout=5) == _pad(b"from a")
+            assert chb.send_request(b"from b", timeout=5) == _pad(b"from b")
+        finally:
+            cha.disable()
+            chb.disable()
+            cha.stop_capture()
+            chb.stop_capture()
+        assert writer.live  # a writer passed in stays open for its owner
+    cap = read_capture(path)
+    assert cap.devices() == [a, b] and len(cap.interfaces) == 2
+    sent = {(r.interface, r.packet.payload) for r in cap.packets() if r.direction is Direction.GUEST_TO_HOST}
+    assert sent == {(0, _pad(b"from a")), (1, _pad(b"from b"))}
+    with pytest.raises(ValueError, match="2 devices"):
+        from pyvmbus.mock.replay import build_script
+
+        build_script(cap)

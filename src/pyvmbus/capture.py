@@ -597,6 +597,7 @@ class CaptureWriter:
         """A write failed (disk full, file closed under us): stop capturing, keep the channel."""
         if self.live:
             self.live = False
+            self.put = _drop
             self._queue.clear()
             self._held = []
             _log.warning("capture %s stopped: %s (the channel goes on without it)", self.path, exc)
@@ -610,6 +611,7 @@ class CaptureWriter:
             if not self.live:
                 return
             self.live = False
+            self.put = _drop  # a tap still hooked (a signal wrapper) queues nothing from now on
             try:
                 self._file.close()
             except OSError as exc:
@@ -618,6 +620,10 @@ class CaptureWriter:
 
 def _first(item: tuple[Any, ...]) -> int:
     return int(item[0])
+
+
+def _drop(item: tuple[Any, ...]) -> None:
+    """``CaptureWriter.put`` once the capture is closed."""
 
 
 _Q_NONE, _Q_TX, _Q_RX, _Q_COUNT, _Q_EVENT, _Q_BLOCK = range(6)
@@ -703,12 +709,12 @@ class ChannelTap:
         """Record every signal ``sig`` sends: wrap its ``signal`` (the channel's one way to signal)."""
         inner: Callable[[], None] = sig.signal
         w = self.writer
-        put, next_seq, ns = w.put, w.next_seq, time.time_ns
+        next_seq, ns = w.next_seq, time.time_ns
         head = (self.iface, self.relid, self.sub, RecordKind.SIGNAL, Direction.GUEST_TO_HOST)
 
         def signal() -> None:
             inner()
-            put((next_seq(), _Q_COUNT, ns(), *head, sig.signals))
+            w.put((next_seq(), _Q_COUNT, ns(), *head, sig.signals))
 
         sig.signal = signal
 

@@ -307,6 +307,7 @@ class Channel:
         self._cb_closed: ClosedCallback | None = None
         self._cb_subchannel: SubchannelCallback | None = None
         self._capture: CaptureWriter | None = None
+        self._capture_owned = False
         self._tap: ChannelTap | None = None
         """Set while a capture records this channel: the packet paths call it (else one check)."""
         if capture is not None:
@@ -416,35 +417,40 @@ class Channel:
         Every packet both ways, lifecycle events, signals and interrupts, from now on
         (the next enable, or at once if open) until :meth:`stop_capture`. A file this
         call opened is replaced by a new one if called again. Recording never changes
-        what the channel does; a write error stops it with a warning.
+        what the channel does; a write error stops it with a warning. :class:`~pyvmbus.
+        capture.CaptureError` if the file cannot be created.
         """
         from .capture import CaptureWriter
 
         if self.parent is not None:
             raise InvalidState(self.name, self.state.value, "capture", "capture the primary channel")
+        owned = not isinstance(path, CaptureWriter)
         writer = path if isinstance(path, CaptureWriter) else CaptureWriter(path)
         old = self._capture
-        self._capture = writer
         if old is not None and old is not writer:
-            self.stop_capture(old)
-            self._capture = writer
+            self.stop_capture()
+        self._capture = writer
+        self._capture_owned = owned
         if self._dev is not None and self._lc.state is not ChannelState.DISABLED:
             for ch in (self, *self._subs):
                 ch._start_tap(writer)
         return writer
 
-    def stop_capture(self, writer: CaptureWriter | None = None) -> None:
-        """Stop recording and close the capture file (if this channel opened it)."""
-        writer = writer or self._capture
+    def stop_capture(self) -> None:
+        """Stop recording; close the capture file if this channel opened it (a writer
+        passed in is only flushed: its other channels go on). No-op without a capture."""
+        writer = self._capture
         if writer is None:
             return
         for ch in (self, *self._subs):
-            if ch._tap is not None and ch._tap.writer is writer:
-                ch._tap = None
-        if self._disp is not None and self._disp.on_event is not None:
+            ch._tap = None
+        if self._disp is not None:
             self._disp.on_event = None
         self._capture = None
-        writer.close()
+        if self._capture_owned:
+            writer.close()
+        else:
+            writer.flush()
 
     @property
     def capturing(self) -> CaptureWriter | None:
