@@ -473,3 +473,29 @@ def test_one_writer_for_two_devices_and_a_capture_started_while_open(mock: MockV
         from pyvmbus.mock.replay import build_script
 
         build_script(cap)
+
+
+@pytest.mark.timeout(120)
+def test_tshark_decodes_transfer_page_and_gpa_direct_headers(tmp_path: Path) -> None:
+    from pyvmbus.capture import Interface, Record
+    from pyvmbus.packet import encode_gpa_direct, encode_transfer_pages
+
+    def pkt(ptype: int, hdr: bytes, body: bytes) -> bytes:
+        off = 16 + len(hdr)
+        return struct.pack("<HHHHQ", ptype, off // 8, (off + len(body)) // 8, 1, 77) + hdr + body
+
+    xfer = encode_transfer_pages(3, [(1514, 0), (60, 2048)], sender_owns_set=1)
+    gpa = encode_gpa_direct([(5000, 100, [0x1234, 0x1235]), (8, 0, [0xABC])])
+    rows = [pkt(PacketType.DATA_USING_XFER_PAGES, xfer, bytes(8)),
+            pkt(PacketType.DATA_USING_GPA_DIRECT, gpa, bytes(16))]
+    path = tmp_path / "hdrs.pcapng"
+    write_capture(path, [Interface(0, "vmbus:x")], [
+        Record(i + 1, 0, i, RecordKind.PACKET, Direction.HOST_TO_GUEST, 9, 0, i + 1, data)
+        for i, data in enumerate(rows)])
+    out = _fields(path, "vmbus.pkt.type", "vmbus.pkt.offset8", "vmbus.xfer.pageset_id",
+                  "vmbus.xfer.sender_owns_set", "vmbus.xfer.range_count", "vmbus.xfer.range.byte_count",
+                  "vmbus.xfer.range.byte_offset", "vmbus.gpa.range_count", "vmbus.gpa.range.len",
+                  "vmbus.gpa.range.offset", "vmbus.gpa.range.pfn")
+    assert out[0][:7] == ["0x0007", str((16 + len(xfer)) // 8), "3", "1", "2", "1514,60", "0,2048"]
+    assert out[1][0] == "0x0009" and out[1][7:] == ["2", "5000,8", "100,0", "0x0000000000001234,"
+                                                     "0x0000000000001235,0x0000000000000abc"]

@@ -45,6 +45,7 @@ import enum
 import itertools
 import json
 import logging
+import operator
 import os
 import struct
 import threading
@@ -524,7 +525,7 @@ class CaptureWriter:
         pop = q.popleft
         for _ in range(len(q)):
             items.append(pop())
-        items.sort(key=_first)
+        items.sort(key=_FIRST)
         nxt = self._next_written
         n = self.records
         out: list[bytes] = []
@@ -618,14 +619,11 @@ class CaptureWriter:
                 _log.warning("capture %s: closing failed: %s", self.path, exc)
 
 
-def _first(item: tuple[Any, ...]) -> int:
-    return int(item[0])
-
-
 def _drop(item: tuple[Any, ...]) -> None:
     """``CaptureWriter.put`` once the capture is closed."""
 
 
+_FIRST = operator.itemgetter(0)  # a record tuple's number (C, not a Python call per item)
 _Q_NONE, _Q_TX, _Q_RX, _Q_COUNT, _Q_EVENT, _Q_BLOCK = range(6)
 """What a queued record tuple holds (its second item)."""
 
