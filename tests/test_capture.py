@@ -499,3 +499,23 @@ def test_tshark_decodes_transfer_page_and_gpa_direct_headers(tmp_path: Path) -> 
     assert out[0][:7] == ["0x0007", str((16 + len(xfer)) // 8), "3", "1", "2", "1514,60", "0,2048"]
     assert out[1][0] == "0x0009" and out[1][7:] == ["2", "5000,8", "100,0", "0x0000000000001234,"
                                                      "0x0000000000001235,0x0000000000000abc"]
+
+
+@pytest.mark.timeout(60)
+def test_a_comment_added_by_editcap_marks_variable_bytes(tmp_path: Path) -> None:
+    """A file re-written by Wireshark's editcap still reads, and its packet comment counts."""
+    editcap = shutil.which("editcap")
+    if editcap is None:
+        pytest.skip("editcap is not installed (Debian: it comes with tshark, package wireshark-common)")
+    path = tmp_path / "hb.pcapng"
+    subprocess.run([editcap, "-a", "8:pyvmbus-vary: 28:36", "-a", "11:pyvmbus-vary: 28:36",
+                    str(FIXTURES / "heartbeat.pcapng"), str(path)], check=True, timeout=30)
+    cap = read_capture(path)
+    assert [(r.number, r.comment) for r in cap.records if r.comment] == [
+        (8, "pyvmbus-vary: 28:36"), (11, "pyvmbus-vary: 28:36")]
+    original = read_capture(FIXTURES / "heartbeat.pcapng")
+    assert [r.data for r in cap.records] == [r.data for r in original.records]
+    with MockVmbus() as m:
+        guid = m.add_device(replay=path)
+        drive(m, "heartbeat", add=False, guid=str(guid), service=_OffByOne())
+        assert m.replay_check(str(guid))["ok"]
