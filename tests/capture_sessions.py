@@ -7,6 +7,7 @@ fixtures under tests/fixtures/capture/ with these same sessions.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -16,14 +17,23 @@ from typing import Any
 
 from pyvmbus.bus import Vmbus
 from pyvmbus.channel import Channel
-from pyvmbus.ic import FcopyService, HeartbeatService, IcService, ShutdownService, TimesyncService
+from pyvmbus.ic import (
+    FcopyService,
+    HeartbeatService,
+    IcService,
+    KvpService,
+    ShutdownService,
+    TimesyncService,
+)
+from pyvmbus.ic.kvp_pool import KvpPools
+from pyvmbus.ic.kvp_system import KvpNetwork, SystemInfo
 from pyvmbus.ic.messages import FCOPY_INSTANCE_GUID, CopyFlags
 from pyvmbus.mock.models import ECHO_CLASS_GUID
 from pyvmbus.packet import Packet, PacketType
 
 __all__ = ["FCOPY_DEST", "INSTANCES", "MODELS", "Session", "drive", "ic_service"]
 
-MODELS = ("echo", "null", "heartbeat", "shutdown", "timesync", "fcopy")
+MODELS = ("echo", "null", "heartbeat", "shutdown", "timesync", "fcopy", "kvp")
 """Every device model of the mock (the replay model plays captures of these)."""
 INSTANCES = {
     "echo": "6563686f-0000-4000-8000-000000000001",
@@ -32,10 +42,13 @@ INSTANCES = {
     "shutdown": "6563686f-0000-4000-8000-000000000004",
     "timesync": "6563686f-0000-4000-8000-000000000005",
     "fcopy": FCOPY_INSTANCE_GUID,
+    "kvp": "6563686f-0000-4000-8000-000000000007",
 }
 """Fixed instance GUIDs, so the fixtures are stable."""
 FCOPY_DEST = Path("/tmp/pyvmbus-capture-fixture")
 """Where the fcopy session's host sends its file (the guest's allowed root)."""
+KVP_DIR = Path("/tmp/pyvmbus-capture-fixture-kvp")
+"""The KVP session's pools and fake root (a fixed system: the same answers every time)."""
 
 
 @dataclass
@@ -56,6 +69,15 @@ def ic_service(model: str) -> IcService | None:
         return TimesyncService()
     if model == "fcopy":
         return FcopyService([FCOPY_DEST], fsync=False)
+    if model == "kvp":
+        shutil.rmtree(KVP_DIR, ignore_errors=True)
+        (KVP_DIR / "root" / "etc").mkdir(parents=True)
+        (KVP_DIR / "root" / "etc" / "os-release").write_text('NAME="Debian"\nVERSION_ID="12"\n')
+        uname = platform.uname_result("Linux", "guest", "6.1.0-26-amd64", "#1", "x86_64")
+        system = SystemInfo(KVP_DIR / "root", fqdn="guest.example.com", uname=uname, addresses=list)
+        net = KvpNetwork(path="", root=KVP_DIR / "root", config_dir=KVP_DIR / "pools",
+                         proc=KVP_DIR / "root" / "proc", addresses=list)
+        return KvpService(KvpPools(KVP_DIR / "pools"), system=system, network=net)
     return None
 
 
@@ -130,6 +152,12 @@ def drive(mock: Any, model: str, capture: str | os.PathLike[str] | None = None,
                 mock.command(guid, "interval", ms=0)
                 mock.command(guid, "sample")
                 _wait(lambda: mock.command(guid, "stats")["answered"] >= 2)
+            elif model == "kvp":
+                _wait(lambda: mock.command(guid, "stats")["idle"])
+                mock.command(guid, "set", key="FixtureKey", value="fixture value")
+                mock.command(guid, "get", key="FixtureKey")
+                _wait(lambda: len(mock.command(guid, "stats")["results"]) >= 2
+                      and mock.command(guid, "stats")["idle"])
             elif model == "fcopy":
                 mock.command(guid, "send_file", data=b"fixture file\n" * 4, file_name="hello.txt",
                              dest=str(FCOPY_DEST / "in"), flags=int(CopyFlags.CREATE_PATH))
@@ -139,4 +167,7 @@ def drive(mock: Any, model: str, capture: str | os.PathLike[str] | None = None,
         ch.stop_capture()
         if model == "fcopy":
             shutil.rmtree(FCOPY_DEST, ignore_errors=True)
+        if isinstance(svc, KvpService):
+            svc.close_pools()
+            shutil.rmtree(KVP_DIR, ignore_errors=True)
     return ses

@@ -281,7 +281,8 @@ def _tsresol(value: bytes) -> int:
 
 
 def read_capture(path: str | os.PathLike[str]) -> Capture:
-    """Read a pcapng file written by pyvmbus (or edited and saved by Wireshark / editcap).
+    """Read a pcapng file written by pyvmbus (or edited and saved by Wireshark / editcap;
+    gzip-compressed too, as Wireshark reads them).
 
     :class:`CaptureError` names the file and what is wrong: not pcapng, a truncated or
     malformed block, a record whose interface is not a pyvmbus channel (another link
@@ -292,6 +293,13 @@ def read_capture(path: str | os.PathLike[str]) -> Capture:
         blob = p.read_bytes()
     except OSError as exc:
         raise CaptureError(p, f"cannot read it: {exc.strerror or exc}") from None
+    if blob[:2] == b"\x1f\x8b":  # gzip-compressed, as Wireshark also reads (FILE.pcapng.gz)
+        import gzip
+
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError) as exc:
+            raise CaptureError(p, f"gzip-compressed but cannot be decompressed: {exc}") from None
     cap = Capture(str(p))
     pos = 0
     endian = "<"
