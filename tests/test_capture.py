@@ -261,6 +261,11 @@ def test_tshark_decodes_the_integration_services() -> None:
                  "vmbus.ic.fcopy.path_name", "vmbus.ic.fcopy.size", "vmbus.ic.fcopy.file_size")
     assert ["0", "hello.txt", "/tmp/pyvmbus-capture-fixture/in", "", "52"] in fc
     assert ["1", "", "", "52", ""] in fc
+    kvp = _fields(fixture("kvp"), "vmbus.direction", "vmbus.ic.kvp.operation", "vmbus.ic.kvp.pool",
+                  "vmbus.ic.kvp.key", "vmbus.ic.kvp.value", "vmbus.ic.status")
+    assert ["1", "1", "0", "FixtureKey", "fixture value", "0x00000000"] in kvp  # the host's SET
+    assert ["0", "0", "0", "FixtureKey", "fixture value", "0x00000000"] in kvp  # the guest's GET answer
+    assert ["0", "3", "2", "FullyQualifiedDomainName", "guest.example.com", "0x00000000"] in kvp
 
 
 @pytest.mark.timeout(120)

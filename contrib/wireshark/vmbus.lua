@@ -5,7 +5,7 @@
 -- ring (struct vmpacket_descriptor, the transfer-page / GPA-direct header if any, the payload),
 -- for an event a UTF-8 JSON object, for a signal or an interrupt a u64 count.
 -- The payload is decoded as a Hyper-V integration-service message (vmbuspipe_hdr + icmsg_hdr
--- + negotiation / heartbeat / shutdown / timesync / fcopy) on channels whose "opened" event
+-- + negotiation / heartbeat / shutdown / timesync / fcopy / KVP) on channels whose "opened" event
 -- names an IC class, and on others when it looks like one.
 --
 -- Use:  wireshark -X lua_script:contrib/wireshark/vmbus.lua session.pcapng
@@ -27,6 +27,11 @@ local pkt_types = {
 }
 local ic_types = { [0] = "NEGOTIATE", [1] = "HEARTBEAT", [2] = "KVPEXCHANGE", [3] = "SHUTDOWN",
                    [4] = "TIMESYNC", [5] = "VSS", [7] = "FCOPY" }
+local kvp_ops = { [0] = "GET", [1] = "SET", [2] = "DELETE", [3] = "ENUMERATE", [4] = "GET_IP_INFO",
+                  [5] = "SET_IP_INFO" }
+local kvp_pools = { [0] = "EXTERNAL", [1] = "GUEST", [2] = "AUTO", [3] = "AUTO_EXTERNAL",
+                    [4] = "AUTO_INTERNAL" }
+local reg_types = { [1] = "REG_SZ", [4] = "REG_U32", [8] = "REG_U64" }
 local fcopy_ops = { [0] = "START_FILE_COPY", [1] = "WRITE_TO_FILE", [2] = "COMPLETE_FCOPY",
                     [3] = "CANCEL_FCOPY" }
 local ic_classes = { heartbeat = true, shutdown = true, timesync = true, kvp = true, vss = true,
@@ -96,6 +101,14 @@ g.ts_vmref = ProtoField.uint64("vmbus.ic.timesync.vmreferencetime", "vmreference
 g.ts_flags = ProtoField.uint8("vmbus.ic.timesync.flags", "flags (1 SYNC, 2 SAMPLE)", base.HEX)
 g.ts_leap = ProtoField.uint8("vmbus.ic.timesync.leapflags", "leapflags")
 g.ts_stratum = ProtoField.uint8("vmbus.ic.timesync.stratum", "stratum")
+g.kvp_op = ProtoField.uint8("vmbus.ic.kvp.operation", "operation", base.DEC, kvp_ops)
+g.kvp_pool = ProtoField.uint8("vmbus.ic.kvp.pool", "pool", base.DEC, kvp_pools)
+g.kvp_index = ProtoField.uint32("vmbus.ic.kvp.index", "index (ENUMERATE)")
+g.kvp_vtype = ProtoField.uint32("vmbus.ic.kvp.value_type", "value_type", base.DEC, reg_types)
+g.kvp_ksize = ProtoField.uint32("vmbus.ic.kvp.key_size", "key_size (bytes, NUL included)")
+g.kvp_vsize = ProtoField.uint32("vmbus.ic.kvp.value_size", "value_size")
+g.kvp_key = ProtoField.string("vmbus.ic.kvp.key", "key")
+g.kvp_value = ProtoField.string("vmbus.ic.kvp.value", "value")
 g.fc_op = ProtoField.uint32("vmbus.ic.fcopy.operation", "operation", base.DEC, fcopy_ops)
 g.fc_file = ProtoField.string("vmbus.ic.fcopy.file_name", "file_name")
 g.fc_path = ProtoField.string("vmbus.ic.fcopy.path_name", "path_name")
@@ -202,6 +215,48 @@ local function dissect_ic(tvb, pinfo, tree)
             t:add_le(g.ts_rtt, tvb(b + 16, 8))
             t:add_le(g.ts_flags, tvb(b + 24, 1))
             info = info .. string.format(" flags %d", tvb(b + 24, 1):uint())
+        end
+    elseif mtype == 2 and len >= b + 4 then
+        local op = tvb(b, 1):uint()
+        t:add(g.kvp_op, tvb(b, 1))
+        t:add(g.kvp_pool, tvb(b + 1, 1))
+        info = info .. " " .. (kvp_ops[op] or tostring(op)) .. " pool " .. tostring(tvb(b + 1, 1):uint())
+        local v = nil
+        if (op == 0 or op == 1) then v = b + 4 end
+        if op == 3 and len >= b + 8 then
+            t:add_le(g.kvp_index, tvb(b + 4, 4))
+            info = info .. " index " .. tostring(tvb(b + 4, 4):le_uint())
+            v = b + 8
+        end
+        if op == 2 and len >= b + 8 then
+            t:add_le(g.kvp_ksize, tvb(b + 4, 4))
+            local key = utf16z(tvb, b + 8, math.min(256, math.floor(tvb(b + 4, 4):le_uint() / 2)))
+            t:add(g.kvp_key, tvb(b + 8, math.min(512, len - b - 8)), key)
+            info = info .. " " .. key
+        end
+        if v ~= nil and len >= v + 12 then
+            local vtype = tvb(v, 4):le_uint()
+            t:add_le(g.kvp_vtype, tvb(v, 4))
+            t:add_le(g.kvp_ksize, tvb(v + 4, 4))
+            t:add_le(g.kvp_vsize, tvb(v + 8, 4))
+            local ksize = tvb(v + 4, 4):le_uint()
+            if len >= v + 12 + 512 then
+                local key = utf16z(tvb, v + 12, math.min(256, math.floor(ksize / 2)))
+                t:add(g.kvp_key, tvb(v + 12, 512), key)
+                if key ~= "" then info = info .. " " .. key end
+            end
+            if len >= v + 524 + 2048 then
+                local value
+                if vtype == 4 then
+                    value = tostring(tvb(v + 524, 4):le_uint())
+                elseif vtype == 8 then
+                    value = tostring(tvb(v + 524, 8):le_uint64())
+                else
+                    value = utf16z(tvb, v + 524, math.min(1024, math.floor(tvb(v + 8, 4):le_uint() / 2)))
+                end
+                t:add(g.kvp_value, tvb(v + 524, 2048), value)
+                if value ~= "" then info = info .. "=" .. value end
+            end
         end
     elseif mtype == 7 and len >= b + 36 and size >= 36 then
         local op = tvb(b, 4):le_uint()
