@@ -190,6 +190,16 @@ def test_rescind_is_recorded(mock: MockVmbus, tmp_path: Path) -> None:
     ch.stop_capture()
     names = [r.event.get("reason", r.event["event"]) for r in read_capture(path).events()]
     assert names[-2:] == ["rescind", "rescinded"]
+    # replayed: the host rescinds the device at the same point
+    with MockVmbus() as m:
+        rguid = str(m.add_device(replay=path))
+        rbus = Vmbus(m.root)
+        rbus.bind(rguid)
+        rch = rbus.channel(rguid)
+        rch.enable()
+        assert rch.run(timeout=10) == "rescinded"
+        report = m.replay_check(rguid)
+    assert report["played"] == 1
 
 
 # -- tshark with the Lua dissector --------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +42,12 @@ from ..errors import VmbusError
 from ..packet import Packet, PacketType
 from .models import DeviceModel, HostChannel, register_model
 
-__all__ = ["SCRIPTS", "ReplayMismatch", "ReplayModel", "Script", "Step", "build_script", "parse_vary"]
+__all__ = ["RESCIND", "SCRIPTS", "ReplayMismatch", "ReplayModel", "Script", "Step", "build_script",
+           "parse_vary"]
 
 Ranges = tuple[tuple[int, int], ...]
+RESCIND = -1
+"""Step.type of a host step that rescinds the device (the capture's ``rescind`` event)."""
 _ALL: Ranges = ((0, 1 << 31),)
 _VARY = re.compile(r"pyvmbus-vary:\s*(.*)")
 
@@ -89,8 +93,12 @@ class Step:
     payload: bytes
     vary: Ranges = ()
     extra_header: bytes = b""
+    delay: float = 0.0
+    """A rescind: seconds after the channel opened that it came in the capture (not sooner)."""
 
     def describe(self, pkt: Packet | None = None) -> str:
+        if pkt is None and self.type == RESCIND:
+            return "rescind"
         p = pkt if pkt is not None else self
         return (f"{_tname(p.type)} flags={p.flags:#x} txid={p.transaction_id} len={len(p.payload)} "
                 f"payload {_hex(p.payload)}")
@@ -173,6 +181,7 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
     monitored = False
     rings: dict[int, int | None] = {}
     offers: dict[int, tuple[int, int]] = {}
+    opened_at: dict[int, int] = {}
     for r in cap.records:
         if r.kind is RecordKind.EVENT:
             ev = r.event
@@ -182,6 +191,7 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
                 sub = int(ev.get("subchannel") or 0)
                 ifaces[r.interface] = sub
                 steps: list[Step] = []
+                opened_at[sub] = r.timestamp_ns
                 sessions.setdefault(sub, []).append(steps)
                 current[sub] = steps
                 if sub == 0:
@@ -195,6 +205,11 @@ def build_script(capture: Capture | str | os.PathLike[str], device: str | None =
                     at, count = offers.get(index, (len(sessions[0][-1]), 0))
                     offers[index] = (at, max(count, sub))
                     rings[sub] = ev.get("tx_ring_size")
+            elif ev["event"] == "rescind" and ifaces.get(r.interface) == 0:
+                target = current.get(0)
+                if target is not None:  # the host takes the device away here: a host step
+                    delay = max(0.0, (r.timestamp_ns - opened_at.get(0, r.timestamp_ns)) / 1e9)
+                    target.append(Step(r.number, True, RESCIND, 0, 0, b"", delay=delay))
             elif ev["event"] == "closed" and r.interface in ifaces:
                 current[ifaces[r.interface]] = None
             continue
@@ -239,6 +254,9 @@ class _Session:
         self.pos = 0
         self.txids: dict[int, int] = {}
         self.offer = offer
+        self.rescind_due = False
+        self.opened_at = time.monotonic()
+        self.rescind_at = 0.0
         script.pending[sub] = self.steps
 
     def play(self, chan: HostChannel) -> None:
@@ -252,6 +270,11 @@ class _Session:
         while self.pos < len(steps) and steps[self.pos].host:
             st = steps[self.pos]
             self.pos += 1
+            if st.type == RESCIND:
+                self.rescind_due = True  # done by tick(), outside the host's drain, not sooner
+                self.rescind_at = self.opened_at + st.delay  # than it came in the capture
+                self.script.played += 1
+                break
             txid = st.transaction_id
             if txid in self.txids and (st.type == PacketType.COMP or st.type == PacketType.DATA_INBAND):
                 txid = self.txids[txid]
@@ -325,6 +348,15 @@ class ReplayModel(DeviceModel):
             return
         self.session.check(pkt)
         self.session.play(chan)
+
+    def tick(self, chan: HostChannel, now: float) -> None:
+        session = self.session
+        if session is not None and session.rescind_due and now >= session.rescind_at:
+            session.rescind_due = False
+            host = getattr(chan, "host", None)  # the mock host (pyvmbus.mock.host._Chan)
+            if host is not None:
+                chan.log("replay: rescind, as the capture had")
+                host.rescind(str(chan.instance))
 
     def command(self, chan: HostChannel, name: str, args: dict[str, Any]) -> Any:
         if name == "report":
