@@ -546,3 +546,31 @@ def test_a_comment_added_by_editcap_marks_variable_bytes(tmp_path: Path) -> None
         guid = m.add_device(replay=path)
         drive(m, "heartbeat", add=False, guid=str(guid), service=_OffByOne())
         assert m.replay_check(str(guid))["ok"]
+
+
+@pytest.mark.timeout(60)
+def test_capture_with_asyncio_dispatch(mock: MockVmbus, tmp_path: Path) -> None:
+    import asyncio
+
+    guid = str(mock.add_device("echo"))
+    bus = Vmbus(mock.root)
+    bus.bind(guid)
+    path = tmp_path / "aio.pcapng"
+    ch = bus.channel(guid, capture=path)
+
+    async def main() -> list[bytes]:
+        async with ch.enabled():
+            return list(await asyncio.gather(*(ch.request(f"req {i}".encode(), timeout=5) for i in range(8))))
+
+    replies = asyncio.run(main())
+    ch.stop_capture()
+    assert replies == [_pad(f"req {i}".encode()) for i in range(8)]
+    cap = read_capture(path)
+    tx = [r.packet for r in cap.packets() if r.direction is Direction.GUEST_TO_HOST]
+    rx = [r.packet for r in cap.packets() if r.direction is Direction.HOST_TO_GUEST]
+    assert sorted(p.payload for p in tx) == sorted(replies) and len(rx) == 8
+    first_tx = {p.transaction_id: r.number for r, p in ((r, r.packet) for r in cap.packets())
+                if r.direction is Direction.GUEST_TO_HOST}
+    for r in cap.packets():  # every completion comes after its request in the file
+        if r.direction is Direction.HOST_TO_GUEST:
+            assert r.number > first_tx[r.packet.transaction_id]

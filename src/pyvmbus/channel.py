@@ -247,6 +247,10 @@ class Channel:
     polls; ``False`` always takes interrupts, which panics such a guest. A subchannel
     without a monitor id that the kernel cannot signal is refused with
     :class:`UnsupportedKernel`.
+
+    ``capture=PATH`` (or :meth:`capture`) records every packet of the channel and its
+    subchannels, its lifecycle events, signals and interrupts into a pcapng file
+    (:mod:`pyvmbus.capture`, docs/capture.md).
     """
 
     def __init__(self, root: str | os.PathLike[str], guid: str, *, dispatch: str = "thread",
