@@ -24,14 +24,16 @@ PyPI that writes as well as reads): its last release is from 2022, it has no typ
 hints, and it costs ~50 µs to write one Enhanced Packet Block here (a block object and
 option validation per packet) -- more than a whole round trip through the mock, where
 the issue allows capture 20 % of it. The blocks we need are three fixed layouts; this
-module packs a packet record with one ``struct`` call (~1 µs) and reads any pcapng
+module packs a packet record with one ``struct`` call and reads any pcapng
 section Wireshark writes back (either byte order, unknown blocks skipped), so a capture
 edited in Wireshark still replays.
 
 Cost when capture is off: the channel checks one attribute per write and one per read
-batch. When on: :class:`ChannelTap` writes under one lock per capture file, so the file
-order is the order things happened in (a reply is never recorded before the request
-that caused it), into a buffered file flushed at every close.
+batch. When on: a :class:`ChannelTap` queues one numbered tuple per record (a TX packet
+is numbered before its ring write, so a reply is never recorded before the request
+that caused it), and the :class:`CaptureWriter` packs the queue in number order in bulk
+(every :attr:`CaptureWriter.QUEUE_LIMIT` records, at every channel close, at close()).
+It also reads gzip-compressed captures (``FILE.pcapng.gz``), as Wireshark does.
 
 Imports: only the layers below (errors, packet, ring types); the channel imports this
 module lazily when a capture is asked for.
