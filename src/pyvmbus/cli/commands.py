@@ -479,7 +479,7 @@ def serve(state: CliState, serve_root: Path | None, devices: tuple[str, ...], se
         from ..mock.replay import ReplayMismatch
 
         bad = next(rep for rep in verdicts if not rep["ok"])
-        raise ReplayMismatch(bad["device"], list(bad["diffs"]))
+        raise ReplayMismatch(bad["device"], list(bad["diffs"]), listed=True)
 
 
 def render_replay(data: dict[str, Any]) -> str:

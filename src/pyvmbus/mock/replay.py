@@ -55,9 +55,13 @@ _VARY = re.compile(r"pyvmbus-vary:\s*(.*)")
 class ReplayMismatch(VmbusError):
     """The guest did not do what the capture recorded: every diff, one per line."""
 
-    def __init__(self, device: str, diffs: list[str]) -> None:
+    def __init__(self, device: str, diffs: list[str], *, listed: bool = False) -> None:
         self.device = device
         self.diffs = diffs
+        if listed:  # the diffs were printed already (vmbus mock serve's verdict)
+            super().__init__(f"replay of {device}: {len(diffs)} difference(s) from the capture "
+                             "(listed in the replay verdict above)")
+            return
         lines = "\n  ".join(diffs)
         super().__init__(f"replay of {device}: {len(diffs)} difference(s) from the capture:\n  {lines}")
 
