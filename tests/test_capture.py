@@ -574,3 +574,26 @@ def test_capture_with_asyncio_dispatch(mock: MockVmbus, tmp_path: Path) -> None:
     for r in cap.packets():  # every completion comes after its request in the file
         if r.direction is Direction.HOST_TO_GUEST:
             assert r.number > first_tx[r.packet.transaction_id]
+
+
+@pytest.mark.timeout(90)
+def test_a_program_that_exits_with_the_channel_open_keeps_its_capture(tmp_path: Path) -> None:
+    import sys
+    import textwrap
+
+    path = tmp_path / "exit.pcapng"
+    script = textwrap.dedent(f"""
+        import sys
+        from pyvmbus import Vmbus
+        from pyvmbus.mock import MockVmbus
+        mock = MockVmbus().start()
+        guid = mock.add_device("echo")
+        bus = Vmbus(mock.root)
+        bus.bind(guid)
+        ch = bus.channel(guid, capture={str(path)!r})
+        ch.enable()
+        ch.send_request(b"before exit", timeout=5)
+        sys.exit(0)  # never disabled, never stop_capture()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=80)
+    assert [r.packet.payload for r in read_capture(path).packets()] == [_pad(b"before exit")] * 2

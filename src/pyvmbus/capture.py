@@ -41,6 +41,7 @@ module lazily when a capture is asked for.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import enum
@@ -52,6 +53,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -483,6 +485,8 @@ class CaptureWriter:
         self._next_written = 1
         self._lock = threading.Lock()  # one flusher at a time; interface table
         self._interfaces: dict[tuple[str, int], int] = {}
+        # A program that exits with the channel still open keeps what was recorded.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def __enter__(self) -> CaptureWriter:
         return self
@@ -627,6 +631,13 @@ class CaptureWriter:
                 self._file.close()
             except OSError as exc:
                 _log.warning("capture %s: closing failed: %s", self.path, exc)
+
+
+def _close_at_exit(ref: weakref.ref[CaptureWriter]) -> None:
+    writer = ref()
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            writer.close()
 
 
 def _drop(item: tuple[Any, ...]) -> None:
