@@ -250,7 +250,7 @@ def primitive_costs() -> dict[str, float]:
     import struct
     import timeit
 
-    from pyvmbus.packet import Packet, _make_packet
+    from pyvmbus.packet import Packet, make_packet
 
     buf = bytearray(HEADER + 65536)
     view = memoryview(buf)
@@ -261,7 +261,7 @@ def primitive_costs() -> dict[str, float]:
     both = struct.Struct("<HHHHQ64s").unpack_from
     env: dict[str, Any] = {
         "shm": shm, "view": view, "data": data, "payload": payload, "desc": desc, "packer": packer,
-        "both": both, "Packet": Packet, "make": _make_packet,
+        "both": both, "Packet": Packet, "make": make_packet,
     }  # fmt: skip
     stmts = {
         "seq_cst load32": "shm.load32(view, 4)",

@@ -23,9 +23,9 @@ from pyvmbus.packet import (
     PacketType,
     TransferPageRange,
     TransferPages,
-    _make_packet,
     encode_gpa_direct,
     encode_transfer_pages,
+    make_packet,
     packet_size,
     parse_gpa_direct,
     parse_transfer_pages,
@@ -520,7 +520,7 @@ def test_packet_is_a_copy() -> None:
 
 
 def test_packet_dataclass() -> None:
-    fast = _make_packet(6, 1, 5, b"p", b"", None, None)
+    fast = make_packet(6, 1, 5, b"p", b"", None, None)
     slow = Packet(6, 1, 5, b"p")
     assert fast == slow and hash(fast) == hash(slow) and type(fast) is Packet
     assert fast.completion_requested and not Packet(6, 0, 0, b"").completion_requested
@@ -710,9 +710,9 @@ def test_without_the_class_swap(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where a Python refused the __class__ swap, packets come from the slot setters."""
     from pyvmbus import packet, ring
 
-    monkeypatch.setattr(packet, "_BUILDER_OK", False)
-    monkeypatch.setattr(ring, "_BUILDER_OK", False)
-    assert _make_packet(6, 1, 2, b"x", b"", None, None) == Packet(6, 1, 2, b"x")
+    monkeypatch.setattr(packet, "BUILDER_OK", False)
+    monkeypatch.setattr(ring, "BUILDER_OK", False)
+    assert make_packet(6, 1, 2, b"x", b"", None, None) == Packet(6, 1, 2, b"x")
     _, rb = make()
     rb.write(b"abc", 11, 1, 9)
     rb.write(b"def", 6, 0, 10)

@@ -151,7 +151,7 @@ common_packet(const desc_t *d, uint32_t avail)
            d->type != 7 && d->type != 9;
 }
 
-/* A genuine Packet, built the way packet._make_packet builds it (slots set directly). */
+/* A genuine Packet, built the way packet.make_packet builds it (slots set directly). */
 static PyObject *
 make_packet(uint16_t type, uint16_t flags, uint64_t tid, PyObject *payload /* stolen */)
 {

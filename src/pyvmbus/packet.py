@@ -125,7 +125,7 @@ class Packet:
         return bool(self.flags & COMPLETION_REQUESTED)
 
 
-class _Builder:
+class PacketBuilder:
     """Packet's twin with the same slots, but mutable: the ring's read path fills one in
     and then turns it into a Packet by assigning ``__class__`` (allowed between classes
     with identical slot layouts). The generated ``__init__`` of a frozen dataclass sets
@@ -150,18 +150,18 @@ _new = object.__new__
 def _builder_works() -> bool:
     """True where ``__class__`` may move between the twins (CPython 3.10+ does allow it)."""
     try:
-        probe = _new(_Builder)
+        probe = _new(PacketBuilder)
         probe.__class__ = Packet  # type: ignore[assignment]
     except TypeError:  # pragma: no cover - a Python that refuses: use the slot setters
         return False
     return True
 
 
-_BUILDER_OK = _builder_works()
+BUILDER_OK = _builder_works()
 _SETTERS = tuple(Packet.__dict__[name].__set__ for name in Packet.__slots__)
 
 
-def _make_packet(
+def make_packet(
     type: int,
     flags: int,
     transaction_id: int,
@@ -171,13 +171,13 @@ def _make_packet(
     gpa_ranges: tuple[GpaRange, ...] | None,
 ) -> Packet:
     """Packet(...) without the frozen-dataclass __init__ cost (same result)."""
-    if not _BUILDER_OK:
+    if not BUILDER_OK:
         fallback = _new(Packet)
         values = (type, flags, transaction_id, payload, extra_header, transfer_pages, gpa_ranges)
         for setter, value in zip(_SETTERS, values, strict=True):
             setter(fallback, value)
         return fallback
-    pkt = _Builder()  # (a type call is ~20 ns cheaper than object.__new__(_Builder))
+    pkt = PacketBuilder()  # (a type call is ~20 ns cheaper than object.__new__(PacketBuilder))
     pkt.type = type
     pkt.flags = flags
     pkt.transaction_id = transaction_id

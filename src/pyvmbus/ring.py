@@ -59,14 +59,14 @@ import numpy as np
 from . import shm
 from .errors import RingCorrupt, RingFull
 from .packet import (
-    _BUILDER_OK,
+    BUILDER_OK,
     DESCRIPTOR_SIZE,
     MAX_PACKET_SIZE,
     TRAILER_SIZE,
     Packet,
+    PacketBuilder,
     PacketType,
-    _Builder,
-    _make_packet,
+    make_packet,
     parse_gpa_direct,
     parse_transfer_pages,
 )
@@ -876,12 +876,12 @@ class RingBuffer(_RingBase):
         end = start + size - hlen
         payload = data[start:end].tobytes() if end <= dsize else self._get(start, size - hlen)
         if off8 == 2 and typ != 7 and typ != 9:
-            return _make_packet(typ, flags, tid, payload, b"", None, None), size + TRAILER_SIZE
+            return make_packet(typ, flags, tid, payload, b"", None, None), size + TRAILER_SIZE
         ext_pos = pos + DESCRIPTOR_SIZE
         extra = self._get(ext_pos - dsize if ext_pos >= dsize else ext_pos, hlen - DESCRIPTOR_SIZE)
         transfer = parse_transfer_pages(extra) if typ == PacketType.DATA_USING_XFER_PAGES else None
         gpa = parse_gpa_direct(extra) if typ == PacketType.DATA_USING_GPA_DIRECT else None
-        return _make_packet(typ, flags, tid, payload, extra, transfer, gpa), size + TRAILER_SIZE
+        return make_packet(typ, flags, tid, payload, extra, transfer, gpa), size + TRAILER_SIZE
 
     def _read_py(self) -> Packet | None:
         """Copy out the next packet and consume it; None if the ring is empty.
@@ -907,7 +907,7 @@ class RingBuffer(_RingBase):
         # Fast path for the common packet: in-band (offset8 == 2), not wrapping, framed
         # right. It accepts only what _take accepts and builds the same Packet; anything
         # else (a wrap, an extra header, a range list, any error) goes to _take.
-        if avail >= _MIN_PACKET and r + DESCRIPTOR_SIZE <= dsize and _BUILDER_OK:
+        if avail >= _MIN_PACKET and r + DESCRIPTOR_SIZE <= dsize and BUILDER_OK:
             guess = self._guess
             if guess and r + guess <= dsize:
                 # One copy of descriptor + payload, if the length guess is right (see
@@ -924,7 +924,7 @@ class RingBuffer(_RingBase):
                 if payload is None:
                     payload = data[r + DESCRIPTOR_SIZE : end].tobytes()
                     self._learn(len8)
-                fresh = _Builder()  # _make_packet, inlined
+                fresh = PacketBuilder()  # make_packet, inlined
                 fresh.type = typ
                 fresh.flags = flags
                 fresh.transaction_id = tid
@@ -1012,14 +1012,14 @@ class RingBuffer(_RingBase):
             if avail < _MIN_PACKET:
                 if not avail:
                     break
-            elif pos + DESCRIPTOR_SIZE <= dsize and _BUILDER_OK:
+            elif pos + DESCRIPTOR_SIZE <= dsize and BUILDER_OK:
                 # The fast path of read(), for the same common packet (see there).
                 if guess and pos + guess <= dsize:
                     typ, off8, len8, flags, tid, payload = unpack(data, pos)  # one copy
                     # The guess held (len8 == guess / 8 >= 2, and pos + guess <= dsize
                     # above: no wrap), and the packet is framed right and published.
                     if len8 == glen8 and off8 == 2 and gused <= avail and typ != 7 and typ != 9:
-                        fresh = _Builder()  # _make_packet, inlined
+                        fresh = PacketBuilder()  # make_packet, inlined
                         fresh.type = typ
                         fresh.flags = flags
                         fresh.transaction_id = tid
@@ -1041,7 +1041,7 @@ class RingBuffer(_RingBase):
                 end = pos + (len8 << 3)
                 used = (len8 << 3) + TRAILER_SIZE
                 if off8 == 2 and len8 >= 2 and used <= avail and end <= dsize and typ != 7 and typ != 9:
-                    fresh = _Builder()
+                    fresh = PacketBuilder()
                     fresh.type = typ
                     fresh.flags = flags
                     fresh.transaction_id = tid

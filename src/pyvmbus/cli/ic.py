@@ -148,7 +148,7 @@ def render_ic_event(ev: dict[str, Any]) -> str:
     return render_event(ev)
 
 
-def _ic_device(state: CliState, query: str, service: type[IcService]) -> VmbusDevice:
+def ic_device(state: CliState, query: str, service: type[IcService]) -> VmbusDevice:
     """The device ``query`` names, refused when it has another known class than the
     service's (a typo or a wrong GUID: heartbeat answers on the network device would only
     confuse the host). Devices of an unknown class are served: the user knows best."""
@@ -161,7 +161,7 @@ def _ic_device(state: CliState, query: str, service: type[IcService]) -> VmbusDe
 
 # -- the shared run ------------------------------------------------------------------------------
 
-class _Session:
+class IcSession:
     """One ``vmbus ic ...`` run: output, counters, the runner, and how it is stopped."""
 
     def __init__(self, state: CliState, out: Output | None) -> None:
@@ -211,7 +211,7 @@ class _Session:
         return result
 
 
-def _common(f: Any) -> Any:
+def ic_options(f: Any) -> Any:
     """Options every ``vmbus ic`` command takes."""
     options = [
         click.option("--no-bind", is_flag=True,
@@ -231,7 +231,7 @@ def _common(f: Any) -> Any:
     return f
 
 
-def _summary(session: _Session, svc: IcService, **extra: Any) -> None:
+def emit_summary(session: IcSession, svc: IcService, **extra: Any) -> None:
     st = svc.stats
     session.ev("summary", service=svc.service_name, requests=st.requests, answered=st.responses,
                dropped=st.dropped, negotiations=st.negotiations, unknown_types=st.unknown_types,
@@ -253,21 +253,21 @@ def ic() -> None:
 
 @ic.command()
 @click.argument("device", default="heartbeat")
-@_common
+@ic_options
 @click.pass_obj
 def heartbeat(state: CliState, device: str, no_bind: bool, force: bool, count: int | None,
               timeout: float | None, reoffer_timeout: float | None) -> None:
     """Answer the host's heartbeats (seq_num + 1), so it sees the guest alive."""
     out = Output(state.json)
-    session = _Session(state, out)
-    dev = _ic_device(state, device, HeartbeatService)
+    session = IcSession(state, out)
+    dev = ic_device(state, device, HeartbeatService)
     svc = HeartbeatService()
     out.echo(f"serving heartbeat on {dev.guid}; Ctrl-C to stop", err=True)
     try:
         session.run(dev, svc, bind=not no_bind, force=force, timeout=timeout, count=count,
                     done=lambda: svc.beats, reoffer_timeout=reoffer_timeout)
     finally:
-        _summary(session, svc, beats=svc.beats, last_seq=svc.last_seq)
+        emit_summary(session, svc, beats=svc.beats, last_seq=svc.last_seq)
 
 
 @ic.command()
@@ -278,7 +278,7 @@ def heartbeat(state: CliState, device: str, no_bind: bool, force: bool, count: i
 @click.option("--allow-hibernate", is_flag=True,
               help="Accept hibernate requests (answer HV_S_OK; with --allow-shutdown run systemctl "
                    "hibernate). Without it they get HV_E_FAIL, as on a kernel without hibernation.")
-@_common
+@ic_options
 @click.pass_obj
 def shutdown(state: CliState, device: str, allow_shutdown: bool, allow_hibernate: bool, no_bind: bool,
              force: bool, count: int | None, timeout: float | None, reoffer_timeout: float | None) -> None:
@@ -288,8 +288,8 @@ def shutdown(state: CliState, device: str, allow_shutdown: bool, allow_hibernate
     off and reboot, HV_E_FAIL for anything else); the action runs after it.
     """
     out = Output(state.json)
-    session = _Session(state, out)
-    dev = _ic_device(state, device, ShutdownService)
+    session = IcSession(state, out)
+    dev = ic_device(state, device, ShutdownService)
     real = acts_on_this_machine(state.root())
 
     def on_shutdown(req: ShutdownRequest) -> None:
@@ -320,7 +320,7 @@ def shutdown(state: CliState, device: str, allow_shutdown: bool, allow_hibernate
                     done=lambda: svc.stats.responses - svc.stats.negotiations - svc.stats.unknown_types,
                     reoffer_timeout=reoffer_timeout)
     finally:
-        _summary(session, svc, accepted=len(svc.requests))
+        emit_summary(session, svc, accepted=len(svc.requests))
 
 
 @ic.command()
@@ -328,7 +328,7 @@ def shutdown(state: CliState, device: str, allow_shutdown: bool, allow_hibernate
 @click.option("--set-clock", is_flag=True,
               help="Set the system clock (CLOCK_REALTIME; needs root or CAP_SYS_TIME) to the host's time "
                    "when the host asks for a SYNC. Never on a mock or --root bus.")
-@_common
+@ic_options
 @click.pass_obj
 def timesync(state: CliState, device: str, set_clock: bool, no_bind: bool, force: bool, count: int | None,
              timeout: float | None, reoffer_timeout: float | None) -> None:
@@ -339,8 +339,8 @@ def timesync(state: CliState, device: str, set_clock: bool, no_bind: bool, force
     do (the kernel only feeds them to its PTP clock).
     """
     out = Output(state.json)
-    session = _Session(state, out)
-    dev = _ic_device(state, device, TimesyncService)
+    session = IcSession(state, out)
+    dev = ic_device(state, device, TimesyncService)
     real = acts_on_this_machine(state.root())
 
     def on_sample(sample: TimeSample) -> None:
@@ -371,7 +371,7 @@ def timesync(state: CliState, device: str, set_clock: bool, no_bind: bool, force
                     done=lambda: svc.samples, reoffer_timeout=reoffer_timeout)
     finally:
         last = svc.last_sample
-        _summary(session, svc, samples=svc.samples,
+        emit_summary(session, svc, samples=svc.samples,
                  last_offset_ns=last.offset_ns if last is not None else None)
 
 
@@ -412,7 +412,7 @@ def _octal(text: str) -> int:
     return mode
 
 
-def _fcopy_service(session: _Session, roots: Sequence[Path], file_mode: int, fsync: bool,
+def _fcopy_service(session: IcSession, roots: Sequence[Path], file_mode: int, fsync: bool,
                    finished: list[int], state_dir: Path | None = None) -> FcopyService:
     def on_event(ev: FcopyEvent) -> None:
         if ev.kind != "started":
@@ -441,7 +441,7 @@ def _warn_wide_roots(roots: Sequence[Path], say: Callable[[str], None]) -> None:
 @_FILE_MODE
 @_NO_FSYNC
 @_STATE_DIR
-@_common
+@ic_options
 @click.pass_obj
 def fcopy(state: CliState, device: str, dest_roots: tuple[Path, ...], file_mode: int, no_fsync: bool,
           state_dir: Path | None, no_bind: bool, force: bool, count: int | None, timeout: float | None,
@@ -455,8 +455,8 @@ def fcopy(state: CliState, device: str, dest_roots: tuple[Path, ...], file_mode:
     killed run are removed at start (see --state-dir).
     """
     out = Output(state.json)
-    session = _Session(state, out)
-    dev = _ic_device(state, device, FcopyService)
+    session = IcSession(state, out)
+    dev = ic_device(state, device, FcopyService)
     finished = [0]
     svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished, state_dir)
     _warn_wide_roots(dest_roots, lambda text: out.echo(f"note: {text}", err=True))
@@ -465,7 +465,7 @@ def fcopy(state: CliState, device: str, dest_roots: tuple[Path, ...], file_mode:
         session.run(dev, svc, bind=not no_bind, force=force, timeout=timeout, count=count,
                     done=lambda: finished[0], reoffer_timeout=reoffer_timeout)
     finally:
-        _summary(session, svc, files_completed=svc.files_completed, bytes_written=svc.bytes_written)
+        emit_summary(session, svc, files_completed=svc.files_completed, bytes_written=svc.bytes_written)
 
 
 # -- vmbus fcopy-daemon ---------------------------------------------------------------------------
@@ -562,9 +562,9 @@ def fcopy_daemon(state: CliState, device: str | None, dest_roots: tuple[Path, ..
     handler = setup_daemon_logging(state.verbose)
     try:
         fs = state.sysfs()
-        dev = _ic_device(state, device, FcopyService) if device is not None else find_fcopy_device(fs)
+        dev = ic_device(state, device, FcopyService) if device is not None else find_fcopy_device(fs)
         finished = [0]
-        session = _Session(state, Output(True) if state.json else None)
+        session = IcSession(state, Output(True) if state.json else None)
         session.guid = str(dev.guid)
         svc = _fcopy_service(session, dest_roots, file_mode, not no_fsync, finished, state_dir)
         _warn_wide_roots(dest_roots, _log.warning)

@@ -27,7 +27,7 @@ from ..ic import KvpEvent, KvpService
 from ..ic.kvp_pool import DEFAULT_POOL_DIR, POOL_COUNT, KvpPoolError, KvpPools, check_key, check_value
 from ..ic.kvp_system import KvpNetwork
 from ..ic.messages import KvpOp
-from .ic import _common, _ic_device, _Session, _summary, acts_on_this_machine, ic, render_ic_event
+from .ic import IcSession, acts_on_this_machine, emit_summary, ic, ic_device, ic_options, render_ic_event
 from .output import Output, stamp, table
 from .state import CliState, json_option
 
@@ -97,7 +97,7 @@ def render_kvp_event(ev: dict[str, Any]) -> str:
                    "then /usr/libexec/hypervkvpd]. Without them IP injection is answered 'not supported'.")
 @click.option("--no-auto-pool-file", is_flag=True,
               help="Do not write the intrinsic values the host read into pool 2's file.")
-@_common
+@ic_options
 @click.pass_obj
 def ic_kvp(state: CliState, device: str, pool_dir: Path | None, kvp_scripts: Path | None,
            no_auto_pool_file: bool, no_bind: bool, force: bool, count: int | None, timeout: float | None,
@@ -109,8 +109,8 @@ def ic_kvp(state: CliState, device: str, pool_dir: Path | None, kvp_scripts: Pat
     through the daemon's helper scripts. Refuses to start while hv_kvp_daemon owns the pools.
     """
     out = Output(state.json)
-    session = _Session(state, out)
-    dev = _ic_device(state, device, KvpService)
+    session = IcSession(state, out)
+    dev = ic_device(state, device, KvpService)
     directory = pool_dir_for(state, pool_dir)
     handled = [0]
 
@@ -144,7 +144,7 @@ def ic_kvp(state: CliState, device: str, pool_dir: Path | None, kvp_scripts: Pat
                         done=lambda: handled[0], reoffer_timeout=reoffer_timeout)
         finally:
             ops = svc.ops
-            _summary(session, svc, sets=ops[KvpOp.SET.name], gets=ops[KvpOp.GET.name],
+            emit_summary(session, svc, sets=ops[KvpOp.SET.name], gets=ops[KvpOp.GET.name],
                      deletes=ops[KvpOp.DELETE.name], enumerates=ops[KvpOp.ENUMERATE.name],
                      ip_requests=ops[KvpOp.GET_IP_INFO.name] + ops[KvpOp.SET_IP_INFO.name],
                      refused=ops["refused"], pool_dir=str(directory))

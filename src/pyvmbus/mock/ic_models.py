@@ -86,12 +86,12 @@ class HostState(Enum):
 
 
 @dataclass(slots=True)
-class _Request:
+class HostRequest:
     kind: str
     body: Callable[[], bytes]
     """Built when sent (timesync takes the time then), not when queued."""
     msgtype: int
-    on_answer: Callable[[_Request, int, bytes], None] | None = None
+    on_answer: Callable[[HostRequest, int, bytes], None] | None = None
     """(this request, status, whole response)."""
     sent: bytes = b""
 
@@ -129,11 +129,11 @@ class IcHost:
         self.state = HostState.NEGOTIATING
         self.framework_version: int | None = None
         self.service_version: int | None = None
-        self._queue: deque[_Request] = deque()
-        self._outstanding: _Request | None = None
+        self._queue: deque[HostRequest] = deque()
+        self._outstanding: HostRequest | None = None
         self._sent_at: float | None = None
         self._ictid = 0
-        self._queue.append(_Request("negotiate", self._negotiate_body, IcMsgType.NEGOTIATE))
+        self._queue.append(HostRequest("negotiate", self._negotiate_body, IcMsgType.NEGOTIATE))
 
     # --- what the transport calls -------------------------------------------------------
 
@@ -217,7 +217,7 @@ class IcHost:
         self.framework_version = self.service_version = None
         self._queue.clear()
         self._outstanding = None
-        self._queue.append(_Request("negotiate", self._negotiate_body, IcMsgType.NEGOTIATE))
+        self._queue.append(HostRequest("negotiate", self._negotiate_body, IcMsgType.NEGOTIATE))
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and state, picklable (the ``stats`` command)."""
@@ -235,10 +235,10 @@ class IcHost:
     # --- for subclasses -----------------------------------------------------------------
 
     def _queue_request(self, kind: str, body: Callable[[], bytes],
-                       on_answer: Callable[[_Request, int, bytes], None] | None = None) -> None:
-        self._queue.append(_Request(kind, body, self.message_type, on_answer))
+                       on_answer: Callable[[HostRequest, int, bytes], None] | None = None) -> None:
+        self._queue.append(HostRequest(kind, body, self.message_type, on_answer))
 
-    def _produce(self) -> _Request | None:
+    def _produce(self) -> HostRequest | None:
         """A request to send when the queue is empty (a transfer in progress)."""
         return None
 
@@ -412,7 +412,7 @@ class TimesyncHost(IcHost):
             return TimesyncRefData(ft, self.reference_counter(), flags).pack()
         return TimesyncData(ft, 0, 0, flags).pack()
 
-    def _answer(self, req: _Request, status: int, data: bytes) -> None:
+    def _answer(self, req: HostRequest, status: int, data: bytes) -> None:
         if data[ICMSG_HDR : len(req.sent)] != req.sent[ICMSG_HDR:]:
             self._error("timesync answer changed the body (Linux echoes it)")
         self.acked += 1
@@ -524,7 +524,7 @@ class FcopySender(IcHost):
         if self.busy:
             self._cancel = True
 
-    def _produce(self) -> _Request | None:
+    def _produce(self) -> HostRequest | None:
         st = self.transfer_state
         if st == "starting" and self._start is not None:
             start = self._start
@@ -551,8 +551,8 @@ class FcopySender(IcHost):
             return self._req("complete", FcopyHdr(FcopyOp.COMPLETE_FCOPY).pack)
         return None
 
-    def _req(self, op: str, body: Callable[[], bytes]) -> _Request:
-        return _Request(op, body, IcMsgType.FCOPY, lambda r, st, d: self._answer(op, st))
+    def _req(self, op: str, body: Callable[[], bytes]) -> HostRequest:
+        return HostRequest(op, body, IcMsgType.FCOPY, lambda r, st, d: self._answer(op, st))
 
     def _answer(self, op: str, status: int) -> None:
         self.status = status

@@ -40,7 +40,7 @@ from ..ic.messages import (
     status_name,
     version,
 )
-from .ic_models import IcHost, IcModel, _Request
+from .ic_models import HostRequest, IcHost, IcModel
 from .models import register_model
 
 __all__ = ["FAULTS", "KvpHost", "KvpModel"]
@@ -76,13 +76,13 @@ class KvpHost(IcHost):
 
     def _send(self, kind: str, body: bytes, on: Callable[[int, bytes], dict[str, Any]] | None = None,
               *, front: bool = False) -> None:
-        def answered(req: _Request, status: int, data: bytes) -> None:
+        def answered(req: HostRequest, status: int, data: bytes) -> None:
             res = {"op": kind, "status": status, "status_name": status_name(status)}
             if on is not None:
                 res.update(on(status, data))
             self.results.append(res)
 
-        req = _Request(kind, lambda: body, self.message_type, answered)
+        req = HostRequest(kind, lambda: body, self.message_type, answered)
         if front:
             self._queue.appendleft(req)
         else:
