@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmbus import binding
+from pyvmbus import binding, guardrails
 from pyvmbus.binding import bind, guard_rails, read_record, record_path, restore, unbind, wait_for_uio
 from pyvmbus.errors import (
     AlreadyBound,
@@ -298,7 +298,7 @@ def test_real_kernel_probe_failure_fails_fast(tmp_path: Path, monkeypatch: pytes
     monitor id. (No driver core runs here, like a kernel whose probe refused the device.)
     """
     with make(tmp_path) as core:
-        monkeypatch.setattr(binding, "_is_real_root", lambda root: True)
+        monkeypatch.setattr(binding, "is_real_root", lambda root: True)
         monkeypatch.setattr(os, "geteuid", lambda: 0)
         assert core.unbind("hv_storvsc", SCSI) == 0  # monitored and unbound, for the 2nd case
         t0 = time.monotonic()
@@ -349,7 +349,7 @@ def test_not_permitted_checks_before_any_write(tmp_path: Path, monkeypatch: pyte
 
 def test_real_root_needs_euid_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with make(tmp_path):
-        monkeypatch.setattr(binding, "_is_real_root", lambda root: True)
+        monkeypatch.setattr(binding, "is_real_root", lambda root: True)
         monkeypatch.setattr(os, "geteuid", lambda: 1000)
         with pytest.raises(NotPermitted, match="needs root"):
             bind(tmp_path, NET)
@@ -496,11 +496,11 @@ def test_resolve_stays_inside_the_root(tmp_path: Path) -> None:
     (tmp_path / "a/up").symlink_to("../../../../../..")
     (tmp_path / "a/abs").symlink_to("/a/b")
     (tmp_path / "a/loop").symlink_to("loop")
-    assert binding._resolve(tmp_path, tmp_path / "a/up/a/b") == tmp_path / "a/b"
-    assert binding._resolve(tmp_path, tmp_path / "a/abs") == tmp_path / "a/b"
-    assert binding._resolve(tmp_path, tmp_path / "a/loop") is None
-    assert binding._resolve(tmp_path, tmp_path / "a/missing") is None
-    assert binding._resolve(tmp_path, Path("/elsewhere")) is None
+    assert guardrails._resolve(tmp_path, tmp_path / "a/up/a/b") == tmp_path / "a/b"
+    assert guardrails._resolve(tmp_path, tmp_path / "a/abs") == tmp_path / "a/b"
+    assert guardrails._resolve(tmp_path, tmp_path / "a/loop") is None
+    assert guardrails._resolve(tmp_path, tmp_path / "a/missing") is None
+    assert guardrails._resolve(tmp_path, Path("/elsewhere")) is None
 
 
 def test_device_rescinded_before_the_first_write_is_not_a_missing_driver(

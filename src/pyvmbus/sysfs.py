@@ -37,6 +37,7 @@ __all__ = [
     "UioMapInfo",
     "VmbusDevice",
     "devices_dir",
+    "is_real_root",
     "mock_ring_call",
     "parse_int",
     "read_attr",
@@ -93,6 +94,12 @@ def mock_ring_call(path: Path, op: bytes, length: int = 0,
         raise ConnectionResetError(f"{path}: the mock kernel closed the ring file")
     status, size = RING_REPLY.unpack(msg)
     return status, size, fds[0] if fds else None
+
+
+def is_real_root(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` is this machine's own ``/`` (not a mock or a copied tree): only there
+    are root privileges, /proc and the kernel's synchronous writes real."""
+    return os.path.realpath(root) == "/"
 
 
 def devices_dir(root: str | os.PathLike[str]) -> Path:
