@@ -6,7 +6,7 @@ Figures (nothing is asserted):
 - ``ring_floor``: write + read of one WRITE_TO_FILE message (6224 bytes: IC headers plus a
   6 KiB fragment) through one :class:`~pyvmbus.ring.RingBuffer` of the fcopy channel's size,
   in this process: what the ring engine alone allows, in MiB/s of file data;
-- ``service``: the host model's :class:`~pyvmbus.mock.ic_models.FcopySender` driving
+- ``service``: the host model's :class:`~pyvmbus.mock.fcopy_model.FcopySender` driving
   :class:`~pyvmbus.ic.FcopyService` in-process (``pump``: build, handle, answer, write the
   file), no channel and no other process;
 - ``mock``: the whole path. ``vmbus fcopy-daemon``'s runner (:class:`IcRunner`, dispatch on
@@ -69,9 +69,10 @@ from pyvmbus.ic.messages import (
 )
 from pyvmbus.ic.runner import IcRunner
 from pyvmbus.mock import MockVmbus
+from pyvmbus.mock.fcopy_model import FcopySender
 from pyvmbus.mock.generations import generation
 from pyvmbus.mock.guest import RawGuest
-from pyvmbus.mock.ic_models import FcopySender, pump
+from pyvmbus.mock.ic_models import pump
 from pyvmbus.packet import PacketType
 from pyvmbus.ring import RingBuffer
 

@@ -33,7 +33,8 @@ from pyvmbus.ic.messages import (
     StartFcopy,
     build_message,
 )
-from pyvmbus.mock.ic_models import FcopySender, pump
+from pyvmbus.mock.fcopy_model import FcopySender
+from pyvmbus.mock.ic_models import pump
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from pyvmbus.ic.messages import (
     build_message,
     version,
 )
-from pyvmbus.mock.ic_models import FcopySender, HeartbeatHost, HostState, ShutdownHost, TimesyncHost, pump
+from pyvmbus.mock.fcopy_model import FcopySender
+from pyvmbus.mock.ic_models import HeartbeatHost, HostState, ShutdownHost, TimesyncHost, pump
 
 
 def h(text: str) -> bytes:

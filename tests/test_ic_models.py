@@ -10,8 +10,8 @@ from typing import Any
 
 from pyvmbus.ic import FcopyService, HeartbeatService, IcService, ShutdownService, TimesyncService
 from pyvmbus.ic.messages import HV_S_OK, CopyFlags, IcMsgType, build_message, version
+from pyvmbus.mock.fcopy_model import FcopyModel
 from pyvmbus.mock.ic_models import (
-    FcopyModel,
     HeartbeatHost,
     HeartbeatModel,
     HostState,
@@ -237,7 +237,7 @@ def test_host_rejects_versions_not_offered() -> None:
 
 
 def test_fcopy_sender_no_answer_and_busy(tmp_path: Path) -> None:
-    from pyvmbus.mock.ic_models import FcopySender
+    from pyvmbus.mock.fcopy_model import FcopySender
 
     host = FcopySender()
     pump(host, FcopyService([tmp_path]))

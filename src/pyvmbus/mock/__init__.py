@@ -106,7 +106,7 @@ class MockVmbus:
     ``kernel`` picks the uio_hv_generic generation ("5.15", "6.10", "6.15", "6.18",
     "6.12-debian", "6.6-lts", "openhcl"; see :mod:`pyvmbus.mock.generations`). ``devices`` are offered at
     start (what :meth:`add_device` takes). ``models`` names extra modules the host
-    process imports to register device models (pyvmbus.mock.ic_models is always
+    process imports to register device models (the built-in IC models are always
     imported when it exists). ``root`` uses a folder of yours instead of a fresh temporary
     one (then it is not removed). Use it as a context manager or call :meth:`start` and
     :meth:`close`.

@@ -899,7 +899,7 @@ def _attrs(exc: BaseException) -> dict[str, Any]:
 def _import_models(names: list[str], kernel: MockKernel) -> None:
     """Import the model modules: the built-in ones (integration services, KVP) when present,
     then the named ones."""
-    builtin = ("pyvmbus.mock.ic_models", "pyvmbus.mock.kvp_model")
+    builtin = ("pyvmbus.mock.ic_models", "pyvmbus.mock.fcopy_model", "pyvmbus.mock.kvp_model")
     for name in [*builtin, *names]:
         try:
             importlib.import_module(name)

@@ -8,7 +8,8 @@ open, answers :meth:`~DeviceModel.command` calls forwarded from
 :class:`HostChannel`. :func:`register_model` puts a model class in the table that
 ``MockVmbus.add_device(name)`` looks names up in.
 
-Models other than ``echo`` live elsewhere (``pyvmbus.mock.ic_models`` for the integration
+Models other than ``echo`` live elsewhere (``pyvmbus.mock.ic_models``, ``fcopy_model`` and
+``kvp_model`` for the integration
 services, imported by the host process when it exists, or any module named in
 ``MockVmbus(models=[...])``); all they need is this module.
 """
