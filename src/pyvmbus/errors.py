@@ -13,6 +13,7 @@ import time
 
 __all__ = [
     "AlreadyBound",
+    "AmbiguousDevice",
     "BindFailed",
     "ChannelClosed",
     "DeviceBusy",
@@ -24,6 +25,7 @@ __all__ = [
     "HostError",
     "InvalidGuid",
     "InvalidState",
+    "MalformedSysfs",
     "NotPermitted",
     "RingCorrupt",
     "RingFull",
@@ -99,6 +101,53 @@ class DeviceNotFound(UsageError, LookupError):
         else:
             msg += " (run 'vmbus list' to see the devices)"
         super().__init__(msg)
+
+
+class AmbiguousDevice(DeviceNotFound):
+    """A GUID prefix or class name matches several devices; ``candidates`` lists them.
+
+    A kind of :class:`DeviceNotFound` (no one device was found), so code that handles a
+    miss handles this too; the message lists every candidate instead of the nearest.
+    """
+
+    def __init__(self, query: str, what: str, candidates: tuple[str, ...], where: str = "",
+                 fix: str = "give more of the GUID", labels: tuple[str, ...] = ()) -> None:
+        self.query = query
+        self.what = what
+        self.candidates = candidates
+        """The GUIDs it matches (``nearest`` too, as for any DeviceNotFound)."""
+        self.nearest = candidates
+        self.where = where
+        labels = labels or ("",) * len(candidates)
+        self.labels = labels
+        """Each candidate's class name ('' when unknown)."""
+        names = [f"{g} ({label})" if label else g for g, label in zip(candidates, labels, strict=False)]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+        msg = f"{query!r} is ambiguous: it matches {len(candidates)} {what}"
+        if where:
+            msg += f" under {where}"
+        VmbusError.__init__(self, f"{msg}: {shown}; {fix}")
+
+
+class MalformedSysfs(VmbusError, ValueError):
+    """A sysfs file holds what the kernel never writes there (a non-number where a number
+    belongs, a directory where a file belongs), or cannot be read for another reason.
+
+    Seen under a corrupted or hand-made ``--root``, or a broken mock root; a real kernel
+    does not do this. Also a ``ValueError``, as :func:`pyvmbus.sysfs.parse_int` raised
+    before this class existed.
+    """
+
+    def __init__(self, path: str, value: str | None, expected: str) -> None:
+        self.path = path
+        self.value = value
+        self.expected = expected
+        if value is None:
+            msg = f"malformed sysfs entry {path}: {expected}"
+        else:
+            shown = value if len(value) <= 64 else value[:60] + "..."
+            msg = f"malformed sysfs attribute {path}: read {shown!r}, expected {expected}"
+        super().__init__(msg + " (a broken kernel, mock or --root tree: check that file)")
 
 
 class NotPermitted(UsageError, PermissionError):

@@ -8,8 +8,11 @@ counters. Formats follow SPEC section 3 (drivers/hv/vmbus_drv.c, drivers/uio/uio
 
 A device that vanishes while it is being read (the host rescinded it; newest kernels
 unregister the device) raises :class:`~pyvmbus.errors.DeviceRescinded`; a lookup that
-matches nothing raises :class:`~pyvmbus.errors.DeviceNotFound` with the nearest names.
-Neither lets a raw FileNotFoundError escape.
+matches nothing raises :class:`~pyvmbus.errors.DeviceNotFound` with the nearest names
+(:class:`~pyvmbus.errors.AmbiguousDevice`, listing them all, when it matches several).
+A file holding what the kernel never writes (``id`` = ``abc``, a directory where an
+attribute belongs, a 10 MB value) raises :class:`~pyvmbus.errors.MalformedSysfs` naming
+the file and the value. None of these lets a raw OSError or ValueError escape.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .classes import CLASSES, DeviceClass, lookup_class
-from .errors import DeviceNotFound, DeviceRescinded, InvalidGuid, NotPermitted
+from .errors import (
+    AmbiguousDevice,
+    DeviceNotFound,
+    DeviceRescinded,
+    InvalidGuid,
+    MalformedSysfs,
+    NotPermitted,
+)
 from .guid import Guid, is_guid, parse_guid
 
 __all__ = [
+    "MAX_ATTR_BYTES",
     "MAX_MONITOR_ID",
     "UIO_DRIVER",
     "ChannelInfo",
@@ -51,7 +62,13 @@ MAX_MONITOR_ID = 128
 _UNAVAILABLE = (errno.EINVAL, errno.EIO, errno.ENODEV, errno.ENODATA, errno.ENXIO)
 """errnos a sysfs show() returns when the value does not exist now (ring not allocated)."""
 
-_UIO_NAME = re.compile(r"uio(\d+)")
+MAX_ATTR_BYTES = 1 << 16
+"""Longest sysfs attribute read: show() fills one page (4 KiB; 64 KiB on some arm64)."""
+
+_UIO_NAME = re.compile(r"uio([0-9]+)")
+_MAP_NAME = re.compile(r"map([0-9]+)")
+_INT_LIMIT = 1 << 64
+"""sysfs numbers are C integers: anything outside +-2**64 was not printed by a kernel."""
 _PREFIX = re.compile(r"\{?[0-9a-f-]+")
 MIN_PREFIX = 4
 """Shortest GUID prefix :meth:`Sysfs.device` accepts, so one stray character binds nothing."""
@@ -112,11 +129,14 @@ def read_attr(path: Path) -> str | None:
 
     A show() that fails with EINVAL / EIO / ENODEV (e.g. ring counters of a channel whose
     ring is not allocated) reads as None, and so does an empty file (the mock's
-    stand-in for such a failure). PermissionError becomes :class:`NotPermitted`.
+    stand-in for such a failure). PermissionError becomes :class:`NotPermitted`; a
+    directory (or anything else that cannot be read) where the attribute belongs, or a
+    value longer than :data:`MAX_ATTR_BYTES`, :class:`MalformedSysfs`. Reads at most
+    that much: a bad tree cannot make this read gigabytes.
     """
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_ATTR_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError:
@@ -124,21 +144,34 @@ def read_attr(path: Path) -> str | None:
     except OSError as exc:
         if exc.errno in _UNAVAILABLE:
             return None
-        raise
-    text = text.strip()
+        what = "a directory" if exc.errno == errno.EISDIR else f"unreadable ({exc.strerror or exc})"
+        raise MalformedSysfs(str(path), None, f"{what} where a sysfs attribute belongs") from None
+    except ValueError as exc:  # a NUL byte in the path: not a file anyone can name
+        raise MalformedSysfs(repr(str(path)), None, f"not a usable path ({exc})") from None
+    if len(raw) > MAX_ATTR_BYTES:
+        raise MalformedSysfs(str(path), raw[:64].decode("utf-8", "replace"),
+                             f"at most {MAX_ATTR_BYTES} bytes (a sysfs attribute is one page)")
+    text = raw.decode("utf-8", errors="replace").strip()
     return text or None
 
 
 def parse_int(text: str, path: Path | str = "") -> int:
-    """Parse a sysfs number: decimal, or 0x-prefixed hex ("%pa", "0x%x"); base 0 rules."""
-    try:
-        return int(text, 0)
-    except ValueError:
-        pass
-    try:
-        return int(text, 10)  # "%d" never pads, but base 0 rejects e.g. "007"
-    except ValueError:
-        raise ValueError(f"{path}: expected a number, read {text!r}") from None
+    """Parse a sysfs number: decimal, or 0x-prefixed hex ("%pa", "0x%x"); base 0 rules.
+
+    Anything else (a word, an empty string, a 5,000-digit number, ``1_0``) raises
+    :class:`MalformedSysfs` naming ``path`` and the text (a ``ValueError`` too).
+    """
+    value: int | None = None
+    if "_" not in text and len(text) <= 64:  # int() takes "1_0"; no kernel prints it
+        for base in (0, 10):  # "%d" never pads, but base 0 rejects e.g. "007"
+            try:
+                value = int(text, base)
+                break
+            except ValueError:
+                continue
+    if value is None or not -_INT_LIMIT < value < _INT_LIMIT:
+        raise MalformedSysfs(str(path) or "?", text, "a number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -179,10 +212,12 @@ def read_uio(root: str | os.PathLike[str], name: str) -> UioInfo | None:
     maps: list[UioMapInfo] = []
     try:
         entries = sorted(
-            (int(e.name[3:]), e) for e in (path / "maps").iterdir() if e.name[3:].isdigit()
+            (int(m.group(1)), e) for e in (path / "maps").iterdir() if (m := _MAP_NAME.fullmatch(e.name))
         )
     except (FileNotFoundError, NotADirectoryError):
         entries = []
+    except PermissionError:
+        raise NotPermitted(str(path / "maps"), "list") from None
     for index, entry in entries:
         fields = [read_attr(entry / f) for f in ("name", "addr", "size", "offset")]
         if fields[0] is None or fields[2] is None:
@@ -365,7 +400,7 @@ class VmbusDevice:
     @property
     def class_guid(self) -> Guid:
         """The device class (``class_id``, printed with braces by the kernel)."""
-        return parse_guid(self._str("class_id"))
+        return self._guid("class_id")
 
     @property
     def device_class(self) -> DeviceClass:
@@ -375,7 +410,14 @@ class VmbusDevice:
     @property
     def device_id(self) -> Guid:
         """The instance GUID as ``device_id`` prints it (the same as :attr:`guid`)."""
-        return parse_guid(self._str("device_id"))
+        return self._guid("device_id")
+
+    def _guid(self, name: str) -> Guid:
+        text = self._str(name)
+        try:
+            return parse_guid(text)
+        except InvalidGuid:
+            raise MalformedSysfs(str(self.path / name), text, "a GUID") from None
 
     @property
     def relid(self) -> int:
@@ -430,10 +472,11 @@ class VmbusDevice:
     def channel_vp_mapping(self) -> list[tuple[int, int]]:
         """(relid, cpu) for the primary channel first, then each subchannel."""
         out = []
+        path = self.path / "channel_vp_mapping"
         for line in self._str("channel_vp_mapping").splitlines():
             relid, _, cpu = line.partition(":")
             if cpu:
-                out.append((int(relid), int(cpu)))
+                out.append((parse_int(relid.strip(), path), parse_int(cpu.strip(), path)))
         return out
 
     # -- driver -----------------------------------------------------------------------------
@@ -474,7 +517,7 @@ class VmbusDevice:
             return []
         chans: list[tuple[int, int, ChannelInfo]] = []
         for name in names:
-            if not name.isdigit():
+            if not (name.isascii() and name.isdigit()):
                 continue
             info = ChannelInfo(self.guid, int(name), base / name)
             try:
@@ -540,7 +583,11 @@ class Sysfs:
             names = [e.name for e in self.devices_dir.iterdir()]
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(Guid(n) for n in names if is_guid(n) and n == n.lower())
+        except PermissionError:
+            raise NotPermitted(str(self.devices_dir), "list") from None
+        # Entries are links to device directories; anything else (a stray file) is no device.
+        return sorted(Guid(n) for n in names
+                      if is_guid(n) and n == n.lower() and (self.devices_dir / n).is_dir())
 
     def devices(self) -> list[VmbusDevice]:
         """Every VMBus device, sorted by instance GUID; [] on a machine without VMBus."""
@@ -600,8 +647,8 @@ class Sysfs:
             if len(hits) == 1:
                 return VmbusDevice(self.root, hits[0])
             if hits:
-                raise self._ambiguous(query, "devices with that prefix", [VmbusDevice(self.root, g)
-                                                                           for g in hits])
+                raise self._ambiguous(query, "devices with that prefix",
+                                      [VmbusDevice(self.root, g) for g in hits], "give more of the GUID")
         elif not low.isalpha():
             try:
                 parse_guid(q)
@@ -617,16 +664,20 @@ class Sysfs:
             try:
                 if dev.class_guid == cls_guid:
                     out.append(dev)
-            except (DeviceRescinded, DeviceNotFound):
-                continue
+            except (DeviceRescinded, DeviceNotFound, MalformedSysfs):
+                continue  # gone, or unreadable: reading it directly says which file
         return out
 
-    def _ambiguous(self, query: str, what: str, devs: list[VmbusDevice]) -> DeviceNotFound:
-        return DeviceNotFound(
-            f"{query} (ambiguous: {len(devs)} {what}; give the instance GUID)",
-            tuple(d.guid for d in devs),
-            str(self.devices_dir),
-        )
+    def _ambiguous(self, query: str, what: str, devs: list[VmbusDevice],
+                   fix: str = "give the instance GUID") -> AmbiguousDevice:
+        labels = []
+        for d in devs:
+            try:
+                labels.append(d.device_class.name)
+            except (DeviceRescinded, DeviceNotFound, InvalidGuid, MalformedSysfs):
+                labels.append("")
+        return AmbiguousDevice(query, what, tuple(d.guid for d in devs), str(self.devices_dir), fix,
+                               tuple(labels))
 
     def _nearest(self, query: str, guids: list[Guid]) -> tuple[str, ...]:
         """GUIDs (and class names of present devices) closest to a mistyped query."""
@@ -635,7 +686,7 @@ class Sysfs:
         for g in guids:
             try:
                 present.add(VmbusDevice(self.root, g).device_class.name)
-            except (DeviceRescinded, DeviceNotFound, InvalidGuid):
+            except (DeviceRescinded, DeviceNotFound, InvalidGuid, MalformedSysfs):
                 continue
         known = [c.name for c in CLASSES if c.name in present]
         close = difflib.get_close_matches(query, names + known, n=3, cutoff=0.6)

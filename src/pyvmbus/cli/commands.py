@@ -30,6 +30,7 @@ from .enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run
 from .errors import EXIT_INTERRUPTED, error_line, exit_code
 from .mock import FAULT_KINDS, MockControl, render_fault, send_fault
 from .output import Output
+from .params import INTERVAL_MAX, SECONDS, RootPath, Seconds
 from .state import MOCK_DEVICES, CliState, device_names, json_option, known_device_words, setup_logging
 from .text import render_bind, render_list, render_restore, render_ring, render_show, render_unbind
 from .views import MappedRings, device_detail, list_devices, ring_from_sysfs
@@ -94,12 +95,12 @@ def _complete_mock_device(ctx: click.Context, param: click.Parameter,
 
 
 _DEVICE_ARG = click.argument("device", shell_complete=_complete_device)
-_SECONDS = click.FloatRange(min=0, min_open=True)
+_SECONDS = SECONDS
 
 
 # -- the group --------------------------------------------------------------------------------
 @click.group(cls=VmbusGroup, context_settings=_HELP_SETTINGS)
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="VMBUS_ROOT",
+@click.option("--root", type=RootPath(), envvar="VMBUS_ROOT",
               help="Work under this root instead of / (root/sys, root/dev): e.g. the folder of "
                    "'vmbus mock serve'. Env: VMBUS_ROOT.")
 @click.option("--mock", is_flag=True,
@@ -292,7 +293,8 @@ def demo(state: CliState) -> None:
               help="Read the ring headers through the uio node (needs uio_hv_generic; adds "
                    "pending_send_size and feature bits). Opens the channel if nobody holds it open.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.01), metavar="S", default=1.0, show_default=True,
+@click.option("--interval", type=Seconds(0.01, False, INTERVAL_MAX), metavar="S", default=1.0,
+              show_default=True,
               help="Seconds between refreshes with --watch.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", default=None,
               help="With --watch: stop after N refreshes.")
@@ -334,7 +336,8 @@ def ring(state: CliState, device: str, use_map: bool, watch: bool, interval: flo
 # -- watch --------------------------------------------------------------------------------------
 @main.command()
 @click.option("--poll", "force_poll", is_flag=True, help="Diff sysfs snapshots even where udev runs.")
-@click.option("--interval", type=click.FloatRange(min=0.005), metavar="S", default=0.05, show_default=True,
+@click.option("--interval", type=Seconds(0.005, False, INTERVAL_MAX), metavar="S", default=0.05,
+              show_default=True,
               help="Seconds between snapshots when polling.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N", default=None, help="Stop after N events.")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=None,
@@ -367,7 +370,12 @@ def watch(state: CliState, force_poll: bool, interval: float, count: int | None,
              f"watching VMBus and uio devices under {root} ({how}); Ctrl-C to stop")
     seen = 0
     with stop_on_signals(flag):
-        events = udev_events(root, stop) if use_udev else poll_events(root, stop, interval)
+        def nap(seconds: float) -> None:
+            # Never sleep past --timeout, whatever --interval says.
+            left = None if deadline is None else deadline - time.monotonic()
+            flag.wait(seconds if left is None else max(0.0, min(seconds, left)))
+
+        events = udev_events(root, stop) if use_udev else poll_events(root, stop, interval, nap)
         for ev in events:
             out.event(ev.as_dict(time.monotonic() - start))
             seen += 1
@@ -394,7 +402,7 @@ def _check_mock_devices(ctx: click.Context, param: click.Parameter,
 
 
 @mock.command()
-@click.option("--root", "serve_root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--root", "serve_root", type=RootPath(), default=None,
               help="Build the mock under this new or empty folder (removed again on exit) "
                    "[default: a temporary folder].")
 @click.option("--device", "devices", multiple=True, callback=_check_mock_devices,
@@ -494,7 +502,7 @@ def render_replay(data: dict[str, Any]) -> str:
 @mock.command()
 @click.argument("device", shell_complete=_complete_device)
 @click.argument("kind", type=click.Choice(FAULT_KINDS))
-@click.option("--root", "fault_root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--root", "fault_root", type=RootPath(), default=None,
               help="The folder of the running 'vmbus mock serve' [default: the global --root / VMBUS_ROOT].")
 @json_option
 @click.pass_obj

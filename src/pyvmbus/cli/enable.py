@@ -31,7 +31,9 @@ from ..errors import (
 )
 from ..lifecycle import ChannelState
 from ..sysfs import UIO_DRIVER
+from .errors import PayloadTooLarge
 from .output import Output, packet_event
+from .params import max_payload, read_payload
 
 if TYPE_CHECKING:
     from ..bus import Vmbus
@@ -85,22 +87,9 @@ class EnableOptions:
 
 
 def parse_send(text: str) -> bytes:
-    """``--send`` value: hex digits (spaces, ``:`` and a ``0x`` prefix allowed) or ``@FILE``."""
-    if text.startswith("@"):
-        path = text[1:]
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    cleaned = text.strip()
-    if cleaned.lower().startswith("0x"):
-        cleaned = cleaned[2:]
-    cleaned = cleaned.replace(" ", "").replace(":", "")
-    try:
-        return bytes.fromhex(cleaned)
-    except ValueError:
-        raise ValueError(f"{text!r} is not hex bytes (e.g. 68656c6c6f) or @FILE") from None
+    """``--send`` value: hex digits (spaces, ``:`` and a ``0x`` prefix allowed) or ``@FILE``;
+    at most the largest VMBus payload (:func:`pyvmbus.cli.params.read_payload`)."""
+    return read_payload(text)
 
 
 @dataclass
@@ -178,6 +167,14 @@ class _Run:
     # -- callbacks (on_opened ... run on the enabling thread, the rest on the dispatcher's) --
     def opened(self, ch: Channel) -> None:
         self.ev("opened", relid=ch.relid, monitor_id=ch.monitor_id)
+        # Refuse, before the first byte goes out, a payload this ring can never take (the
+        # ring size is known only now: it depends on the kernel and the device class).
+        tx = ch.tx_ring
+        if tx is not None:
+            limit = max_payload(tx.data_size)
+            for spec in self.opts.sends:
+                if len(spec.payload) > limit:
+                    raise PayloadTooLarge(self.guid, len(spec.payload), limit, tx.data_size)
 
     def started(self, ch: Channel) -> None:
         self.ev("started")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import (
     AlreadyBound,
+    AmbiguousDevice,
     BindFailed,
     ChannelClosed,
     DeviceBusy,
@@ -24,6 +25,7 @@ from ..errors import (
     HostError,
     InvalidGuid,
     InvalidState,
+    MalformedSysfs,
     NotPermitted,
     Timeout,
     UsageError,
@@ -41,8 +43,10 @@ __all__ = [
     "EXIT_OK",
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
+    "EXIT_SYSFS",
     "ExitCode",
     "NoVmbus",
+    "PayloadTooLarge",
     "WrongClass",
     "error_line",
     "exit_code",
@@ -78,6 +82,15 @@ class WrongClass(UsageError):
                          f"(its GUID or '{wanted}'; run 'vmbus list' to see the devices)")
 
 
+class PayloadTooLarge(UsageError):
+    """A ``--send`` payload is larger than the device's ring can ever take."""
+
+    def __init__(self, guid: str, size: int, limit: int, ring: int) -> None:
+        self.guid, self.size, self.limit, self.ring = guid, size, limit, ring
+        super().__init__(f"a --send payload of {size} bytes cannot fit in the ring of {guid} ({ring} data "
+                         f"bytes: at most {limit} bytes per packet); nothing was sent: send it in pieces")
+
+
 @dataclass(frozen=True)
 class ExitCode:
     """One row of :data:`EXIT_CODES`: which errors exit with ``code``, and the usual fix."""
@@ -98,16 +111,20 @@ EXIT_TIMEOUT = 8
 EXIT_HOST = 9
 EXIT_NO_VMBUS = 10
 EXIT_BUSY = 12
+EXIT_SYSFS = 13
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(EXIT_OK, "ok", (), "success (also: enable/watch/ring --watch stopped by Ctrl-C, "
              "SIGTERM, --count or --timeout)", ""),
     ExitCode(EXIT_FAILURE, "error", (VmbusError,), "any other pyvmbus error", ""),
-    ExitCode(EXIT_USAGE, "usage", (WrongClass,), "bad command line (click's usage errors; a 'vmbus ic' "
-             "service given a device of another class)", "see 'vmbus --help'"),
-    ExitCode(EXIT_NOT_FOUND, "not-found", (DeviceNotFound, InvalidGuid),
-             "no such device, or the name matches several", "run 'vmbus list' to see the devices"),
+    ExitCode(EXIT_USAGE, "usage", (WrongClass, PayloadTooLarge), "bad command line (click's usage errors: "
+             "a value out of range, not finite, too long or unreadable; a 'vmbus ic' service given a "
+             "device of another class; a --send payload larger than the device's ring takes)",
+             "see 'vmbus --help'"),
+    ExitCode(EXIT_NOT_FOUND, "not-found", (DeviceNotFound, AmbiguousDevice, InvalidGuid),
+             "no such device, or the name matches several (the error lists them)",
+             "run 'vmbus list' to see the devices"),
     ExitCode(4, "permission", (NotPermitted,), "not allowed to read/write a sysfs file or the uio node",
              "run as root, or install udev/90-pyvmbus.rules and join the vmbus group"),
     ExitCode(5, "driver-missing", (DriverNotLoaded,), "uio_hv_generic (or the driver to restore) "
@@ -128,6 +145,9 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(EXIT_BUSY, "busy", (DeviceBusy,), "another process uses the device (a channel holds it "
              "open, or a bind / unbind / restore of it did not end in time); the message names it",
              "wait for that process or stop it, then run the command again"),
+    ExitCode(EXIT_SYSFS, "bad-sysfs", (MalformedSysfs,), "a sysfs file under the root holds what a "
+             "kernel never writes there (a word for a number, a directory for a file): a broken "
+             "kernel, mock or --root tree", "check that file"),
     ExitCode(EXIT_INTERRUPTED, "interrupted", (), "interrupted by Ctrl-C in a command that does not "
              "stop on it by design", ""),
 )

@@ -61,6 +61,7 @@ from ..sysfs import Sysfs, VmbusDevice
 from .enable import stop_on_signals
 from .errors import WrongClass
 from .output import Output, render_event, stamp
+from .params import SECONDS, SECONDS_OR_ZERO
 from .state import CliState, class_label, json_option
 
 __all__ = [
@@ -219,9 +220,9 @@ def ic_options(f: Any) -> Any:
         click.option("--force", is_flag=True, help="Bind even when a guard rail refuses."),
         click.option("--count", type=click.IntRange(min=1), default=None,
                      help="Stop after N requests (fcopy: files) were handled."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--timeout", type=SECONDS, default=None,
                      help="Stop after S seconds (with --count: fail, exit 8, if fewer came)."),
-        click.option("--reoffer-timeout", type=click.FloatRange(min=0), default=None,
+        click.option("--reoffer-timeout", type=SECONDS_OR_ZERO, default=None,
                      help="After a rescind, wait at most S seconds for the host to offer DEVICE "
                           "again [default: until stopped]."),
         json_option,
@@ -540,7 +541,7 @@ def setup_daemon_logging(verbose: int, identifier: str = "vmbus-fcopy") -> loggi
 @click.option("--no-bind", is_flag=True, help="Do not bind the device; it must be on uio_hv_generic already.")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Exit after N files were received, cancelled or refused (for scripts and tests).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--timeout", type=SECONDS, default=None,
               help="Exit after S seconds.")
 @json_option
 @click.pass_obj

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DeviceNotFound, VmbusError
+from ..errors import DeviceNotFound, NotPermitted, VmbusError
 from ..sysfs import Sysfs
 from .errors import NoVmbus, error_line, exit_code
 from .state import class_label, resolve_device
@@ -139,8 +139,10 @@ class MockControl:
 def send_fault(root: str | os.PathLike[str], device: str, kind: str, timeout: float = 30.0) -> dict[str, Any]:
     """Ask the ``vmbus mock serve`` under ``root`` to apply ``kind`` to ``device``; its answer.
 
-    Raises :class:`~pyvmbus.cli.errors.NoVmbus` when nothing serves there, and the
-    server's error (as :class:`MockControlError`) when it refused.
+    Raises :class:`~pyvmbus.cli.errors.NoVmbus` when nothing serves there,
+    :class:`~pyvmbus.errors.NotPermitted` when its socket is another user's (connect needs
+    write permission on it), and the server's error (as :class:`MockControlError`) when
+    it refused.
     """
     path = control_path(root)
     if not path.exists():
@@ -156,11 +158,19 @@ def send_fault(root: str | os.PathLike[str], device: str, kind: str, timeout: fl
                 if not chunk:
                     break
                 raw += chunk
+        except PermissionError:
+            raise NotPermitted(str(path), "connect to") from None
         except OSError as exc:
             raise _NotServed(root, str(exc)) from None
-    reply = json.loads(raw or b"{}")
+    try:
+        reply = json.loads(raw or b"{}")
+    except ValueError:
+        reply = {"error": f"the mock under {root} answered something else than JSON: {raw[:60]!r}"}
+    if not isinstance(reply, dict):
+        reply = {"error": f"the mock under {root} answered {raw[:60]!r}"}
     if not reply.get("ok"):
-        raise MockControlError(str(reply.get("error", "no answer")), int(reply.get("exit_code", 1)))
+        code = reply.get("exit_code")
+        raise MockControlError(str(reply.get("error", "no answer")), code if isinstance(code, int) else 1)
     reply.pop("ok")
     return dict(reply)
 

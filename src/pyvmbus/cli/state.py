@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..classes import CLASSES
-from ..errors import DeviceNotFound
+from ..errors import AmbiguousDevice, DeviceNotFound
 from ..guid import is_guid, parse_guid
 from ..sysfs import Sysfs, VmbusDevice
 
@@ -96,12 +96,17 @@ def resolve_device(fs: Sysfs, query: str) -> VmbusDevice:
     """:meth:`Sysfs.device`, plus mock model names (``echo``) and their nearest matches."""
     try:
         return fs.device(query)
+    except AmbiguousDevice:
+        raise
     except DeviceNotFound as exc:
         q = query.strip().lower()
         models = mock_model_classes()
         if q in models:
             try:
                 return fs.device(models[q])
+            except AmbiguousDevice as inner:
+                raise AmbiguousDevice(query, f"{q} devices", inner.candidates, inner.where,
+                                      "give the instance GUID", (q,) * len(inner.candidates)) from None
             except DeviceNotFound as inner:
                 raise DeviceNotFound(query, inner.nearest, inner.where) from None
         present = {class_label(d) for d in fs.devices()} - {"unknown"}

@@ -105,12 +105,17 @@ def diff(old: dict[str, DevSnap], new: dict[str, DevSnap]) -> list[WatchEvent]:
     return events
 
 
-def poll_events(root: Path, stop: Callable[[], bool], interval: float = 0.05) -> Iterator[WatchEvent]:
-    """Events from diffing snapshots of ``root`` every ``interval`` s until ``stop()``."""
+def poll_events(root: Path, stop: Callable[[], bool], interval: float = 0.05,
+                sleep: Callable[[float], object] = time.sleep) -> Iterator[WatchEvent]:
+    """Events from diffing snapshots of ``root`` every ``interval`` s until ``stop()``.
+
+    ``sleep(interval)`` waits between looks; the CLI's returns early at its deadline and on
+    Ctrl-C, so ``--interval 10 --timeout 1`` ends after 1 s.
+    """
     fs = Sysfs(root)
     last = snapshot(fs)
     while not stop():
-        time.sleep(interval)
+        sleep(interval)
         now = snapshot(fs)
         yield from diff(last, now)
         last = now

@@ -392,6 +392,12 @@ class IcRunner:
             self._run_pending()
         if not self.result.bound_here:
             return
+        if isinstance(failure, HostCrashed):
+            # No host, no driver to give the device back to: a restore would only wait
+            # out its timeout (what 'vmbus enable' does too).
+            self._emit("note", message="the host is gone, so the driver cannot be restored now; run "
+                       f"'vmbus restore {self.guid}' once it is back")
+            return
         try:
             driver = self.bus.restore(self.guid)
         except (DeviceNotFound, DeviceRescinded):
