@@ -6,7 +6,7 @@ import pytest
 
 from pyvmbus import errors
 from pyvmbus.cli.enable import parse_send
-from pyvmbus.cli.errors import EXIT_CODES, NoVmbus, WrongClass, error_line, exit_code
+from pyvmbus.cli.errors import EXIT_CODES, NoVmbus, PayloadTooLarge, WrongClass, error_line, exit_code
 from pyvmbus.cli.output import bar, packet_event, render_event, table, type_name
 from pyvmbus.cli.schema import SCHEMAS
 from pyvmbus.cli.watch import DevSnap, WatchEvent, diff, event_from_udev
@@ -110,7 +110,7 @@ def test_exit_code_table_is_consistent() -> None:
         assert row.meaning
         for cls in row.errors:
             assert issubclass(cls, errors.VmbusError)
-            assert cls.__name__ in errors.__all__ or cls in (NoVmbus, WrongClass)
+            assert cls.__name__ in errors.__all__ or cls in (NoVmbus, WrongClass, PayloadTooLarge)
 
 
 @pytest.mark.parametrize(("exc", "code"), [
