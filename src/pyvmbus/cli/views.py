@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..binding import guard_rails, read_record
-from ..errors import DeviceRescinded, VmbusError
+from ..errors import DeviceRescinded, MalformedSysfs, VmbusError
 from ..signal import HostSignal
 from ..sysfs import UIO_DRIVER, ChannelInfo, Sysfs, VmbusDevice, parse_int, read_attr
 from .state import class_label
@@ -43,12 +43,7 @@ CHANNEL_COUNTERS = ("events", "interrupts", "intr_in_full", "intr_out_empty", "o
 
 def _opt_int(path: Path) -> int | None:
     text = read_attr(path)
-    if text is None:
-        return None
-    try:
-        return parse_int(text, path)
-    except ValueError:
-        return None
+    return None if text is None else parse_int(text, path)  # MalformedSysfs names a bad file
 
 
 def device_row(dev: VmbusDevice) -> dict[str, Any]:
@@ -66,11 +61,14 @@ def device_row(dev: VmbusDevice) -> dict[str, Any]:
 
 
 def list_devices(fs: Sysfs) -> list[dict[str, Any]]:
-    """Rows of every device, by relid; a device that vanishes meanwhile is left out."""
+    """Rows of every device, by relid; a device that vanishes meanwhile is left out (one
+    with a malformed attribute is not: :class:`MalformedSysfs` says which file)."""
     rows = []
     for dev in fs.devices():
         try:
             rows.append(device_row(dev))
+        except MalformedSysfs:
+            raise
         except (DeviceRescinded, VmbusError):
             continue
     rows.sort(key=lambda r: (r["relid"], r["guid"]))
@@ -154,8 +152,12 @@ def _ring_common(dev: VmbusDevice, source: str) -> dict[str, Any]:
     state = dev.state
     uio = dev.uio()
     chans = []
-    with contextlib.suppress(VmbusError):
+    try:
         chans = [channel_row(c) for c in dev.channels()]
+    except MalformedSysfs:
+        raise
+    except VmbusError:
+        pass  # a channel rescinded while being read
     return {
         "device": str(dev.guid),
         "class": class_label(dev),
