@@ -185,7 +185,9 @@ def argv_cases(draw: st.DrawFn, sends: dict[str, str]) -> list[str]:
     elif command == "ring":
         argv += ["ring", draw(dev)]
     elif command == "ring-watch":
-        argv += ["ring", draw(dev), "--watch", "--count", draw(count), "--interval", draw(sec)]
+        # (no --timeout here: a valid --count must be small, or the case runs as long as asked)
+        argv += ["ring", draw(dev), "--watch", "--count", draw(mostly(["1", "2"], ["0", "-1", "x", ""])),
+                 "--interval", draw(sec)]
     elif command in ("bind", "unbind", "restore"):
         argv += [command, draw(dev), "--timeout", draw(sec)]
     elif command == "enable":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -350,3 +351,36 @@ def test_mock_fault_without_permission_says_permission(tmp_path: Path,
     assert r.exit_code == 4, r.stderr
     line = one_line(r)
     assert "permission denied" in line and str(sock_path) in line and "not served" not in line
+
+
+@pytest.mark.timeout(60)
+def test_enable_timeout_bounds_the_sends_too(rw: MockVmbus) -> None:
+    """heartbeat never completes a request: two sends used to take 2 x --reply-timeout (10 s)
+    whatever --timeout said, since the clock started after on_post_started."""
+    t0 = time.monotonic()
+    r = run("--root", str(rw.root), "--json", "enable", HB, "--send", "00", "--send", "00",
+            "--timeout", "0.5")
+    elapsed = time.monotonic() - t0
+    assert r.exit_code == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[-1]["event"] == "stopped" and events[-1]["why"] == "timeout"
+    assert sum(e["event"] == "sent" for e in events) == 1  # the second was never sent
+    assert elapsed < 5, f"{elapsed:.1f} s for --timeout 0.5"
+    r = run("--root", str(rw.root), "enable", HB, "--send", "00", "--timeout", "0.5", "--count", "50")
+    assert r.exit_code == 8 and "50 packets" in one_line(r)
+    r = run("--root", str(rw.root), "enable", HB, "--send", "00", "--reply-timeout", "0.3", "--timeout", "30")
+    assert r.exit_code == 8 and "completion" in one_line(r)  # --reply-timeout still fails the run
+
+
+@pytest.mark.timeout(30)
+def test_unreadable_directories_are_malformed_not_oserror(tree: SysfsTree) -> None:
+    channels = tree.device_dir(HB) / "channels"
+    shutil.rmtree(channels)
+    os.symlink("channels", channels)  # ELOOP
+    r = run("--root", str(tree.root), "show", HB)
+    assert r.exit_code == EXIT_SYSFS and "unreadable directory" in one_line(r)
+    driver = tree.device_dir(NET) / "driver"
+    driver.unlink(missing_ok=True)
+    driver.write_text("hv_netvsc\n")  # a file where the kernel's link belongs
+    r = run("--root", str(tree.root), "show", NET)
+    assert r.exit_code == EXIT_SYSFS and "not a link to a driver" in one_line(r)

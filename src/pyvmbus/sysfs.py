@@ -155,6 +155,22 @@ def read_attr(path: Path) -> str | None:
     return text or None
 
 
+def _names(path: Path) -> list[str] | None:
+    """The entries of a sysfs directory; None when it is absent (or not a directory).
+
+    PermissionError becomes :class:`NotPermitted`; anything else (a symlink loop, EIO)
+    :class:`MalformedSysfs`, never a raw OSError.
+    """
+    try:
+        return [e.name for e in path.iterdir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        raise NotPermitted(str(path), "list") from None
+    except OSError as exc:
+        raise MalformedSysfs(str(path), None, f"unreadable directory ({exc.strerror or exc})") from None
+
+
 def parse_int(text: str, path: Path | str = "") -> int:
     """Parse a sysfs number: decimal, or 0x-prefixed hex ("%pa", "0x%x"); base 0 rules.
 
@@ -210,14 +226,10 @@ def read_uio(root: str | os.PathLike[str], name: str) -> UioInfo | None:
     """Read ``root/sys/class/uio/<name>``; None if that node does not exist (any more)."""
     path = Path(root) / "sys" / "class" / "uio" / name
     maps: list[UioMapInfo] = []
-    try:
-        entries = sorted(
-            (int(m.group(1)), e) for e in (path / "maps").iterdir() if (m := _MAP_NAME.fullmatch(e.name))
-        )
-    except (FileNotFoundError, NotADirectoryError):
-        entries = []
-    except PermissionError:
-        raise NotPermitted(str(path / "maps"), "list") from None
+    entries = sorted(
+        (int(m.group(1)), path / "maps" / n)
+        for n in _names(path / "maps") or () if (m := _MAP_NAME.fullmatch(n))
+    )
     for index, entry in entries:
         fields = [read_attr(entry / f) for f in ("name", "addr", "size", "offset")]
         if fields[0] is None or fields[2] is None:
@@ -491,6 +503,9 @@ class VmbusDevice:
             return None
         except PermissionError:
             raise NotPermitted(str(self.path / "driver"), "read") from None
+        except OSError as exc:  # EINVAL: a file or directory, not the kernel's link
+            raise MalformedSysfs(str(self.path / "driver"), None,
+                                 f"not a link to a driver ({exc.strerror or exc})") from None
 
     @property
     def driver_override(self) -> str | None:
@@ -509,11 +524,10 @@ class VmbusDevice:
     def channels(self) -> list[ChannelInfo]:
         """The primary channel and every subchannel, primary first, then by subchannel id."""
         base = self.path / "channels"
-        try:
-            names = [e.name for e in base.iterdir()]
-        except (FileNotFoundError, NotADirectoryError):
+        names = _names(base)
+        if names is None:
             if not self.exists():
-                raise self._gone("channels") from None
+                raise self._gone("channels")
             return []
         chans: list[tuple[int, int, ChannelInfo]] = []
         for name in names:
@@ -540,11 +554,10 @@ class VmbusDevice:
     @property
     def uio_name(self) -> str | None:
         """``uioN`` when the device is bound to uio_hv_generic and its node is registered."""
-        try:
-            names = [e.name for e in (self.path / "uio").iterdir()]
-        except (FileNotFoundError, NotADirectoryError):
+        names = _names(self.path / "uio")
+        if names is None:
             if not self.exists():
-                raise self._gone("uio") from None
+                raise self._gone("uio")
             return None
         nodes = sorted((int(m.group(1)), n) for n in names if (m := _UIO_NAME.fullmatch(n)))
         return nodes[0][1] if nodes else None
@@ -557,10 +570,7 @@ class VmbusDevice:
     @property
     def net_interfaces(self) -> list[str]:
         """Network interface names the bound driver registered (hv_netvsc: ``net/eth0``)."""
-        try:
-            return sorted(e.name for e in (self.path / "net").iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return sorted(_names(self.path / "net") or ())
 
 
 class Sysfs:
@@ -579,12 +589,7 @@ class Sysfs:
 
     def guids(self) -> list[Guid]:
         """Instance GUIDs of every device, sorted."""
-        try:
-            names = [e.name for e in self.devices_dir.iterdir()]
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except PermissionError:
-            raise NotPermitted(str(self.devices_dir), "list") from None
+        names = _names(self.devices_dir) or []
         # Entries are links to device directories; anything else (a stray file) is no device.
         return sorted(Guid(n) for n in names
                       if is_guid(n) and n == n.lower() and (self.devices_dir / n).is_dir())
@@ -599,10 +604,7 @@ class Sysfs:
 
     def drivers(self) -> list[str]:
         """Names of the VMBus drivers registered now."""
-        try:
-            return sorted(e.name for e in self.drivers_dir.iterdir() if e.is_dir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return sorted(n for n in _names(self.drivers_dir) or () if (self.drivers_dir / n).is_dir())
 
     def device(self, query: str) -> VmbusDevice:
         """Find one device by instance GUID (any spelling), unique GUID prefix, or class.

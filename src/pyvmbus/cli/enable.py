@@ -150,6 +150,9 @@ class _Run:
         self.packets = 0
         self.replies = 0
         self.closed_reason: str | None = None
+        self.deadline: float | None = None
+        """When --timeout ends the run: counted from the channel's open, so the sends from
+        on_post_started are bounded by it too."""
         self._lock = threading.Lock()
 
     def ev(self, kind: str, **fields: Any) -> None:
@@ -166,6 +169,8 @@ class _Run:
 
     # -- callbacks (on_opened ... run on the enabling thread, the rest on the dispatcher's) --
     def opened(self, ch: Channel) -> None:
+        if self.opts.timeout is not None:
+            self.deadline = time.monotonic() + self.opts.timeout
         self.ev("opened", relid=ch.relid, monitor_id=ch.monitor_id)
         # Refuse, before the first byte goes out, a payload this ring can never take (the
         # ring size is known only now: it depends on the kernel and the device class).
@@ -182,11 +187,21 @@ class _Run:
     def post_started(self, ch: Channel) -> None:
         self.ev("post_started")
         for spec in self.opts.sends:
+            left = None if self.deadline is None else self.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.flag.stop("timeout")
             if self.flag.is_set():
                 break
             if spec.wait:
                 self.ev("sent", length=len(spec.payload), transaction_id=None, completion_requested=True)
-                reply = ch.send_request(spec.payload, timeout=self.opts.reply_timeout)
+                wait = self.opts.reply_timeout if left is None else min(self.opts.reply_timeout, left)
+                try:
+                    reply = ch.send_request(spec.payload, timeout=wait)
+                except Timeout:
+                    if wait >= self.opts.reply_timeout:
+                        raise  # --reply-timeout passed: the device did not answer
+                    self.flag.stop("timeout")  # --timeout came first: the run ends, as asked
+                    break
                 self.ev("reply", request_length=len(spec.payload), length=len(reply),
                         payload_hex=reply[:self.out.preview].hex())
                 self._received(replies=1)
@@ -251,7 +266,7 @@ def run_enable(bus: Vmbus, dev: VmbusDevice, opts: EnableOptions, out: Output,
         failure: BaseException | None = None
         try:
             ch.enable()
-            deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
+            deadline = run.deadline
             while not flag.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
