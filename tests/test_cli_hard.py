@@ -384,3 +384,23 @@ def test_unreadable_directories_are_malformed_not_oserror(tree: SysfsTree) -> No
     driver.write_text("hv_netvsc\n")  # a file where the kernel's link belongs
     r = run("--root", str(tree.root), "show", NET)
     assert r.exit_code == EXIT_SYSFS and "not a link to a driver" in one_line(r)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv", [
+    ["--root", "/tmp/a\0b", "list"],
+    ["mock", "serve", "--root", "/tmp/a\0b", "--timeout", "0.1"],
+    ["mock", "fault", "echo", "rescind", "--root", "/tmp/a\0b"],
+    ["--mock", "ic", "fcopy", "--dest-root", "/tmp\0x", "--timeout", "0.1"],
+    ["--mock", "fcopy-daemon", "--dest-root", "/tmp\0x", "--timeout", "0.1"],
+    ["--mock", "enable", "echo", "--send", "@/tmp\0x", "--timeout", "0.1"],
+])
+def test_nul_in_any_path_option_is_a_usage_error(argv: list[str]) -> None:
+    r = run(*argv)
+    assert r.exit_code == 2 and "NUL" in one_line(r)
+
+
+@pytest.mark.timeout(30)
+def test_a_long_device_name_is_shortened_in_the_error(mock: MockVmbus) -> None:
+    r = run("--root", str(mock.root), "show", "x" * 100_000)
+    assert r.exit_code == 3 and len(one_line(r)) < 400

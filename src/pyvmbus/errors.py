@@ -93,7 +93,8 @@ class DeviceNotFound(UsageError, LookupError):
         self.query = query
         self.nearest = nearest
         self.where = where
-        msg = f"no VMBus device {query!r}"
+        shown = query if len(query) <= 80 else query[:76] + "..."
+        msg = f"no VMBus device {shown!r}"
         if where:
             msg += f" under {where}"
         if nearest:
@@ -123,7 +124,8 @@ class AmbiguousDevice(DeviceNotFound):
         """Each candidate's class name ('' when unknown)."""
         names = [f"{g} ({label})" if label else g for g, label in zip(candidates, labels, strict=False)]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-        msg = f"{query!r} is ambiguous: it matches {len(candidates)} {what}"
+        shown_query = query if len(query) <= 80 else query[:76] + "..."
+        msg = f"{shown_query!r} is ambiguous: it matches {len(candidates)} {what}"
         if where:
             msg += f" under {where}"
         VmbusError.__init__(self, f"{msg}: {shown}; {fix}")

@@ -61,7 +61,7 @@ from ..sysfs import Sysfs, VmbusDevice
 from .enable import stop_on_signals
 from .errors import WrongClass
 from .output import Output, render_event, stamp
-from .params import SECONDS, SECONDS_OR_ZERO
+from .params import SECONDS, SECONDS_OR_ZERO, SafePath
 from .state import CliState, class_label, json_option
 
 __all__ = [
@@ -388,7 +388,7 @@ def _need_dest_roots(ctx: click.Context, param: click.Parameter,
 
 _DEST_ROOT = click.option(
     "--dest-root", "dest_roots", multiple=True, metavar="DIR", callback=_need_dest_roots,
-    type=click.Path(exists=True, file_okay=False, resolve_path=True, path_type=Path),
+    type=SafePath(exists=True, file_okay=False, resolve_path=True, path_type=Path),
     help="Required, repeatable: a directory the host may copy files into, with everything "
          "below it. A destination outside every root is refused with 'access denied'. "
          "'/' allows anywhere (as hv_fcopy_uio_daemon).")

@@ -32,6 +32,7 @@ __all__ = [
     "SECONDS",
     "SECONDS_OR_ZERO",
     "RootPath",
+    "SafePath",
     "Seconds",
     "max_payload",
     "read_payload",
@@ -73,12 +74,13 @@ SECONDS_OR_ZERO = Seconds(min_open=False)
 """Seconds >= 0 (``--reoffer-timeout 0``: give up at once)."""
 
 
-class RootPath(click.Path):
-    """A directory path the system can name (no NUL, parts of at most 255 bytes, at most
-    :data:`MAX_ROOT_BYTES` in all); whether it holds a VMBus is checked later."""
+class SafePath(click.Path):
+    """A click.Path the system can name: no NUL, parts of at most 255 bytes, at most
+    ``max_bytes`` in all (a bad one is a usage error, not an OSError or ValueError later)."""
 
-    def __init__(self) -> None:
-        super().__init__(file_okay=False, path_type=Path)
+    def __init__(self, max_bytes: int = 4095, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, (str, os.PathLike)):
@@ -87,14 +89,22 @@ class RootPath(click.Path):
                 self.fail("a path cannot hold a NUL byte", param, ctx)
             if not raw:
                 self.fail("an empty path names no folder (give '.' for this one)", param, ctx)
-            if len(raw) > MAX_ROOT_BYTES:
-                self.fail(f"path of {len(raw)} bytes is too long (at most {MAX_ROOT_BYTES}, to leave "
-                          "room for the sysfs paths below it)", param, ctx)
+            if len(raw) > self.max_bytes:
+                why = ", to leave room for the sysfs paths below it" if self.max_bytes < 4095 else ""
+                self.fail(f"path of {len(raw)} bytes is too long (at most {self.max_bytes}{why})", param, ctx)
             longest = max(raw.split(b"/"), key=len)
             if len(longest) > _NAME_MAX:
                 self.fail(f"a path part of {len(longest)} bytes is too long (at most {_NAME_MAX})",
                           param, ctx)
         return super().convert(value, param, ctx)
+
+
+class RootPath(SafePath):
+    """``--root``: a directory path of at most :data:`MAX_ROOT_BYTES`; whether it holds a
+    VMBus is checked later."""
+
+    def __init__(self) -> None:
+        super().__init__(MAX_ROOT_BYTES, file_okay=False, path_type=Path)
 
 
 def max_payload(data_size: int) -> int:
