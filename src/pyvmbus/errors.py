@@ -93,7 +93,7 @@ class DeviceNotFound(UsageError, LookupError):
         self.query = query
         self.nearest = nearest
         self.where = where
-        shown = query if len(query) <= 80 else query[:76] + "..."
+        shown = query if len(query) <= 200 else query[:196] + "..."
         msg = f"no VMBus device {shown!r}"
         if where:
             msg += f" under {where}"
@@ -124,7 +124,7 @@ class AmbiguousDevice(DeviceNotFound):
         """Each candidate's class name ('' when unknown)."""
         names = [f"{g} ({label})" if label else g for g, label in zip(candidates, labels, strict=False)]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-        shown_query = query if len(query) <= 80 else query[:76] + "..."
+        shown_query = query if len(query) <= 200 else query[:196] + "..."
         msg = f"{shown_query!r} is ambiguous: it matches {len(candidates)} {what}"
         if where:
             msg += f" under {where}"
