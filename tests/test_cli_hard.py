@@ -394,6 +394,10 @@ def test_unreadable_directories_are_malformed_not_oserror(tree: SysfsTree) -> No
     ["--mock", "ic", "fcopy", "--dest-root", "/tmp\0x", "--timeout", "0.1"],
     ["--mock", "fcopy-daemon", "--dest-root", "/tmp\0x", "--timeout", "0.1"],
     ["--mock", "enable", "echo", "--send", "@/tmp\0x", "--timeout", "0.1"],
+    ["--mock", "enable", "echo", "--capture", "/tmp/a\0b", "--timeout", "0.1"],
+    ["capture", "show", "/tmp/a\0b"],
+    ["mock", "serve", "--replay", "/tmp/a\0b", "--timeout", "0.1"],
+    ["--mock", "kvp", "list", "--pool-dir", "/tmp/a\0b"],
 ])
 def test_nul_in_any_path_option_is_a_usage_error(argv: list[str]) -> None:
     r = run(*argv)

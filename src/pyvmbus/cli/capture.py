@@ -17,6 +17,7 @@ import click
 
 from ..capture import Direction, Record, RecordKind, read_capture
 from .output import Output, packet_event, render_event, stamp
+from .params import SafePath
 from .state import CliState, json_option
 
 __all__ = ["capture", "record_event", "register", "render_capture_event"]
@@ -90,7 +91,7 @@ def capture() -> None:
 
 
 @capture.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=SafePath(dir_okay=False, path_type=Path))
 @click.option("--preview", type=click.IntRange(min=0), metavar="N", default=16, show_default=True,
               help="Payload bytes shown per packet.")
 @click.option("--packets-only", is_flag=True, help="Leave out signals and interrupts.")

@@ -30,7 +30,7 @@ from .enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run
 from .errors import EXIT_INTERRUPTED, error_line, exit_code
 from .mock import FAULT_KINDS, MockControl, render_fault, send_fault
 from .output import Output
-from .params import INTERVAL_MAX, SECONDS, RootPath, Seconds
+from .params import INTERVAL_MAX, SECONDS, RootPath, SafePath, Seconds
 from .state import MOCK_DEVICES, CliState, device_names, json_option, known_device_words, setup_logging
 from .text import render_bind, render_list, render_restore, render_ring, render_show, render_unbind
 from .views import MappedRings, device_detail, list_devices, ring_from_sysfs
@@ -255,7 +255,7 @@ def _parse_sends(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--preview", type=click.IntRange(min=0), metavar="N", default=16, show_default=True,
               help="Payload bytes shown per packet.")
 @click.option("--force", is_flag=True, help="Bind even when a guard rail refuses.")
-@click.option("--capture", "capture_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--capture", "capture_file", type=SafePath(dir_okay=False, path_type=Path), default=None,
               metavar="FILE.pcapng",
               help="Record every packet, lifecycle event, signal and interrupt into FILE (pcapng; "
                    "'vmbus capture show FILE', Wireshark with contrib/wireshark/vmbus.lua).")
@@ -414,7 +414,7 @@ def _check_mock_devices(ctx: click.Context, param: click.Parameter,
 @click.option("--timeout", type=_SECONDS, metavar="S", default=None,
               help="Stop after S seconds [default: run until Ctrl-C / SIGTERM].")
 @click.option("--replay", "replays", multiple=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE.pcapng",
+              type=SafePath(dir_okay=False, exists=True, path_type=Path), metavar="FILE.pcapng",
               help="Offer the device recorded in this capture; its host plays the capture back and "
                    "checks the guest against it; the verdict is printed on exit, exit 1 on a "
                    "difference (repeatable; then no default devices).")

@@ -29,6 +29,7 @@ from ..ic.kvp_system import KvpNetwork
 from ..ic.messages import KvpOp
 from .ic import IcSession, acts_on_this_machine, emit_summary, ic, ic_device, ic_options, render_ic_event
 from .output import Output, stamp, table
+from .params import SafePath
 from .state import CliState, json_option
 
 __all__ = ["KvpKeyNotFound", "ic_kvp", "kvp", "pool_dir_for", "register", "render_kvp_event"]
@@ -60,7 +61,7 @@ def pool_dir_for(state: CliState, pool_dir: Path | None) -> Path:
     return root / DEFAULT_POOL_DIR.lstrip("/")
 
 
-_POOL_DIR = click.option("--pool-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+_POOL_DIR = click.option("--pool-dir", type=SafePath(file_okay=False, path_type=Path), default=None,
                          metavar="DIR", help="Where the .kvp_pool_0..4 files are [default: "
                                              "/var/lib/hyperv under the root].")
 
@@ -92,7 +93,7 @@ def render_kvp_event(ev: dict[str, Any]) -> str:
 @click.command("kvp")
 @click.argument("device", default="kvp")
 @_POOL_DIR
-@click.option("--kvp-scripts", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+@click.option("--kvp-scripts", type=SafePath(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Where hv_get_dhcp_info, hv_get_dns_info and hv_set_ifconfig are [default: PATH, "
                    "then /usr/libexec/hypervkvpd]. Without them IP injection is answered 'not supported'.")
 @click.option("--no-auto-pool-file", is_flag=True,
