@@ -174,7 +174,7 @@ def argv_cases(draw: st.DrawFn, sends: dict[str, str]) -> list[str]:
     send = st.one_of(st.sampled_from(["00", "68656c6c6f", "0x00:01", "zz", "0" * 3]),
                      st.sampled_from(sorted(sends.values())))
     command = draw(st.sampled_from(["list", "show", "ring", "ring-watch", "bind", "unbind", "restore",
-                                    "enable", "watch", "ic", "fault"]))
+                                    "enable", "watch", "ic", "fault", "kvp", "capture"]))
     argv: list[str] = []
     if draw(st.booleans()):
         argv.append("--json")
@@ -206,6 +206,16 @@ def argv_cases(draw: st.DrawFn, sends: dict[str, str]) -> list[str]:
         argv += ["ic", "heartbeat", draw(dev), "--timeout", draw(sec)]
         if draw(st.booleans()):
             argv += ["--reoffer-timeout", draw(sec)]
+    elif command == "kvp":  # the pool files live outside sys/ and run/: get and list only read them
+        argv += ["kvp", draw(st.sampled_from(["list", "get"]))]
+        if argv[-1] == "get":
+            argv.append(draw(mostly(["k", "IP"], NASTY)))
+        if draw(st.booleans()):
+            argv += ["--pool", draw(mostly(["0", "1", "4"], ["5", "-1", "x", ""]))]
+        pool_dirs = [sends["dir"][1:], "/dev/null", "/proc", "/nonexistent"]
+        argv += ["--pool-dir", draw(st.sampled_from(pool_dirs))]
+    elif command == "capture":
+        argv += ["capture", "show", draw(st.sampled_from([v[1:] for v in sends.values()] + ["/dev/null"]))]
     elif command == "fault":
         argv += ["mock", "fault", draw(dev), draw(st.sampled_from(["rescind", "stall", "bogus", ""]))]
     # Stray tokens where the parser may least expect them (never one that lengthens a wait).

@@ -408,3 +408,15 @@ def test_nul_in_any_path_option_is_a_usage_error(argv: list[str]) -> None:
 def test_a_long_device_name_is_shortened_in_the_error(mock: MockVmbus) -> None:
     r = run("--root", str(mock.root), "show", "x" * 100_000)
     assert r.exit_code == 3 and len(one_line(r)) < 400
+
+
+@pytest.mark.timeout(60)
+def test_capture_show_of_dev_zero_is_refused_without_reading_it_all() -> None:
+    """read_capture read its whole input: /dev/zero ran the process out of memory."""
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    p = subprocess.run([*VMBUS, "capture", "show", "/dev/zero"], capture_output=True, text=True,
+                       timeout=30, preexec_fn=limit_memory)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "not a regular file" in p.stderr

@@ -50,6 +50,7 @@ import json
 import logging
 import operator
 import os
+import stat
 import struct
 import threading
 import time
@@ -284,6 +285,10 @@ def _tsresol(value: bytes) -> int:
     return int(2 ** (b & 0x7F) if b & 0x80 else 10 ** b)
 
 
+_MAX_STREAM = 64 << 20
+"""The most :func:`read_capture` reads from something that is not a regular file."""
+
+
 def read_capture(path: str | os.PathLike[str]) -> Capture:
     """Read a pcapng file written by pyvmbus (or edited and saved by Wireshark / editcap;
     gzip-compressed too, as Wireshark reads them).
@@ -294,9 +299,18 @@ def read_capture(path: str | os.PathLike[str]) -> Capture:
     """
     p = Path(path)
     try:
-        blob = p.read_bytes()
+        with open(p, "rb") as f:
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                blob = f.read()
+            else:  # a pipe or a device: read no more than any capture of ours could hold
+                blob = f.read(_MAX_STREAM + 1)
+                if len(blob) > _MAX_STREAM:
+                    raise CaptureError(p, f"not a regular file, and more than {_MAX_STREAM >> 20} MiB "
+                                       "came from it (/dev/zero?): give a capture file")
     except OSError as exc:
         raise CaptureError(p, f"cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise CaptureError(p, f"cannot read it: {exc}") from None
     if blob[:2] == b"\x1f\x8b":  # gzip-compressed, as Wireshark also reads (FILE.pcapng.gz)
         import gzip
 
