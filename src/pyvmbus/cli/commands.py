@@ -244,7 +244,8 @@ def _parse_sends(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--count", type=click.IntRange(min=1), metavar="N", default=None,
               help="Stop after N packets (on_packet deliveries plus replies to --send).")
 @click.option("--timeout", type=_SECONDS, metavar="S", default=None,
-              help="Stop after S seconds (with --count: fail, exit 8, if fewer packets came).")
+              help="Stop S seconds after the channel opens, --send requests included (with --count: "
+                   "fail, exit 8, if fewer packets came).")
 @click.option("--send", "sends", multiple=True, callback=_parse_sends, metavar="HEX|@FILE",
               help="Send these bytes from on_post_started and print the reply (repeatable).")
 @click.option("--no-wait", is_flag=True,
