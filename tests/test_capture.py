@@ -28,6 +28,7 @@ from pyvmbus.capture import (
 )
 from pyvmbus.cli import main
 from pyvmbus.cli.schema import EVENT_COMMON, SCHEMAS
+from pyvmbus.errors import ChannelClosed, DeviceRescinded
 from pyvmbus.ic import HeartbeatService
 from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.replay import ReplayMismatch
@@ -196,8 +197,14 @@ def test_rescind_is_recorded(mock: MockVmbus, tmp_path: Path) -> None:
         rbus = Vmbus(m.root)
         rbus.bind(rguid)
         rch = rbus.channel(rguid)
-        rch.enable()
-        assert rch.run(timeout=10) == "rescinded"
+        try:
+            rch.enable()
+        except (ChannelClosed, DeviceRescinded) as exc:
+            # The replayed rescind comes the recorded delay after the open; a loaded machine
+            # can take longer than that to finish enable(): a rescind then, as on Hyper-V.
+            assert isinstance(exc, DeviceRescinded) or rch.close_reason == "rescinded", exc
+        else:
+            assert rch.run(timeout=10) == "rescinded"
         report = m.replay_check(rguid)
     assert report["played"] == 1
 
