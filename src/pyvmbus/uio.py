@@ -39,7 +39,9 @@ observers that only read the ring headers (``vmbus ring --map``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import logging
 import math
 import mmap
 import os
@@ -48,6 +50,7 @@ import socket
 import stat
 import struct
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,8 @@ from .errors import (
 )
 from .guid import parse_guid
 from .sysfs import mock_ring_call
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "MOCK_ACK",
@@ -141,6 +146,79 @@ class UioMap:
     array: npt.NDArray[np.uint8] = field(repr=False)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_c_mmap = _libc.mmap
+_c_mmap.restype = ctypes.c_void_p
+_c_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_int64]
+_c_munmap = _libc.munmap
+_c_munmap.restype = ctypes.c_int
+_c_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_c_mremap = _libc.mremap
+_c_mremap.restype = ctypes.c_void_p
+_c_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class _Mapping:
+    """One shared mapping of a node's region (or a ring file) that can be let go at once.
+
+    Python's ``mmap.mmap`` cannot: ``close()`` refuses while a numpy view exists
+    (BufferError), and it keeps a dup of the fd meanwhile. A live mapping (or that fd)
+    keeps the uio file open, and hv_uio_release -- which closes the host channel -- runs
+    only when the last reference goes. So the mapping is made here with mmap(2), and
+    :meth:`detach` replaces it in place (mremap of a private anonymous copy onto the same
+    addresses, atomically) when the device closes: every view handed out stays valid and
+    reads the region as it was at the close (a detached copy; writes go nowhere), and the
+    file is no longer referenced. The copy is unmapped when the last view is gone.
+    """
+
+    __slots__ = ("__weakref__", "addr", "detached", "length")
+
+    def __init__(self, fd: int, length: int, offset: int) -> None:
+        addr = _c_mmap(None, length, _PROT_RW, mmap.MAP_SHARED, fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            raise _os_error(f"mmap of {length} bytes at offset {offset}")
+        self.addr: int = addr
+        self.length = length
+        self.detached = False
+        # At interpreter exit the process unmaps everything anyway; unmapping earlier
+        # could pull the memory from under a daemon thread still reading a ring.
+        weakref.finalize(self, _c_munmap, addr, length).atexit = False
+
+    def array(self, start: int, count: int) -> npt.NDArray[np.uint8]:
+        """A numpy view of ``count`` bytes from ``start``; it keeps this mapping alive."""
+        if start < 0 or count < 0 or start + count > self.length:
+            raise ValueError(f"bytes {start}..{start + count} are outside the {self.length}-byte mapping")
+        raw = (ctypes.c_uint8 * count).from_address(self.addr + start)
+        raw._owner = self  # type: ignore[attr-defined]  # the views keep the mapping
+        return np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
+
+    def detach(self) -> None:
+        """Swap the shared pages for a private copy at the same address (idempotent)."""
+        if self.detached:
+            return
+        length = self.length
+        tmp = _c_mmap(None, length, _PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if tmp is None or tmp == _MAP_FAILED:
+            raise _os_error(f"mmap of a {length}-byte copy")
+        ctypes.memmove(tmp, self.addr, length)
+        moved = _c_mremap(tmp, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, self.addr)
+        if moved is None or moved == _MAP_FAILED:
+            exc = _os_error("mremap of the copy over the shared mapping")
+            _c_munmap(tmp, length)
+            raise exc
+        self.detached = True
+
+
 def _read_attr(path: Path) -> str:
     return path.read_text().strip()
 
@@ -199,7 +277,7 @@ class _Transport:
     def fileno(self) -> int:
         raise NotImplementedError
 
-    def map(self, index: int, size: int, addr: int) -> tuple[mmap.mmap, int]:
+    def map(self, index: int, size: int, addr: int) -> tuple[_Mapping, int]:
         """Map region ``index``: (the mapping, where the region starts inside it)."""
         raise NotImplementedError
 
@@ -229,7 +307,7 @@ class _KernelTransport(_Transport):
     def fileno(self) -> int:
         return self.fd
 
-    def map(self, index: int, size: int, addr: int) -> tuple[mmap.mmap, int]:
+    def map(self, index: int, size: int, addr: int) -> tuple[_Mapping, int]:
         # uio_mmap hands out whole pages, starting with the page that holds ``addr``
         # (uio_vma_fault: virt_to_page(mem->addr + offset)), and allows
         # (addr & ~PAGE_MASK) + size bytes. A region that does not start on a page boundary
@@ -237,9 +315,7 @@ class _KernelTransport(_Transport):
         # kernels before 09eea7ad0b8e are 4 KiB kzalloc'd somewhere inside a 64 KiB page.
         # The ring map (physical / IOVA) is always page-aligned, so its skew is 0.
         skew = addr % PAGE_SIZE
-        mm = mmap.mmap(self.fd, skew + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=index * PAGE_SIZE)
-        return mm, skew
+        return _Mapping(self.fd, skew + size, index * PAGE_SIZE), skew
 
     def read_blocking(self) -> int:
         data = os.read(self.fd, 4)
@@ -323,14 +399,14 @@ class _MockTransport(_Transport):
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def map(self, index: int, size: int, addr: int) -> tuple[mmap.mmap, int]:
+    def map(self, index: int, size: int, addr: int) -> tuple[_Mapping, int]:
         # A memfd per map holds the region from byte 0: ``addr`` means nothing here.
         if index >= len(self.fds):
             raise OSError(errno.EINVAL, f"map{index}: the mock kernel passed only {len(self.fds)} maps")
         if size > self.sizes[index]:
             raise OSError(errno.EINVAL, f"map{index}: sysfs says {size} bytes, the mock passed "
                           f"{self.sizes[index]}")
-        return mmap.mmap(self.fds[index], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), 0
+        return _Mapping(self.fds[index], size, 0), 0
 
     def finish_open(self) -> None:
         """The maps hold their own references: drop the fds and tell the kernel we are done."""
@@ -408,6 +484,16 @@ class _MockTransport(_Transport):
         if self.wsock is not None:
             self.wsock.close()
             self.wsock = None
+        # The release, synchronous as the real close() is (uio_release -> hv_uio_release
+        # runs inside it when this is the last open): say we are done and wait until the
+        # kernel has released (it closes its end then), so an open right after this one
+        # finds the channel closed and its rings reset, never the previous contents.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(self.timeout)
+            for _ in range(1 << 16):  # events still queued for us, an ERR!: until EOF
+                if not self.sock.recv(64):
+                    break
         self.sock.close()
 
 
@@ -431,7 +517,7 @@ class UioDevice:
         """"kernel" (character device) or "mock" (the mock kernel's socket)."""
         self.maps: list[UioMap] = []
         self._transport: _Transport | None = transport
-        self._mmaps: list[mmap.mmap] = []
+        self._mmaps: list[_Mapping] = []
         self._gone: DeviceRescinded | None = None
         self._poller = select.poll()
         self._poller.register(transport.fileno(), select.POLLIN)
@@ -482,8 +568,7 @@ class UioDevice:
                 except (ConnectionResetError, BrokenPipeError):
                     raise DeviceRescinded(dev, f"{path} went away while its maps arrived") from None
                 self._mmaps.append(mm)
-                array = np.frombuffer(mm, dtype=np.uint8, count=size, offset=start)
-                self.maps.append(UioMap(index, map_name, size, array))
+                self.maps.append(UioMap(index, map_name, size, mm.array(start, size)))
         except BaseException:
             self.close()
             raise
@@ -576,7 +661,7 @@ class UioDevice:
                                  "is this a ring file?")
             if fd is None:
                 raise VmbusError(f"ring file {p}: the mock kernel sent no memory")
-            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _Mapping(fd, length, 0)
         except PermissionError:
             raise NotPermitted(str(p), "mmap") from None
         except OSError as exc:
@@ -592,7 +677,7 @@ class UioDevice:
             if fd is not None:
                 os.close(fd)
         self._mmaps.append(mm)
-        return np.frombuffer(mm, dtype=np.uint8)
+        return mm.array(0, length)
 
     # -- interrupts -------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -666,10 +751,14 @@ class UioDevice:
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Unmap and close the node (the last close releases the channel), then release the
-        device's lock. Idempotent.
+        """Unmap and close the node (the last close releases the channel, now), then release
+        the device's lock. Idempotent.
 
-        A map still exported (a numpy view someone kept) stays valid until that view dies.
+        Every numpy view of a map handed out (``maps[k].array``, a ring file's array, a
+        :class:`~pyvmbus.ring.RingBuffer` over one) stays valid but is detached: it reads
+        the region as it was at this close, and writes to it reach nobody. Nothing of the
+        device (no mapping, no fd) outlives this call, so the host channel closes here and
+        not at garbage collection.
         """
         transport, self._transport = self._transport, None
         mmaps, self._mmaps = self._mmaps, []
@@ -677,8 +766,11 @@ class UioDevice:
         self.maps = []
         try:
             for mm in mmaps:
-                with contextlib.suppress(BufferError):  # a view is alive: the mapping goes with it
-                    mm.close()
+                try:
+                    mm.detach()
+                except OSError as exc:  # no memory for the copy: the views keep the pages
+                    _log.warning("%s: cannot detach a mapping at close (%s); it lives until its "
+                                 "views go", self.name, exc)
             if transport is not None:
                 transport.close()
         finally:

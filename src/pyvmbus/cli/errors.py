@@ -60,10 +60,18 @@ class NoVmbus(UsageError):
     The CLI's own error (the library just sees no devices there); it suggests ``--mock``.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], dead_mock: int | None = None) -> None:
         self.root = str(root)
+        self.dead_mock = dead_mock
+        """The pid of the mock process that served this root and is gone (0: unknown);
+        None when the root is not a dead mock's."""
         bus = Path(root) / "sys" / "bus" / "vmbus"
-        if os.path.realpath(root) == "/":
+        if dead_mock is not None:
+            pid = f" (pid {dead_mock})" if dead_mock else ""
+            msg = (f"no VMBus under {root}: it is a mock root whose process{pid} is gone (killed or "
+                   f"stopped), so its devices are leftovers; start one with 'vmbus mock serve --root "
+                   f"{root}', or use --mock")
+        elif os.path.realpath(root) == "/":
             msg = (f"no VMBus here ({bus} does not exist): this is not a Hyper-V or Azure guest, or "
                    "hv_vmbus is not loaded; try the mock: 'vmbus --mock list' or 'vmbus demo'")
         else:

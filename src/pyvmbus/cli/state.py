@@ -197,6 +197,12 @@ class CliState:
         root = self.root_option if self.root_option is not None else Path("/")
         if not (root / "sys" / "bus" / "vmbus").is_dir():
             raise NoVmbus(root)
+        if root != Path("/"):
+            from ..mock.sysfs_tree import mock_liveness
+
+            live = mock_liveness(root)
+            if live is not None and not live[0]:
+                raise NoVmbus(root, dead_mock=live[1] or 0)
         return root
 
     def sysfs(self) -> Sysfs:

@@ -53,7 +53,7 @@ from .models import ECHO_CLASS_GUID, DeviceModel, HostChannel, register_model
 
 __all__ = ["ECHO_CLASS_GUID", "FAULTS", "DeviceModel", "HostChannel", "MockVmbus", "register_model"]
 
-FAULTS = ("corrupt", "stall", "resume", "storm", "crash")
+FAULTS = ("corrupt", "stall", "resume", "storm", "crash", "header", "descriptor")
 """What :meth:`MockVmbus.fault` accepts."""
 
 _START_TIMEOUT = 60.0
@@ -365,7 +365,14 @@ class MockVmbus:
         - ``storm``: ``count`` (default 1000) interrupts with nothing new, as fast as the
           loop turns;
         - ``crash``: the host process dies (every connection closes: a client sees
-          :class:`~pyvmbus.errors.HostCrashed`); this object then only cleans up.
+          :class:`~pyvmbus.errors.HostCrashed`); this object then only cleans up;
+        - ``header``: ``ring="rx"|"tx", field=<write_index|read_index|interrupt_mask|
+          pending_send_sz|feature_bits>, value=<u32>``: the host stores that value in that
+          word of the guest's ring (whoever owns it), then interrupts (``interrupt=False``:
+          not); ``subchannel=n`` picks the channel;
+        - ``descriptor``: ``offset8=, len8=`` (and ``type``, ``flags``, ``transaction_id``,
+          ``publish`` = bytes published, default 32): the host publishes a packet with that
+          descriptor in the guest's RX ring, then interrupts.
         """
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULTS)}")

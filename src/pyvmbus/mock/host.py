@@ -16,7 +16,9 @@ What it does is what Hyper-V does, on the same shared pages:
 - when the RX ring is full it sets RX pending_send_size and waits for the guest's signal,
   and stops reading TX while replies are queued (back-pressure);
 - faults: stall (stop reading TX), corrupt (the next descriptor it writes lies about its
-  length), storm (interrupts with nothing new).
+  length), storm (interrupts with nothing new), header (store any value in any header
+  word of either ring, then interrupt), descriptor (publish a packet whose descriptor
+  fields are given, then interrupt).
 
 The kernel side (pyvmbus.mock.kernel) owns uio semantics and calls in here through
 :meth:`MockHost.open_channel`, :meth:`close_channel` and :meth:`signal`; the host calls
@@ -60,6 +62,7 @@ __all__ = [
     "IDLE_SCAN_PERIOD",
     "INT_PAGE_SEND_OFFSET",
     "KernelSide",
+    "HEADER_WORDS",
     "MAX_MONITOR_ID",
     "MockHost",
     "Offer",
@@ -95,6 +98,9 @@ _READ_BATCH = 64
 _DRAIN_BUDGET = 1024  # packets per turn of the loop, so one busy channel cannot starve the rest
 _MAX_QUEUED_BEFORE_STOP = 1  # stop reading TX as soon as one reply waits for room
 _STORM_DEFAULT = 1000
+HEADER_WORDS = {"write_index": 0, "read_index": 4, "interrupt_mask": 8, "pending_send_sz": 12,
+                "feature_bits": 64}
+"""Byte offsets of the header words the "header" fault can write."""
 
 
 def monitor_word(monitor_id: int) -> tuple[int, int]:
@@ -338,6 +344,49 @@ class _Chan(HostChannel):
             for pkt in packets:
                 call(self, handle, self, pkt)
 
+    def write_header(self, ring: str, name: str, value: int | None, add: int | None = None) -> None:
+        """Fault "header": store ``value`` (or the word's value now + ``add``, mod 2**32) in
+        header word ``name`` of the ``ring`` ("tx": the guest's TX, "rx": the guest's RX),
+        whoever owns it."""
+        if ring not in ("tx", "rx"):
+            raise ValueError(f"ring must be 'tx' or 'rx', not {ring!r}")
+        if name not in HEADER_WORDS:
+            raise ValueError(f"unknown header word {name!r}; known: {', '.join(HEADER_WORDS)}")
+        buf = self.rx_raw if ring == "rx" else self.ring[:len(self.rx_raw)]
+        off = HEADER_WORDS[name]
+        if (value is None) == (add is None):
+            raise ValueError("give either value or add")
+        value = int(value) if value is not None else (load32(buf, off) + int(add or 0)) & 0xFFFFFFFF
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"header words are u32: {value} is out of range")
+        store32(buf, off, value)
+        fence()
+        self.host.kernel.log(f"host: {self.instance} relid {self.relid}: fault: {ring} {name} = {value:#x}")
+
+    def write_descriptor(self, type_: int, offset8: int, len8: int, flags: int, tid: int,
+                         publish: int) -> None:
+        """Fault "descriptor": a packet of ``publish`` bytes (a multiple of 8, at least 24)
+        at the RX write index whose descriptor says ``type_``/``offset8``/``len8``/...;
+        the rest is zeros and a trailer. Published whatever the fields say."""
+        buf = self.rx_raw
+        header = mmap.PAGESIZE
+        dsize = len(buf) - header
+        w, r = load32(buf, 0), load32(buf, 4)
+        free = dsize - (w - r) if w >= r else r - w
+        if publish < 24 or publish % 8 or w % 8 or w >= dsize or free <= publish:
+            raise ValueError(f"cannot publish {publish} bytes at write_index {w} ({free} free)")
+        raw = struct.pack("<HHHHQ", type_ & 0xFFFF, offset8 & 0xFFFF, len8 & 0xFFFF, flags & 0xFFFF,
+                          tid & 0xFFFFFFFFFFFFFFFF) + bytes(publish - 24) + struct.pack("<Q", w << 32)
+        for i in range(0, len(raw), 8):
+            off = header + (w + i) % dsize
+            buf[off:off + 8] = np.frombuffer(raw[i:i + 8], dtype=np.uint8)
+        fence()
+        store32(buf, 0, (w + publish) % dsize)
+        fence()
+        self._count("corrupt_sent")
+        self.host.kernel.log(f"host: {self.instance} relid {self.relid}: fault: descriptor type={type_} "
+                             f"offset8={offset8} len8={len8} ({publish} bytes published) at {w}")
+
     def _write_corrupt(self, type_: int, flags: int, tid: int) -> bool:
         """Publish a descriptor whose len8 runs past the bytes published (fault "corrupt")."""
         buf = self.rx_raw
@@ -519,8 +568,24 @@ class MockHost:
             dev.corrupt_pending += int(args.get("count", 1))
         elif kind == "storm":
             dev.storm_left += int(args.get("count", _STORM_DEFAULT))
+        elif kind in ("header", "descriptor"):
+            index = int(args.get("subchannel", 0))
+            chans = [c for c in self._device_channels(dev) if c.subchannel_index == index]
+            if not chans:
+                raise ChannelClosed(dev.offer.instance, "the channel is not open: nothing to write into")
+            ch = chans[0]
+            if kind == "header":
+                ch.write_header(str(args.get("ring", "rx")), str(args["field"]), args.get("value"),
+                                args.get("add"))
+            else:
+                ch.write_descriptor(int(args.get("type", PacketType.DATA_INBAND)), int(args["offset8"]),
+                                    int(args["len8"]), int(args.get("flags", 0)),
+                                    int(args.get("transaction_id", 0)), int(args.get("publish", 32)))
+            if args.get("interrupt", True):
+                self.interrupt(ch)
         else:
-            raise ValueError(f"unknown fault {kind!r}; known: corrupt, stall, resume, storm, crash")
+            raise ValueError(f"unknown fault {kind!r}; known: corrupt, stall, resume, storm, crash, "
+                             "header, descriptor")
         self.kernel.log(f"host: fault {kind} on {dev.offer.instance}")
 
     def command(self, guid: str, name: str, args: dict[str, Any], subchannel: int = 0) -> Any:

@@ -68,7 +68,7 @@ from .driver_core import DriverCore
 from .generations import KernelGeneration, generation
 from .host import MockHost, Offer
 from .loop import Loop
-from .sysfs_tree import UIO_DRIVER, SysfsTree
+from .sysfs_tree import UIO_DRIVER, SysfsTree, hold_alive_lock
 
 __all__ = ["MockKernel", "main"]
 
@@ -198,6 +198,7 @@ class MockKernel:
         self.gen = generation(gen) if isinstance(gen, str) else gen
         self.loop = loop
         self.tree = SysfsTree(self.root, self.gen)
+        self._alive_fd = hold_alive_lock(self.root)  # held while this process lives
         self.rings_dir = self.tree.run_dir / "rings"
         self.rings_dir.mkdir(parents=True, exist_ok=True)
         self.core = DriverCore(self.tree, probe=self.probe, remove=self.remove)

@@ -30,6 +30,7 @@ v5.2 and 4.19.y; the generations that show them model older kernels.)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -46,6 +47,9 @@ from ..guid import Guid, parse_guid
 from .generations import DEFAULT_GENERATION, PAGE_SIZE, KernelGeneration, generation
 
 __all__ = [
+    "ALIVE_LOCK",
+    "hold_alive_lock",
+    "mock_liveness",
     "CHANNEL_ATTRS",
     "DEVICE_MONITOR_ATTRS",
     "FIXED_RING_FILE_SIZE",
@@ -818,3 +822,48 @@ class SysfsTree:
             lines.append(f"{r.iface}\t{_hex_ip(r.destination)}\t{_hex_ip(r.gateway)}\t{flags:04X}\t0\t0\t"
                          f"{r.metric}\t{_hex_ip(r.mask)}\t0\t0\t0")
         self.write_attr(self.root / "proc" / "net" / "route", "\n".join(lines) + "\n")
+
+
+ALIVE_LOCK = ("run", "mock", "alive.lock")
+"""Under a mock root: the file the mock process holds an exclusive flock on while it runs
+(the kernel drops it when the process dies, even by kill -9). It holds the pid."""
+
+
+def hold_alive_lock(root: str | os.PathLike[str]) -> int:
+    """Take the mock root's liveness lock for this process; the fd (keep it open)."""
+    path = Path(root).joinpath(*ALIVE_LOCK)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def mock_liveness(root: str | os.PathLike[str]) -> tuple[bool, int | None] | None:
+    """(alive, pid) of the mock process that built ``root``; None when ``root`` is not a mock
+    root (no liveness lock: a real /sys, or a tree no mock process serves by design)."""
+    path = Path(root).joinpath(*ALIVE_LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            pid = int(text) if text.isdigit() else None
+        except OSError:
+            pid = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, pid  # held: the mock process runs
+        except OSError:
+            return None
+        return False, pid
+    finally:
+        os.close(fd)
