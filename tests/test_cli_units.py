@@ -29,7 +29,7 @@ PINNED = {
     "show.uio": "name node driver_name version event maps",
     "show.signal": "mechanism relid monitor_id int_page_word_offset int_page_bit_mask monitor_pending_offset "
                    "monitor_bit_mask reason notes subchannels",
-    "ring": "device class source state channel_open driver uio uio_events channels note tx rx",
+    "ring": "device class source state channel_open driver uio uio_events channels note tx rx violations",
     "ring.side": "read_index write_index interrupt_mask bytes_used bytes_free data_size occupancy "
                  "pending_send_size feature_bits",
     "bind": "device class driver uio node previous_driver already",

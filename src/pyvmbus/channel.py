@@ -50,7 +50,7 @@ from .errors import (
 from .guid import Guid, parse_guid
 from .lifecycle import ChannelState, Event, Lifecycle
 from .packet import Packet, PacketType
-from .ring import RingBuffer
+from .ring import HeaderCheck, RingBuffer
 from .signal import HostSignal
 from .uio import PAGE_SIZE, UioDevice
 
@@ -285,6 +285,8 @@ class Channel:
         self._state_lock = threading.RLock()
         self.tx_ring: RingBuffer | None = None
         self.rx_ring: RingBuffer | None = None
+        self._check: HeaderCheck | None = None
+        """The validation point of this channel's header words (:class:`HeaderCheck`)."""
         self._signal: HostSignal | None = None
         self._dev: UioDevice | None = None
         self._guard: DeviceGuard | None = None
@@ -612,6 +614,7 @@ class Channel:
         self.relid = relid
         self.monitor_id = monitor_id
         self.tx_ring, self.rx_ring, self._dev = tx, rx, dev
+        self._check = HeaderCheck(tx, rx)
         self._guard = guard
         self.polled = False
         self._polled_reason = ""
@@ -698,6 +701,7 @@ class Channel:
             with contextlib.suppress(ValueError, VmbusError):
                 rx.interrupt_mask = 0
         self.tx_ring = self.rx_ring = None
+        self._check = None
         self._dev = None
         self._guard = None
         self._inbox.clear()
@@ -716,14 +720,21 @@ class Channel:
         got = 0
         nbytes = 0
         comp = PacketType.COMP
+        check = self._check
+        # Every header word of both rings, before the engine trusts our read index: an
+        # interrupt is when a host that scribbled on a header wants us to look.
+        if check is not None and not self.check_rings("before a drain"):
+            return 0  # nothing to read, or a violation closed the device
         while True:
             try:
                 pkts, signal = rx.read_batch(READ_BATCH)
             except RingCorrupt as exc:
-                self._fatal(exc, f"corrupt: {exc}")
+                self._corrupt(exc, "in a drain")
                 return 0
             if self._tap is not None and pkts:
                 self._tap.rx(pkts)
+            if check is not None:
+                check.note_rx()
             if signal and self._signal is not None:
                 self._signal.signal()  # the host waits for room in our RX ring
             got += len(pkts)
@@ -821,6 +832,40 @@ class Channel:
         if disp is not None:
             disp.request_close(reason)
 
+    def check_rings(self, where: str) -> int:
+        """Check every header word of both rings (:class:`HeaderCheck`); RX bytes to read.
+
+        For the dispatcher, on the thread holding the lead. A violation closes the channel
+        (``corrupt: ...``) and returns 0.
+        """
+        check = self._check
+        if check is None:
+            return 0
+        try:
+            with self._tx_lock:  # a writer between its store and its note is not the host
+                check.check_tx()
+            return check.check_rx()
+        except RingCorrupt as exc:
+            self._corrupt(exc, where)
+            return 0
+
+    def _corrupt(self, exc: RingCorrupt, where: str) -> ChannelClosed:
+        """A header word or descriptor broke a rule: close every channel of the device once,
+        with reason ``corrupt: <what> (<ring> of <channel>, <where>)``; the error for the
+        caller that saw it. Never called holding ``_tx_lock`` (the teardown may need it)."""
+        located = exc.located(f"channel {self.name} relid {self.relid}, {where}")
+        reason = f"corrupt: {located.detail}"
+        disp = self._disp
+        if disp is None:
+            return ChannelClosed(self.name, reason)
+        if disp.request_close(reason):
+            self.last_error = located
+            if self.parent is not None:
+                self.parent.last_error = located
+            _log.warning("channel %s: %s", self.name, reason)
+            disp.finish_close(0.0)  # the lead's holder finishes it if this thread cannot
+        return ChannelClosed(self.name, disp.reason or reason)
+
     # -- sending -----------------------------------------------------------------------------
 
     def new_txid(self) -> int:
@@ -863,22 +908,35 @@ class Channel:
         ``defer``: do not signal now, set ``signal_due`` for :meth:`flush_signal` (the
         asyncio face signals once per loop turn for all the packets written in it).
         """
+        check = self._check
         with self._tx_lock:
-            if pending and not self.polled:
-                # (A polled subchannel never asks: the host's "room now" interrupt on it
-                # would oops a crash-window kernel; its dispatcher polls anyway.)
-                tx.set_pending_send_size(pending)
             tap = self._tap
             try:
+                if check is not None:
+                    check.check_tx()  # every TX word, before we write where it says
+                if pending and not self.polled:
+                    # (A polled subchannel never asks: the host's "room now" interrupt on it
+                    # would oops a crash-window kernel; its dispatcher polls anyway.)
+                    tx.set_pending_send_size(pending)
+                    if check is not None:
+                        check.note_tx()
                 if tap is None:
                     signal = tx.write(payload, packet_type, flags, txid)
                 else:
                     signal = tap.write(tx, payload, packet_type, flags, txid)
             except RingFull as full:
                 return full.needed
-            counters = self.counters  # under the lock: senders on several threads
-            counters.packets_out += 1
-            counters.bytes_out += _nbytes(payload)
+            except RingCorrupt as exc:
+                bad: RingCorrupt | None = exc
+            else:
+                bad = None
+                if check is not None:
+                    check.note_tx()
+                counters = self.counters  # under the lock: senders on several threads
+                counters.packets_out += 1
+                counters.bytes_out += _nbytes(payload)
+        if bad is not None:
+            raise self._corrupt(bad, "in flow control" if pending else "in a send")
         if signal:
             if defer:
                 self.signal_due = True
@@ -914,6 +972,9 @@ class Channel:
                 self._blocked_senders -= 1
                 if not self._blocked_senders and self.tx_ring is tx:
                     tx.clear_pending_send_size()
+                    check = self._check
+                    if check is not None:
+                        check.note_tx()
 
     def _send_when_room(self, tx: RingBuffer, payload: Payload, packet_type: int, flags: int,
                         txid: int, needed: int, timeout: float) -> None:
@@ -952,16 +1013,26 @@ class Channel:
         flags = 1 if completion_requested else 0
         txids = [self.new_txid() for _ in payloads]
         specs = [(p, packet_type, flags, t) for p, t in zip(payloads, txids, strict=True)]
+        check = self._check
+        bad: RingCorrupt | None = None
         with self._tx_lock:
             tap = self._tap
             try:
+                if check is not None:
+                    check.check_tx()
                 signal = tx.write_batch(specs) if tap is None else tap.write_batch(tx, specs)
             except RingFull:
                 signal = None
+            except RingCorrupt as exc:
+                bad = exc
             else:
+                if check is not None:
+                    check.note_tx()
                 counters = self.counters
                 counters.packets_out += len(specs)
                 counters.bytes_out += sum(_nbytes(p) for p in payloads)
+        if bad is not None:
+            raise self._corrupt(bad, "in a send")
         if signal is None:
             for p, t in zip(payloads, txids, strict=True):
                 self.send(p, completion_requested, packet_type=packet_type, transaction_id=t,
@@ -1140,6 +1211,7 @@ class Channel:
             relid, sub.monitor_id, int_page=_opt_map(dev, "int_page"),
             monitor_page=_opt_map(dev, "monitor_page"), write_one=disp.guard.write_one, subchannel=True)
         sub.tx_ring, sub.rx_ring, sub._dev, sub._disp = tx, rx, dev, disp
+        sub._check = HeaderCheck(tx, rx)
         sub.counters._opened(disp)
         if sub.monitor_id is None:
             self._check_signallable(disp, sub, info)

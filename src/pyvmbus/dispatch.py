@@ -73,7 +73,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from . import shm
-from .errors import ChannelClosed, DeviceRescinded, HostCrashed
+from .errors import ChannelClosed, DeviceRescinded, HostCrashed, RingCorrupt
 from .uio import UioDevice
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
     from .ring import RingBuffer
 
-__all__ = ["DISPATCH_MODES", "LINGER", "DeviceGuard", "Dispatched", "Dispatcher"]
+__all__ = ["DISPATCH_MODES", "LINGER", "RECHECK", "DeviceGuard", "Dispatched", "Dispatcher"]
 
 _log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ DISPATCH_MODES: Final = ("thread", "caller", "asyncio")
 LINGER: Final = 0.005
 """After a caller lets go of the lead, the background thread waits this long before it
 polls again, so a caller doing back-to-back requests keeps leading (no hand-offs)."""
+RECHECK: Final = 0.5
+"""Longest a dispatcher sleeps without checking every ring header (seconds): a host that
+stores garbage in a mask word never interrupts, and is seen within this."""
 
 
 class Dispatched(Protocol):
@@ -107,6 +110,11 @@ class Dispatched(Protocol):
 
     def drain(self, rx: RingBuffer) -> int:
         """Read every packet of ``rx``, route completions, deliver; packets read."""
+        ...
+
+    def check_rings(self, where: str) -> int:
+        """Check every header word of both rings (the channel's one validation point);
+        the bytes ready to read. A violation closes the device (``corrupt: ...``): 0."""
         ...
 
     def deliver(self) -> int:
@@ -233,6 +241,7 @@ class Dispatcher:
             self._loop = asyncio.get_running_loop()
             self._loop_thread = threading.get_ident()
             self._loop.add_reader(self._uio_fd, self._on_readable)
+            self._loop.call_later(RECHECK, self._aio_recheck_tick)
             if self.polled:
                 self._aio_poll_tick()
         self.kick()
@@ -451,8 +460,7 @@ class Dispatcher:
                     timeout = 0.0
                 elif self.polled:
                     timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
-                ms = -1 if timeout is None else (0 if timeout <= 0 else math.ceil(timeout * 1000))
-                for fd, _ in self._poller.poll(ms):
+                for fd, _ in self._poll(timeout):
                     if fd == self._uio_fd:
                         event = self._consume_event() or event
                     else:
@@ -462,6 +470,9 @@ class Dispatcher:
             if self.stopping:
                 return 0
             delivered = self._drain_all(event)
+        except RingCorrupt as exc:  # every ring access above checks and closes; never die on one
+            self.request_close(f"corrupt: {exc.located(f'{self.name}, in a dispatch cycle').detail}")
+            return 0
         except HostCrashed as exc:
             self.request_close(f"host crashed: {exc.detail}" if exc.detail else "host crashed")
             return 0
@@ -476,12 +487,25 @@ class Dispatcher:
                 self._cond.notify_all()
         return delivered
 
+    def _poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        """Poll the fds up to ``timeout``, checking the headers every :data:`RECHECK` meanwhile
+        (a quiet spell ends early when data waits without an interrupt, or on a close)."""
+        if timeout is not None and timeout <= 0:
+            return self._poller.poll(0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = RECHECK if deadline is None else min(RECHECK, deadline - time.monotonic())
+            ready = self._poller.poll(max(0, math.ceil(step * 1000)))
+            if ready or self.stopping or (deadline is not None and time.monotonic() >= deadline):
+                return ready
+            if self._data_waiting():  # every header checked (a violation closes)
+                return ready
+
     def _data_waiting(self) -> bool:
         for ch in self.channels:
-            rx = ch.rx_ring
-            if rx is not None and rx.available_to_read():
+            if ch.rx_ring is not None and ch.check_rings("before a drain"):
                 return True
-        return False
+        return self.stopping  # a violation closed the device: the cycle ends at once
 
     def _consume_event(self) -> bool:
         count = self.dev.read_event()
@@ -524,9 +548,15 @@ class Dispatcher:
             masked = False
             for ch in self.channels:
                 rx = ch.rx_ring
-                if rx is not None and not ch.polled and rx.interrupt_mask:
-                    rx.interrupt_mask = 0
-                    masked = True
+                if rx is not None and not ch.polled:
+                    mask = rx.interrupt_mask
+                    if mask > 1:  # neither we nor the kernel store that: check, and close
+                        ch.check_rings("at the unmask")
+                        if self.stopping:
+                            return self.delivered - start
+                    if mask:
+                        rx.interrupt_mask = 0
+                        masked = True
             if masked:
                 # Also write 1: on <= 6.9 that is how the kernel unmasks the primary, on
                 # 6.10+ how a non-monitored channel's host is told (SPEC.md section 8).
@@ -546,10 +576,11 @@ class Dispatcher:
             shm.fence()
             again = False
             for ch in self.channels:
-                rx = ch.rx_ring
-                if rx is not None and rx.available_to_read():
+                if ch.rx_ring is not None and ch.check_rings("in the re-check"):
                     again = True
                     break
+            if self.stopping:  # a violation closed the device
+                return self.delivered - start
             if not again:
                 self._armed = True
                 return self.delivered - start
@@ -561,7 +592,7 @@ class Dispatcher:
         poller = select.poll()
         poller.register(self._uio_fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
-        idle_ms = 1000
+        idle_ms = math.ceil(RECHECK * 1000)
         try:
             while not self.stopping:
                 with self._cond:
@@ -571,11 +602,12 @@ class Dispatcher:
                 if self.stopping:
                     break
                 ms = math.ceil(self.poll_interval * 1000) if self.polled else idle_ms
-                ready = poller.poll(ms)
+                poller.poll(ms)
                 if self.stopping:
                     break
-                if ready or self.polled:
-                    self._lead_cycle(0)
+                # A quiet second is a cycle too: it checks every header (a host that stored
+                # garbage in a mask never interrupts).
+                self._lead_cycle(0)
         except Exception:  # pragma: no cover - a bug; do not die silently
             _log.exception("dispatcher thread of %s failed", self.name)
             self.request_close("error: dispatcher thread failed")
@@ -588,6 +620,14 @@ class Dispatcher:
             return
         self._lead_cycle(0)
         self._loop.call_later(self.poll_interval, self._aio_poll_tick)
+
+    def _aio_recheck_tick(self) -> None:
+        """asyncio: a cycle (every header checked) every :data:`RECHECK` (see there)."""
+        if self.stopping or self._loop is None:
+            return
+        if not self.polled:  # the poll tick runs cycles often enough
+            self._lead_cycle(0)
+        self._loop.call_later(RECHECK, self._aio_recheck_tick)
 
     def _on_readable(self) -> None:
         """asyncio reader callback: one non-blocking cycle when the fd is readable."""

@@ -55,11 +55,26 @@ class RingCorrupt(HostError):
     dump it for a bug report.
     """
 
-    def __init__(self, field: str, value: int, reason: str) -> None:
+    def __init__(self, field: str, value: int, reason: str, where: str = "") -> None:
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"ring corrupt: {field}={value:#x} ({value}): {reason}")
+        self.where = where
+        """Which ring of which channel, and at which point it was seen (empty when the ring
+        engine raised it: the channel adds it, see :meth:`located`)."""
+        super().__init__(f"ring corrupt: {self.detail}")
+
+    @property
+    def detail(self) -> str:
+        """The message without the "ring corrupt:" prefix (a close reason's "corrupt: ..." part)."""
+        text = f"{self.field}={self.value:#x} ({self.value}): {self.reason}"
+        return f"{text} ({self.where})" if self.where else text
+
+    def located(self, where: str) -> RingCorrupt:
+        """The same fault, saying where it was seen: "<ring> of <where>" (``where`` names the
+        channel and the point, e.g. "channel X relid 5, before a drain")."""
+        return RingCorrupt(self.field, self.value, self.reason,
+                           f"{self.where} of {where}" if self.where else where)
 
 
 class RingFull(VmbusError):

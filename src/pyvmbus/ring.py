@@ -78,6 +78,7 @@ __all__ = [
     "HEADER_SIZE",
     "READ_RECORD",
     "Descriptor",
+    "HeaderCheck",
     "PacketSpec",
     "Payload",
     "RingBuffer",
@@ -1214,3 +1215,127 @@ if _cring is not None:
     # Tell the C engine where Packet's fields and RingBuffer.read_signal live (slot
     # offsets), so it builds genuine Packets and sets read_signal as this file does.
     _cring.bind(Packet, RingBuffer, RingCorrupt)
+
+
+# -- the validation point for a channel's header words ------------------------------------
+
+_HEAD4 = struct.Struct("<4I").unpack_from  # write_index, read_index, interrupt_mask, pending_send_sz
+
+
+class HeaderCheck:
+    """The one place that checks every header word of a channel's TX + RX ring pair.
+
+    The ring engine checks what it uses as it uses it (indices in range and 8-aligned,
+    descriptors framed right: :class:`RingCorrupt`); this class adds the rules about *who
+    may write which word*, which need memory of what we stored. The channel, its
+    dispatcher (before a drain and in the re-check), its send and flow-control paths and
+    ``vmbus ring --map`` all ask here. Each header word, by writer::
+
+        ring  word              writer          rule
+        TX    write_index       us              equal to what we last stored
+        TX    read_index        host            < data_size, multiple of 8
+        TX    interrupt_mask    host            0 or 1
+        TX    pending_send_sz   us              equal to what we last stored (0: not blocked)
+        RX    write_index       host            < data_size, multiple of 8
+        RX    read_index        us              equal to what we last stored
+        RX    interrupt_mask    us / kernel     0 or 1 (kernels up to 6.17 store 1 on interrupt)
+        RX    pending_send_sz   host            < data_size (more could never be free)
+        both  feature_bits      kernel (init)   not checked: a hint (bit 0) read per use;
+                                                no value of it can make us read or write
+                                                out of bounds, or wait without a timeout
+
+    Descriptor fields (offset8, len8, the extra headers) are checked by the ring engine's
+    read as each packet is copied out. A violation raises :class:`RingCorrupt` naming the
+    ring, the word and its value; the caller closes the channel (``corrupt: ...``).
+
+    Threads: :meth:`check_rx` / :meth:`note_rx` only on the RX ring's reader (the thread
+    holding the dispatch lead); :meth:`check_tx` / :meth:`note_tx` only under the lock the
+    channel's TX writers hold (a writer between its store and its note would look like a
+    host that wrote our word). A host that writes one of our words between our check and
+    our store is seen at the next check, not before: the check costs one 16-byte copy of
+    the header, not a check per load.
+    """
+
+    __slots__ = ("rx", "rx_read", "tx", "tx_pending", "tx_write")
+
+    def __init__(self, tx: RingBuffer, rx: RingBuffer) -> None:
+        self.tx = tx
+        self.rx = rx
+        self.tx_write = 0
+        self.tx_pending = 0
+        self.rx_read = 0
+        self.note_tx()
+        self.note_rx()
+
+    def note_tx(self) -> None:
+        """Remember our TX words as they are now (after our own store of them)."""
+        w, _, _, pending = _HEAD4(self.tx._mv, 0)
+        self.tx_write = w
+        self.tx_pending = pending
+
+    def note_rx(self) -> None:
+        """Remember our RX read index as it is now (after a read stored it)."""
+        self.rx_read = _HEAD4(self.rx._mv, 0)[1]
+
+    def check_rx(self) -> int:
+        """Check the RX header; the bytes ready to read. RingCorrupt on a violation."""
+        rx = self.rx
+        w: int
+        r: int
+        w, r, mask, pending = _HEAD4(rx._mv, 0)
+        dsize = rx._dsize
+        if w >= dsize or w & 7:
+            raise _index_fault("rx", "write_index", w, dsize)
+        if r != self.rx_read:
+            raise RingCorrupt("read_index", r, f"ours, and we stored {self.rx_read}: the host "
+                              "wrote it", "rx ring")
+        if mask > 1:
+            raise RingCorrupt("interrupt_mask", mask, "only 0 or 1 is ever stored (by us or the kernel)",
+                              "rx ring")
+        if pending >= dsize:
+            raise RingCorrupt("pending_send_sz", pending, f"the host asks for more room than the "
+                              f"{dsize}-byte ring can ever have", "rx ring")
+        return w - r if w >= r else dsize - r + w
+
+    def check_tx(self) -> int:
+        """Check the TX header; the bytes free (as :meth:`RingBuffer.available_to_write`)."""
+        tx = self.tx
+        w: int
+        r: int
+        w, r, mask, pending = _HEAD4(tx._mv, 0)
+        dsize = tx._dsize
+        if w != self.tx_write:
+            raise RingCorrupt("write_index", w, f"ours, and we stored {self.tx_write}: the host "
+                              "wrote it", "tx ring")
+        if r >= dsize or r & 7:
+            raise _index_fault("tx", "read_index", r, dsize)
+        if mask > 1:
+            raise RingCorrupt("interrupt_mask", mask, "the host stores only 0 or 1 there", "tx ring")
+        if pending != self.tx_pending:
+            raise RingCorrupt("pending_send_sz", pending, f"ours, and we stored {self.tx_pending}: "
+                              "the host wrote it", "tx ring")
+        return dsize - (w - r) if w >= r else r - w
+
+    def violations(self) -> list[RingCorrupt]:
+        """Every rule above broken now that needs no memory of our stores, for an observer
+        that is not the channel's user (``vmbus ring --map``): indices, masks, pending."""
+        out = []
+        for side, ring in (("tx", self.tx), ("rx", self.rx)):
+            w, r, mask, pending = _HEAD4(ring._mv, 0)
+            dsize = ring._dsize
+            for name, value in (("write_index", w), ("read_index", r)):
+                if value >= dsize or value & 7:
+                    out.append(_index_fault(side, name, value, dsize))
+            if mask > 1:
+                out.append(RingCorrupt("interrupt_mask", mask, "only 0 or 1 is ever stored",
+                                       f"{side} ring"))
+            if pending >= dsize:
+                out.append(RingCorrupt("pending_send_sz", pending, f"more room than the {dsize}-byte "
+                                       "ring can ever have", f"{side} ring"))
+        return out
+
+
+def _index_fault(side: str, name: str, value: int, dsize: int) -> RingCorrupt:
+    if value >= dsize:
+        return RingCorrupt(name, value, f"outside the {dsize}-byte data area", f"{side} ring")
+    return RingCorrupt(name, value, "not a multiple of 8 (packets are 8-byte aligned)", f"{side} ring")

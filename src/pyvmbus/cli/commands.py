@@ -327,6 +327,8 @@ def ring(state: CliState, device: str, use_map: bool, watch: bool, interval: flo
                     click.echo("")
                 out.emit(data, render_ring(data) if not state.json else None)
                 shown += 1
+                if mapped is not None and mapped.first_violation is not None and not watch:
+                    raise mapped.first_violation  # shown above; exit 9 with it as the one line
                 if not watch or (count is not None and shown >= count) or flag.wait(interval):
                     break
     finally:

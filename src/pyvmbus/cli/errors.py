@@ -146,8 +146,8 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(EXIT_HOST, "host", (HostError, ChannelClosed), "the host rescinded the device, crashed or "
              "wrote a corrupt ring", "run 'vmbus list' to find the device again once the host "
              "offers it"),
-    ExitCode(EXIT_NO_VMBUS, "no-vmbus", (NoVmbus,), "no VMBus under the root (not a Hyper-V guest)",
-             "try --mock"),
+    ExitCode(EXIT_NO_VMBUS, "no-vmbus", (NoVmbus,), "no VMBus under the root (not a Hyper-V guest, "
+             "or a mock root whose process is gone)", "try --mock, or 'vmbus mock serve --root DIR'"),
     ExitCode(11, "bind-failed", (BindFailed,), "the kernel refused a bind or unbind write",
              "see dmesg"),
     ExitCode(EXIT_BUSY, "busy", (DeviceBusy,), "another process uses the device (a channel holds it "

@@ -127,6 +127,8 @@ SCHEMAS: Final[dict[str, dict[str, str]]] = {
         "driver": "bound driver", "uio": "uio node or null", "uio_events": "uio event count or null",
         "channels": "list of show.channel", "note": "where the numbers come from",
         "tx": "ring.side: guest->host ring", "rx": "ring.side: host->guest ring",
+        "violations": "header words that break the ring rules (--map only; docs/ring.md), one "
+                      "line each; empty when none",
     },
     "ring.side": _RING_SIDE,
     "bind": {"device": "instance GUID", "class": "class short name", "driver": "uio_hv_generic",

@@ -74,6 +74,7 @@ def render_ring(data: dict[str, Any]) -> str:
                   for c in data["channels"]]
     if data.get("note"):
         lines.append(f"note: {data['note']}")
+    lines += [f"CORRUPT: {v}" for v in data.get("violations", [])]
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..binding import guard_rails, read_record
-from ..errors import DeviceRescinded, MalformedSysfs, VmbusError
+from ..errors import DeviceRescinded, MalformedSysfs, RingCorrupt, VmbusError
+from ..ring import HeaderCheck, RingBuffer
 from ..signal import HostSignal
 from ..sysfs import UIO_DRIVER, ChannelInfo, Sysfs, VmbusDevice, parse_int, read_attr
 from .state import class_label
@@ -169,6 +170,7 @@ def _ring_common(dev: VmbusDevice, source: str) -> dict[str, Any]:
         "uio_events": uio.event if uio is not None else None,
         "channels": chans,
         "note": None,
+        "violations": [],
     }
 
 
@@ -202,7 +204,7 @@ class MappedRings:
     def __init__(self, root: str | os.PathLike[str], dev: VmbusDevice, timeout: float = 10.0) -> None:
         from ..channel import split_rings
         from ..errors import InvalidState
-        from ..uio import UioDevice
+        from ..uio import PAGE_SIZE, UioDevice
 
         name = dev.uio_name
         if name is None or dev.driver != UIO_DRIVER:
@@ -215,17 +217,36 @@ class MappedRings:
         # process (vmbus enable, a program) holds, and never stands in that one's way.
         self.uio = UioDevice.open(root, name, device=dev.guid, timeout=timeout, exclusive=False)
         try:
-            self.tx, self.rx = split_rings(self.uio.map("txrx_rings").array, f"{name} txrx_rings")
+            arr = self.uio.map("txrx_rings").array
+            half = len(arr) // 2
+            try:
+                self.tx, self.rx = split_rings(arr, f"{name} txrx_rings")
+            except RingCorrupt as exc:
+                if exc.field.endswith(" size"):
+                    raise
+                # Bad indices: show them anyway (read() lists what is wrong).
+                self.tx = RingBuffer(arr[:half], header_size=PAGE_SIZE)
+                self.rx = RingBuffer(arr[half:], header_size=PAGE_SIZE)
+            self.check = HeaderCheck(self.tx, self.rx)
+            self.first_violation: RingCorrupt | None = None
         except BaseException:
             self.uio.close()
             raise
 
     def read(self) -> dict[str, Any]:
+        """The headers through the one validation point: what breaks a rule is listed in
+        ``violations`` (and the byte counts it makes meaningless are null)."""
         out = _ring_common(self.dev, "map")
+        bad = self.check.violations()
+        out["violations"] = [b.detail for b in bad]
+        self.first_violation = bad[0].located(f"device {self.dev.guid}, seen by vmbus ring --map") \
+            if bad else None
         for key, ring in (("tx", self.tx), ("rx", self.rx)):
-            out[key] = _side(ring.available_to_read(), ring.available_to_write(), ring.read_index,
-                             ring.write_index, ring.interrupt_mask, ring.pending_send_size,
-                             ring.feature_bits, ring.data_size)
+            used = free = None
+            with contextlib.suppress(RingCorrupt):
+                used, free = ring.available_to_read(), ring.available_to_write()
+            out[key] = _side(used, free, ring.read_index, ring.write_index, ring.interrupt_mask,
+                             ring.pending_send_size, ring.feature_bits, ring.data_size)
         if self.was_open:
             out["note"] = "read from the ring headers of the open channel (uio map 0)"
         else:
