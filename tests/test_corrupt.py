@@ -176,6 +176,20 @@ def test_host_writing_our_tx_words_closes_the_channel(mock: MockVmbus, device: s
 
 
 @pytest.mark.timeout(60)
+def test_host_consuming_past_our_tx_write_index_closes_the_channel(mock: MockVmbus, device: str) -> None:
+    """Was: a host that moved the TX read index past what we wrote (aligned, in range) went
+    unnoticed; the host then read garbage and stopped, and every request timed out."""
+    ch = Vmbus(mock.root).channel(device, dispatch="thread")
+    reasons = closed_reasons(ch)
+    ch.enable()
+    assert ch.send_request(b"warm", timeout=10)
+    mock.fault(device, "header", ring="tx", field="read_index", add=4096, interrupt=False)
+    with pytest.raises(ChannelClosed, match=r"corrupt: read_index=.*consumed past our write index"):
+        ch.send_request(b"x", timeout=5)
+    assert wait_state(ch, S.DISABLED, reasons=reasons)
+
+
+@pytest.mark.timeout(60)
 def test_host_writing_our_rx_read_index_closes_the_channel(mock: MockVmbus, device: str) -> None:
     """Was: a host that moved our RX read index made us read (and deliver) from there."""
     ch = Vmbus(mock.root).channel(device, dispatch="thread")
@@ -229,6 +243,14 @@ def test_header_check_rules_unit() -> None:
     tx.write(b"abc")
     check.note_tx()
     assert check.check_tx() == 2048 - 32
+    tx.read()  # the other end consumes what we wrote: fine
+    assert check.check_tx() == 2048
+    tx.write(b"abc")
+    check.note_tx()
+    buf = tx._mv  # the host claims it read up to 96 while we wrote up to 64
+    buf[4:8] = (96).to_bytes(4, "little")
+    with pytest.raises(Exception, match="consumed past our write index 64"):
+        check.check_tx()
     rx.pending_send_size = 2048
     with pytest.raises(Exception, match="pending_send_sz=0x800"):
         check.check_rx()
@@ -262,6 +284,11 @@ def faults(dsize: int, masks_on_interrupt: bool) -> st.SearchStrategy[Fault]:
     def host_index(ring: str, word: str) -> st.SearchStrategy[Fault]:
         return bad_index().map(lambda v: Fault("header", {"ring": ring, "field": word, "value": v}, word))
 
+    # The host's TX read index moved past everything we wrote (aligned, in range: only the
+    # memory of our write index tells); the host's own read can store over it: volatile.
+    tx_read_past = st.integers(64, dsize // 16).map(lambda k: Fault(
+        "header", {"ring": "tx", "field": "read_index", "add": k * 8}, "read_index", volatile=True))
+
     def own_index(ring: str, word: str) -> st.SearchStrategy[Fault]:
         moved = st.integers(1, dsize // 8 - 1).map(lambda k: ("add", k * 8))
         return st.one_of(moved, bad_index().map(lambda v: ("value", v))).map(
@@ -292,16 +319,20 @@ def faults(dsize: int, masks_on_interrupt: bool) -> st.SearchStrategy[Fault]:
                             "len8" if not t[1] or 2 <= t[0] <= t[1] else "offset8"))
     return st.one_of(
         host_index("rx", "write_index"), own_index("rx", "read_index"), mask("rx"), rx_pending,
-        own_index("tx", "write_index"), host_index("tx", "read_index"), mask("tx"), tx_pending, desc,
+        own_index("tx", "write_index"), host_index("tx", "read_index"), tx_read_past, mask("tx"), tx_pending,
+        desc,
     )
 
 
-def _check_closed(ch: Channel, reasons: list[str], fault: Fault, errors: list[BaseException]) -> None:
+def _check_closed(ch: Channel, reasons: list[str], fault: Fault, errors: list[BaseException],
+                  traffic: bool) -> None:
     assert wait_state(ch, S.DISABLED, reasons=reasons), ch.state
     assert len(reasons) == 1, reasons
     reason = reasons[0]
     assert reason.startswith("corrupt: "), (fault, reason)
-    if fault.kind == "header":
+    # A volatile word can also be caught by what it caused: a read index moved between the
+    # check and the drain's load makes the engine parse from there (e.g. "len8=0x0").
+    if fault.kind == "header" and not (fault.volatile and traffic):
         assert reason.startswith(f"corrupt: {fault.word}="), (fault, reason)
         assert f"{fault.args['ring']} ring of channel" in reason, (fault, reason)
     assert ch.info()["outstanding_requests"] == 0
@@ -350,7 +381,7 @@ def _sync_case(mock: MockVmbus, guid: str, mode: str, traffic: bool, fault: Faul
         if worker is not None:
             worker.join(25)
             assert not worker.is_alive(), "a request hung"
-        _check_closed(ch, reasons, fault, errors)
+        _check_closed(ch, reasons, fault, errors, traffic)
         with pytest.raises(ChannelClosed):
             ch.send_request(b"after", timeout=2)
         # Restorable, at once.
@@ -400,7 +431,7 @@ async def _async_case(mock: MockVmbus, guid: str, traffic: bool, fault: Fault) -
                 break
         if task is not None:
             await asyncio.wait_for(task, 25)
-        _check_closed(ch, reasons, fault, errors)
+        _check_closed(ch, reasons, fault, errors, traffic)
     async with ch.enabled():  # restorable, at once
         assert await ch.request(b"restored", timeout=10) == b"restored"
 

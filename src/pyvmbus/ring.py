@@ -1233,7 +1233,8 @@ class HeaderCheck:
 
         ring  word              writer          rule
         TX    write_index       us              equal to what we last stored
-        TX    read_index        host            < data_size, multiple of 8
+        TX    read_index        host            < data_size, multiple of 8, and moved forward
+                                                at most up to our write index
         TX    interrupt_mask    host            0 or 1
         TX    pending_send_sz   us              equal to what we last stored (0: not blocked)
         RX    write_index       host            < data_size, multiple of 8
@@ -1256,7 +1257,7 @@ class HeaderCheck:
     the header, not a check per load.
     """
 
-    __slots__ = ("rx", "rx_read", "tx", "tx_pending", "tx_write")
+    __slots__ = ("rx", "rx_read", "tx", "tx_pending", "tx_read", "tx_write")
 
     def __init__(self, tx: RingBuffer, rx: RingBuffer) -> None:
         self.tx = tx
@@ -1264,6 +1265,7 @@ class HeaderCheck:
         self.tx_write = 0
         self.tx_pending = 0
         self.rx_read = 0
+        self.tx_read = _HEAD4(tx._mv, 0)[1]
         self.note_tx()
         self.note_rx()
 
@@ -1309,6 +1311,11 @@ class HeaderCheck:
                               "wrote it", "tx ring")
         if r >= dsize or r & 7:
             raise _index_fault("tx", "read_index", r, dsize)
+        last = self.tx_read
+        if (r - last) % dsize > (w - last) % dsize:
+            raise RingCorrupt("read_index", r, f"the host consumed past our write index {w} (it was "
+                              f"at {last})", "tx ring")
+        self.tx_read = r
         if mask > 1:
             raise RingCorrupt("interrupt_mask", mask, "the host stores only 0 or 1 there", "tx ring")
         if pending != self.tx_pending:
