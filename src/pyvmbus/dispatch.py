@@ -17,7 +17,11 @@ The cycle
     the read-index store is the re-check the protocol needs, and on 6.18 this saves an
     fd write (and, for a non-monitored channel, a host wakeup) per interrupt. Nothing
     blocks until a cycle has completed that sequence (``_armed``). The whole cycle is
-    :meth:`Dispatcher._drain_all`.
+    :meth:`Dispatcher._drain_all`. Every ring access of the cycle goes through the channel's
+    one validation point (``check_rings``: :class:`pyvmbus.ring.HeaderCheck`), before the
+    drain, at the unmask and in the re-check, and no driver sleeps longer than
+    :data:`RECHECK` without one: a violation closes the device (``corrupt: ...``), it
+    never kills the thread that saw it.
 
 Subchannels and the crash window
     Before d062463 ("Set event for all channels on the device") and the Dec 2025 5.4-6.6
