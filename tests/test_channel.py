@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import until
 from pyvmbus import ChannelClosed, InvalidState, RingFull, Timeout, UnsupportedKernel
 from pyvmbus.bus import Vmbus
 from pyvmbus.channel import Channel
@@ -1035,3 +1036,33 @@ def test_subchannel_ring_size_comes_from_the_channel(tmp_path: Path) -> None:
     assert _subchannel_ring_bytes(chan) == 2 * 0x11000
     tree.set_ring_allocated(guid, 40, None)
     assert _subchannel_ring_bytes(chan) is None  # not set up yet: wait, do not guess
+
+
+@pytest.mark.timeout(60)
+def test_a_rescind_during_post_started_is_closed_when_enable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """enable() raises ChannelClosed only after on_closed ran (the CLI prints its closed
+    event from it): a rescind that lands while post-started runs used to be left to the
+    dispatcher thread's teardown, still running when enable() raised."""
+    release = Channel.release
+
+    def slow_release(self: Channel) -> None:
+        time.sleep(0.3)  # widen the window between "closing" and "closed"
+        release(self)
+
+    monkeypatch.setattr(Channel, "release", slow_release)
+    with MockVmbus() as mock:
+        guid = mock.add_device("echo")
+        bus = Vmbus(mock.root)
+        bus.bind(guid)
+        ch = bus.channel(guid, dispatch="thread")
+        closed: list[str] = []
+        ch.on_closed(lambda c, reason: closed.append(reason))
+
+        def rescind_now(c: Channel) -> None:
+            mock.rescind(str(guid))
+            assert until(lambda: c.state is ChannelState.CLOSING, 10)
+
+        ch.on_post_started(rescind_now)
+        with pytest.raises(ChannelClosed, match="rescinded"):
+            ch.enable()
+        assert closed == ["rescinded"] and ch.state is ChannelState.DISABLED

@@ -565,9 +565,15 @@ class Channel:
             raise
         self._run_start_callback(self._cb_post_started, "on_post_started")
         with self._state_lock:
-            if self._lc.state is not ChannelState.STARTED:
-                raise ChannelClosed(self.name, self._lc.reason or "closed during enable")
-            self._lc.fire(Event.POST_STARTED)
+            closed_meanwhile = self._lc.state is not ChannelState.STARTED
+            if not closed_meanwhile:
+                self._lc.fire(Event.POST_STARTED)
+        if closed_meanwhile:
+            # A rescind, a dead host or a corrupt ring closed the channel during
+            # post-started: finish that close here, so on_closed has run when enable()
+            # raises, as it has for every other close a caller sees.
+            disp.finish_close(timeout)
+            raise ChannelClosed(self.name, self._lc.reason or "closed during enable")
         if self._tap is not None:
             self._tap.event("post_started")
         disp.kick()  # deliver what was held during post-started, in order
