@@ -704,7 +704,7 @@ def _vmbus() -> list[str]:
         sys.executable, "-c", "import sys; from pyvmbus.cli import main; sys.exit(main(prog_name='vmbus'))"]
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
