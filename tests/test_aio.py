@@ -147,6 +147,27 @@ def test_request_timeout_cancels_and_drops_late_completion(echo: Echo) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_request_timeouts_share_one_timer_and_keep_their_own_deadlines(echo: Echo) -> None:
+    """The loop's shared deadline timer: a short timeout started after a long one still
+    ends at its own deadline, and the long one is not ended by it."""
+    m, guid, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            assert await ch.request(b"warm", timeout=30) == pad8(b"warm")  # a long, done deadline
+            await asyncio.to_thread(m.fault, guid, "stall")
+            long = asyncio.create_task(ch.request(b"long", timeout=3.0))
+            await asyncio.sleep(0)
+            with pytest.raises(Timeout):
+                await ch.request(b"short", timeout=0.2)
+            assert not long.done()  # the short deadline fired first, and ended only its request
+            await asyncio.to_thread(m.fault, guid, "resume")
+            assert await long == pad8(b"long")
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
 def test_async_send_waits_for_room_without_blocking_the_loop(echo: Echo) -> None:
     m, guid, ch = echo
 

@@ -22,9 +22,12 @@ needs of a channel is :class:`AsyncChannel`, names without a leading underscore 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import math
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -136,6 +139,63 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class _Deadlines:
+    """The request timeouts of one loop: one timer for all, not a ``call_later`` each.
+
+    A timer per request (a TimerHandle, a heap push, a cancel and the heap's clean-up) was
+    a quarter of a pipelined request's own CPU. Requests with the same timeout end in the
+    order they started, so each timeout value keeps a FIFO of (deadline, future); a
+    request's future is settled when its deadline passes, exactly as its own timer did,
+    and the request then finds itself not done and times out. Futures already done are
+    dropped from the front as new ones come, so the FIFOs hold about the requests in
+    flight. One loop timer is armed at the earliest deadline still queued.
+    """
+
+    __slots__ = ("armed_at", "queues")
+
+    def __init__(self) -> None:
+        self.queues: dict[float, collections.deque[tuple[float, asyncio.Future[None]]]] = {}
+        self.armed_at = math.inf
+
+    def add(self, loop: asyncio.AbstractEventLoop, timeout: float, fut: asyncio.Future[None]) -> None:
+        queue = self.queues.get(timeout)
+        if queue is None:
+            queue = self.queues[timeout] = collections.deque()
+        while queue and queue[0][1].done():
+            queue.popleft()
+        deadline = loop.time() + timeout
+        queue.append((deadline, fut))
+        if deadline < self.armed_at:
+            self.armed_at = deadline
+            loop.call_at(deadline, self.fire, loop, deadline)
+
+    def fire(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if at != self.armed_at:
+            return  # an earlier deadline re-armed the timer meanwhile: that one runs
+        now = loop.time()
+        nxt = math.inf
+        for timeout, queue in list(self.queues.items()):
+            while queue and (queue[0][0] <= now or queue[0][1].done()):
+                _settle(queue.popleft()[1])
+            if queue:
+                nxt = min(nxt, queue[0][0])
+            else:
+                del self.queues[timeout]
+        self.armed_at = nxt
+        if nxt != math.inf:
+            loop.call_at(nxt, self.fire, loop, nxt)
+
+
+_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
+
+
+def _deadlines(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    found = _DEADLINES.get(loop)
+    if found is None:
+        found = _DEADLINES[loop] = _Deadlines()
+    return found
+
+
 async def send(channel: AsyncChannel, payload: Any, completion_requested: bool = False, *,
                packet_type: int = PacketType.DATA_INBAND, transaction_id: int | None = None,
                timeout: float | None = None) -> int:
@@ -199,29 +259,41 @@ async def request(channel: AsyncChannel, payload: Any, timeout: float | None = N
         raise channel.not_open("send a request on")
     t = channel.request_timeout if timeout is None else timeout
     loop = asyncio.get_running_loop()
-    resolve = _resolver(loop)
+    loop_thread = threading.get_ident()
     fut: asyncio.Future[None] = loop.create_future()
 
     def done(req: AsyncRequest) -> None:
-        resolve(lambda: _settle(fut))
+        # (_resolver's rule, inlined: no closure per completion on the hot path)
+        if threading.get_ident() == loop_thread:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            loop.call_soon_threadsafe(_settle, fut)
 
     req = channel.register_request(done)
     try:
-        await send(channel, payload, True, transaction_id=req.txid, timeout=t)
+        tx = channel.tx_ring
+        # The common case without a second coroutine: the packet fits now (send()'s first
+        # step). A full ring, or a channel not open, goes through send(), which waits for
+        # room or raises as it always did; nothing was written by the attempt here.
+        if tx is not None and channel.may_send and not channel.write_packet(
+                tx, payload, PacketType.DATA_INBAND, 1, req.txid, 0, defer=True):
+            _schedule_signal(channel, loop)
+        else:
+            await send(channel, payload, True, transaction_id=req.txid, timeout=t)
     except BaseException:
         channel.forget_request(req)
         raise
     channel.count_request()
     if not req.done:
-        # A timer instead of asyncio.wait_for: no extra task per request.
-        timer = loop.call_later(t, _settle, fut)
+        # The loop's shared deadline timer instead of asyncio.wait_for (no extra task) or
+        # a call_later each (see _Deadlines).
+        _deadlines(loop).add(loop, t, fut)
         try:
             await fut
         except asyncio.CancelledError:
             channel.cancel_request(req)
             raise
-        finally:
-            timer.cancel()
     if not req.done and channel.cancel_request(req):
         raise Timeout(f"the completion of request {req.txid} on channel {channel.name}", t)
     if req.error is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -55,7 +56,7 @@ from .signal import HostSignal
 from .uio import PAGE_SIZE, UioDevice
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
 
     import numpy as np
     import numpy.typing as npt
@@ -205,6 +206,15 @@ def split_rings(buf: npt.NDArray[np.uint8], what: str, page_size: int = PAGE_SIZ
     tx.available_to_write()  # RingCorrupt on indices outside the data area
     rx.available_to_read()
     return tx, rx
+
+
+@functools.cache
+def _aio_request() -> Callable[[Channel, Payload, float | None], Awaitable[bytes]]:
+    """pyvmbus.aio.request, imported on first use (asyncio stays unimported for threads);
+    cached, because a ``from .aio import`` statement per request costs ~1 us."""
+    from .aio import request
+
+    return request
 
 
 def _nbytes(payload: Payload) -> int:
@@ -1296,9 +1306,7 @@ class Channel:
 
     async def request(self, payload: Payload, timeout: float | None = None) -> bytes:
         """``await channel.request(payload)``: send_request without blocking the loop."""
-        from .aio import request
-
-        return await request(self, payload, timeout)
+        return await _aio_request()(self, payload, timeout)
 
     def packets(self) -> AsyncIterator[Packet]:
         """``async for packet in channel.packets():`` every packet on_packet would get."""

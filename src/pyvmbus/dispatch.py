@@ -216,6 +216,9 @@ class Dispatcher:
         self._poller.register(self._uio_fd, select.POLLIN)
         self._poller.register(self._wake_fd, select.POLLIN)
         self._thread: threading.Thread | None = None
+        self._thread_ident = -1
+        """The background thread's ident (-1: none): compared in _unlead without a
+        threading.current_thread() call per release."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._cycle_hooks: list[Callable[[], None]] = []
@@ -329,8 +332,8 @@ class Dispatcher:
                     self._teardown()
                 finally:
                     closed_now = True
-            self._leader = 0
-            if threading.current_thread() is not self._thread:
+            leader, self._leader = self._leader, 0
+            if leader != self._thread_ident:
                 # Only a caller's release makes the background thread step aside for
                 # LINGER (so back-to-back requests keep leading themselves). Its own
                 # release must not: it would sleep LINGER after every cycle it ran, and an
@@ -593,6 +596,7 @@ class Dispatcher:
 
     def _thread_main(self) -> None:
         """Background driver: poll without the lead; lead only when no caller does."""
+        self._thread_ident = threading.get_ident()  # before this thread ever leads
         poller = select.poll()
         poller.register(self._uio_fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)

@@ -354,6 +354,15 @@ class _Gone(Exception):
         self.detail = detail
 
 
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_SNDTIMEO / SO_RCVTIMEO (0 would mean "never time out")."""
+    if not math.isfinite(seconds):
+        return struct.pack("@ll", 0, 0)
+    sec = int(seconds)
+    usec = int((seconds - sec) * 1_000_000)
+    return struct.pack("@ll", sec, max(usec, 1) if sec == 0 else usec)
+
+
 class _MockTransport(_Transport):
     """The mock node: a SOCK_SEQPACKET connection to the mock kernel."""
 
@@ -394,7 +403,14 @@ class _MockTransport(_Transport):
             raise OSError(errno.EPROTO, f"open reply lists {count} maps but carries {len(self.fds)} fds")
         self.sizes = list(struct.unpack_from(f"<{count}Q", msg, _OPEN_HEAD.size))
         self.wsock = socket.socket(fileno=self.fds.pop())
-        self.wsock.settimeout(self.timeout)
+        # The timeout lives in the kernel (SO_SNDTIMEO / SO_RCVTIMEO on a blocking socket):
+        # a Python socket with settimeout() polls before every send and recv, two extra
+        # syscalls per irqcontrol write on the hot path. A call that times out fails with
+        # EAGAIN, which write() reports as the same TimeoutError.
+        tv = _timeval(self.timeout)
+        self.wsock.setblocking(True)
+        self.wsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.wsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -457,7 +473,7 @@ class _MockTransport(_Transport):
             try:
                 wsock.send(_IRQ.pack(value), socket.MSG_NOSIGNAL)
                 status = wsock.recv(16)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # EAGAIN: SO_SNDTIMEO / SO_RCVTIMEO ran out
                 raise TimeoutError(f"the mock kernel did not apply irqcontrol within {self.timeout:g} s") \
                     from None
             except (BrokenPipeError, ConnectionResetError):

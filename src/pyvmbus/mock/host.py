@@ -246,7 +246,12 @@ class _Chan(HostChannel):
             self.dev.corrupt_pending -= 1
             return True
         try:
-            signal = self.rx.write(payload, type, flags, transaction_id, extra_header=extra_header)
+            # Positional, without extra_header when there is none: the compiled ring engine
+            # takes only that call itself (a keyword sends it through ring.py's Python path).
+            if extra_header:
+                signal = self.rx.write(payload, type, flags, transaction_id, extra_header=extra_header)
+            else:
+                signal = self.rx.write(payload, type, flags, transaction_id)
         except RingFull as exc:
             # Ask the guest to signal once it has read enough, then try once more: the
             # guest may have drained the ring before it could see the request.
