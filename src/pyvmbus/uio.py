@@ -92,6 +92,8 @@ PAGE_SIZE = mmap.PAGESIZE
 
 _COUNT = struct.Struct("=I")  # uio_read copies an s32 count; it is a cumulative counter.
 _IRQ = struct.Struct("=i")  # uio_write takes an s32 (irq_on).
+_IRQ_ONE = _IRQ.pack(1)  # the hot path's write (signal / unmask), packed once
+_STATUS_OK = _COUNT.pack(0)  # the mock kernel's answer to an applied write
 
 MOCK_OK = b"UIOK"
 """Magic of the mock kernel's open reply: ``UIOK``, u32 map count, u64 size per map + fds."""
@@ -471,13 +473,15 @@ class _MockTransport(_Transport):
             raise OSError(errno.EBADF, "the node is closed")
         with self.wlock:
             try:
-                wsock.send(_IRQ.pack(value), socket.MSG_NOSIGNAL)
+                wsock.send(_IRQ_ONE if value == 1 else _IRQ.pack(value), socket.MSG_NOSIGNAL)
                 status = wsock.recv(16)
             except (TimeoutError, BlockingIOError):  # EAGAIN: SO_SNDTIMEO / SO_RCVTIMEO ran out
                 raise TimeoutError(f"the mock kernel did not apply irqcontrol within {self.timeout:g} s") \
                     from None
             except (BrokenPipeError, ConnectionResetError):
                 status = b""
+        if status == _STATUS_OK:
+            return
         if len(status) == 4:
             err = _COUNT.unpack(status)[0]
             if err == 0:
@@ -730,7 +734,9 @@ class UioDevice:
 
     def irqcontrol(self, enable: bool) -> None:
         """Write 1 (unmask; on 6.10+ also signals a non-monitored host) or 0 (mask)."""
-        t = self._live()
+        t = self._transport
+        if t is None or self._gone is not None:
+            t = self._live()  # raises why
         try:
             t.write(1 if enable else 0)
         except _Gone as exc:

@@ -344,10 +344,16 @@ class _Chan(HostChannel):
             if not packets:
                 return
             budget -= len(packets)
-            self._count2("packets_in", len(packets), "bytes_in", sum(len(p.payload) for p in packets))
-            handle, call = self.model.packet, self.host.call_model
+            nbytes = len(packets[0].payload) if len(packets) == 1 else sum(len(p.payload) for p in packets)
+            self._count2("packets_in", len(packets), "bytes_in", nbytes)
+            handle = self.model.packet
             for pkt in packets:
-                call(self, handle, self, pkt)
+                # call_model's rule inlined (no frame per packet): an exception is logged
+                # and counted there, never fatal.
+                try:
+                    handle(self, pkt)
+                except Exception as exc:
+                    self.host.model_failed(self, exc)
 
     def write_header(self, ring: str, name: str, value: int | None, add: int | None = None) -> None:
         """Fault "header": store ``value`` (or the word's value now + ``add``, mod 2**32) in
@@ -665,11 +671,15 @@ class MockHost:
         try:
             fn(*args)
         except Exception as exc:
-            ch._count("model_errors")
-            ch.dev.last_error = f"model {ch.offer.model}: {exc!r}"
-            tb = traceback.format_exc().strip().splitlines()
-            self.kernel.log(f"host: {ch.instance} relid {ch.relid}: model {ch.offer.model} "
-                            f"raised {exc!r} at {tb[-3].strip() if len(tb) >= 3 else ''}")
+            self.model_failed(ch, exc)
+
+    def model_failed(self, ch: _Chan, exc: Exception) -> None:
+        """A model callback raised ``exc`` (being handled): log and count it."""
+        ch._count("model_errors")
+        ch.dev.last_error = f"model {ch.offer.model}: {exc!r}"
+        tb = traceback.format_exc().strip().splitlines()
+        self.kernel.log(f"host: {ch.instance} relid {ch.relid}: model {ch.offer.model} "
+                        f"raised {exc!r} at {tb[-3].strip() if len(tb) >= 3 else ''}")
 
     # -- the loop's scan hook ---------------------------------------------------------------
     def scan(self, now: float) -> float | None:

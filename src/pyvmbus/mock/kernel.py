@@ -662,9 +662,17 @@ class MockKernel:
         if primary is None or not primary.opened:
             return
         chans = dev.channels
-        subs = [ch for relid, ch in chans.items() if relid != dev.offer.relid and ch.opened] \
-            if len(chans) > 1 else []
         gen = self.gen
+        if len(chans) == 1:
+            # The common device, one channel: the same steps without building lists.
+            if gen.write_touches_mask:
+                store32(primary.arr, primary.rx_mask_off, 0 if value else 1)
+                fence()  # virt_mb()
+            if value and gen.signal_on_unmask and not primary.offer.monitored:
+                primary.sig_events += 1
+                self.host.signal(primary.offer.relid)
+            return
+        subs = [ch for relid, ch in chans.items() if relid != dev.offer.relid and ch.opened]
         if gen.write_touches_mask:
             for ch in [primary, *subs] if gen.write_covers_subchannels else [primary]:
                 store32(ch.arr, ch.rx_mask_off, 0 if value else 1)
