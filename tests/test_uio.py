@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -379,3 +380,29 @@ def test_kernel_write_einval_after_unregister_is_rescinded(tmp_path: Path,
     with pytest.raises(DeviceRescinded):
         dev.wait(0)
     dev.close()
+
+
+@pytest.mark.timeout(10)
+def test_mock_transport_write_times_out_in_the_kernel_not_in_python() -> None:
+    """The irqcontrol socket is blocking with SO_RCVTIMEO: no poll per call, and a mock
+    kernel that never answers still ends in TimeoutError (the status it sends is read)."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    t = object.__new__(uio._MockTransport)
+    t.wsock, t.timeout, t.fds = ours, 0.05, []
+    t.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    t.wlock = threading.Lock()
+    try:
+        uio._kernel_timeouts(ours, t.timeout)
+        assert ours.gettimeout() is None  # Python does not poll
+        kernel.send(struct.pack("=I", 0))  # the status of the write below, already queued
+        t.write(1)
+        assert kernel.recv(16) == struct.pack("=i", 1)
+        kernel.send(struct.pack("=I", errno.EINVAL))
+        with pytest.raises(OSError) as err:
+            t.write(0)
+        assert err.value.errno == errno.EINVAL
+        with pytest.raises(TimeoutError, match="did not apply irqcontrol"):
+            t.write(1)  # nobody answers
+    finally:
+        t.close()
+        kernel.close()

@@ -365,6 +365,19 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("@ll", sec, max(usec, 1) if sec == 0 else usec)
 
 
+def _kernel_timeouts(sock: socket.socket, timeout: float) -> None:
+    """Make ``sock`` blocking with its timeout in the kernel (SO_SNDTIMEO / SO_RCVTIMEO).
+
+    A Python socket with settimeout() polls before every send and recv: two extra
+    syscalls per irqcontrol write on the hot path. A call that times out here fails with
+    EAGAIN (BlockingIOError), which the write reports as the same TimeoutError.
+    """
+    tv = _timeval(timeout)
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+
+
 class _MockTransport(_Transport):
     """The mock node: a SOCK_SEQPACKET connection to the mock kernel."""
 
@@ -405,14 +418,7 @@ class _MockTransport(_Transport):
             raise OSError(errno.EPROTO, f"open reply lists {count} maps but carries {len(self.fds)} fds")
         self.sizes = list(struct.unpack_from(f"<{count}Q", msg, _OPEN_HEAD.size))
         self.wsock = socket.socket(fileno=self.fds.pop())
-        # The timeout lives in the kernel (SO_SNDTIMEO / SO_RCVTIMEO on a blocking socket):
-        # a Python socket with settimeout() polls before every send and recv, two extra
-        # syscalls per irqcontrol write on the hot path. A call that times out fails with
-        # EAGAIN, which write() reports as the same TimeoutError.
-        tv = _timeval(self.timeout)
-        self.wsock.setblocking(True)
-        self.wsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self.wsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        _kernel_timeouts(self.wsock, self.timeout)
 
     def fileno(self) -> int:
         return self.sock.fileno()
