@@ -197,9 +197,18 @@ class _Device:
         self.stalled = False
         self.corrupt_pending = 0
         self.storm_left = 0
-        self.totals: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.per_channel: dict[int, dict[str, int]] = {}
         self.last_error = ""
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """The device's counters: the sum over its channels, computed when read (stats),
+        so the per-packet path counts once, per channel, not twice."""
+        out = dict.fromkeys(_COUNTERS, 0)
+        for c in self.per_channel.values():
+            for name, n in c.items():
+                out[name] += n
+        return out
 
     def counters(self, relid: int) -> dict[str, int]:
         c = self.per_channel.get(relid)
@@ -302,15 +311,12 @@ class _Chan(HostChannel):
 
     def _count(self, name: str, n: int = 1) -> None:
         self.stats[name] += n
-        self.dev.totals[name] += n
 
     def _count2(self, name: str, n: int, name2: str, n2: int) -> None:
         """Two counters at once (packets and bytes): the per-packet path's bookkeeping."""
-        stats, totals = self.stats, self.dev.totals
+        stats = self.stats
         stats[name] += n
-        totals[name] += n
         stats[name2] += n2
-        totals[name2] += n2
 
     def flush(self) -> None:
         """Send queued packets while they fit (after the guest signalled it read some)."""
