@@ -395,15 +395,23 @@ class MockKernel:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
         def bind(path: Path) -> None:
-            connect_unix(listener, path, bind=True)
-            os.chmod(path, 0o600)
+            # Listening before the name appears: bind() creates the name and a client
+            # that connects before listen() gets ECONNREFUSED, which it reads as a dead
+            # mock kernel (seen on a loaded machine). So bind a temporary name, listen,
+            # then rename it into place (a unix socket is found by its inode).
+            tmp = path.with_name(f".ring-{os.getpid()}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            connect_unix(listener, tmp, bind=True)
+            listener.listen(16)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
 
         try:
             self.tree.set_ring_file(dev.guid, ch.offer.relid, bind)
         except BaseException:
             listener.close()
             raise
-        listener.listen(16)
         listener.setblocking(False)
         ch.ring_sock = listener
         self.loop.add_reader(listener.fileno(), lambda: self._ring_accept(ch, listener))
