@@ -147,3 +147,19 @@ def test_python_dash_m_runs_the_command(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True,
                          timeout=50, check=True)
     assert out.stdout.startswith("vmbus, version ")
+
+
+LAYERS = ["errors", "guid", "classes", "shm", "packet", "ring", "sysfs", "guardrails", "devlock",
+          "binding", "uio", "signal", "lifecycle", "dispatch", "capture", "aio", "channel", "bus",
+          "ic", "mock", "cli", "__main__"]
+"""The layers bottom-up, as docs/architecture.md draws them (a package counts as one)."""
+
+
+def test_modules_import_only_layers_below_them() -> None:
+    graph = _graph()
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    unplaced = sorted({m.split(".")[1] for m in graph if "." in m} - set(rank))
+    assert unplaced == [], f"add these to LAYERS (and docs/architecture.md): {unplaced}"
+    upward = [(m, d) for m, deps in graph.items() if "." in m for d in deps if "." in d
+              and rank[d.split(".")[1]] > rank[m.split(".")[1]]]
+    assert upward == []
