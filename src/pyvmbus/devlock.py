@@ -88,6 +88,7 @@ __all__ = [
     "holder",
     "lock_dir",
     "lock_path",
+    "pid_alive",
     "reserve",
 ]
 
@@ -406,7 +407,7 @@ def holder(path: str | os.PathLike[str], st: os.stat_result | None = None) -> Ho
     pid = pid if isinstance(pid, int) and pid > 0 else None
     holders = _flock_holders(st)
     if holders is None:  # no /proc/locks: trust a line whose process lives
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             return _from_line(pid, line)
         return Holder(None, None, None, None)
     if pid is not None and pid in holders:
@@ -477,7 +478,8 @@ def _flock_holders(st: os.stat_result) -> list[int] | None:
     return exact or loose
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (another user's counts: EPERM)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from ..devlock import pid_alive
 from ..errors import UsageError
 from .framework import RESPONSE_FLAGS, IcService
 from .messages import (
@@ -244,16 +245,6 @@ def _prepare_state_dir(path: Path) -> None:
     os.close(os.open(path / _LOCK_NAME, _LOCK_FLAGS, 0o600))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _os_status(exc: OSError) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return HV_ERROR_DISK_FULL
@@ -435,7 +426,7 @@ class FcopyService(IcService):
                     return "busy"  # a live copy holds it
                 except OSError:  # no flock here (ENOLCK): fall back to the pid in the name
                     m = PART_PATTERN.fullmatch(rec)
-                    if m is None or _pid_alive(int(m[1])):
+                    if m is None or pid_alive(int(m[1])):
                         return "busy"
                 if os.stat(rec, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
                     return "foreign"
