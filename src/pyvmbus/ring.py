@@ -433,6 +433,20 @@ class RingBuffer(_RingBase):
         w, r = self._checked_indices()
         return self._dsize - (w - r) if w >= r else r - w
 
+    def _reserve(self, total: int) -> int:
+        """Our write index, once both indices are checked and ``total`` bytes (a batch's
+        packets and trailers) fit; :class:`RingFull` otherwise. For the batch writers."""
+        dsize = self._dsize
+        w = self._h32[_W_WRITE]  # our own index (see write())
+        r = _load32(self._mv, _OFF_READ)  # acquire (see write())
+        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
+            raise self._bad_indices(w, r)
+        avail = dsize - w + r if w >= r else r - w
+        # Packet k fits after packets 0..k-1 iff avail > their total: the last is the test.
+        if avail <= total:
+            raise RingFull(total, avail)
+        return w
+
     def _bad_indices(self, w: int, r: int) -> RingCorrupt:
         for name, value in (("write_index", w), ("read_index", r)):
             if value >= self._dsize:
@@ -599,16 +613,8 @@ class RingBuffer(_RingBase):
             sizes.append(n)
         if not sizes:
             return False
-        mv = self._mv
         dsize = self._dsize
-        w = self._h32[_W_WRITE]  # our own index (see write())
-        r = _load32(mv, _OFF_READ)  # acquire (see write())
-        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
-            raise self._bad_indices(w, r)
-        avail = dsize - w + r if w >= r else r - w
-        # Packet k fits after packets 0..k-1 iff avail > their total: the last is the test.
-        if avail <= total:
-            raise RingFull(total, avail)
+        w = self._reserve(total)
         data = self._data
         pos = w
         last = -1
@@ -658,16 +664,8 @@ class RingBuffer(_RingBase):
             plan.append((payload, parts, n, size, type, flags, transaction_id))
         if not plan:
             return False
-        mv = self._mv
         dsize = self._dsize
-        w = self._h32[_W_WRITE]  # our own index (see write())
-        r = _load32(mv, _OFF_READ)  # acquire (see write())
-        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
-            raise self._bad_indices(w, r)
-        avail = dsize - w + r if w >= r else r - w
-        # Packet k fits after packets 0..k-1 iff avail > their total: the last is the test.
-        if avail <= total:
-            raise RingFull(total, avail)
+        w = self._reserve(total)
         data = self._data
         pos = w
         for payload, parts, n, size, type, flags, transaction_id in plan:
@@ -743,16 +741,8 @@ class RingBuffer(_RingBase):
             plan.append((typ, flags, tid, offset, hlen, length, size))
         if not plan:
             return False
-        mv = self._mv
         dsize = self._dsize
-        w = self._h32[_W_WRITE]  # our own index (see write())
-        r = _load32(mv, _OFF_READ)  # acquire (see write())
-        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
-            raise self._bad_indices(w, r)
-        avail = dsize - w + r if w >= r else r - w
-        # Packet k fits after packets 0..k-1 iff avail > their total: the last is the test.
-        if avail <= total:
-            raise RingFull(total, avail)
+        w = self._reserve(total)
         pos = w
         for typ, flags, tid, offset, hlen, length, size in plan:
             desc = _DESC_PACK(typ, hlen >> 3, size >> 3, flags, tid)
