@@ -447,6 +447,16 @@ class RingBuffer(_RingBase):
             raise RingFull(total, avail)
         return w
 
+    def _readable(self) -> tuple[int, int, int]:
+        """(write index, our read index, bytes published) for a batch read, both indices checked: the
+        write index is loaded once for the whole batch. The mirror of :meth:`_reserve`."""
+        dsize = self._dsize
+        w = _load32(self._mv, _OFF_WRITE)  # acquire, read once for the whole batch (see read())
+        r = self._h32[_W_READ]
+        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
+            raise self._bad_indices(w, r)
+        return w, r, (w - r if w >= r else dsize - r + w)
+
     def _bad_indices(self, w: int, r: int) -> RingCorrupt:
         for name, value in (("write_index", w), ("read_index", r)):
             if value >= self._dsize:
@@ -984,13 +994,8 @@ class RingBuffer(_RingBase):
             res = self._read_batch(max_count)
             if res is not NotImplemented:
                 return res  # type: ignore[no-any-return]
-        mv = self._mv
-        w = _load32(mv, _OFF_WRITE)  # acquire, read once for the whole batch (see read())
-        r = self._h32[_W_READ]
         dsize = self._dsize
-        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
-            raise self._bad_indices(w, r)
-        avail = w - r if w >= r else dsize - r + w
+        w, r, avail = self._readable()
         packets: list[Packet] = []
         append = packets.append
         data = self._data
@@ -1110,13 +1115,8 @@ class RingBuffer(_RingBase):
                 return res  # type: ignore[no-any-return]
         # The reference: the general parser for every packet (the C engine inlines the
         # in-band packet and calls _take for the rest, as read_batch does).
-        mv = self._mv
-        w = _load32(mv, _OFF_WRITE)  # acquire, read once for the whole batch (see read())
-        r = self._h32[_W_READ]
         dsize = self._dsize
-        if w >= dsize or r >= dsize or (w | r) & 7:  # shared memory: check before use
-            raise self._bad_indices(w, r)
-        avail = w - r if w >= r else dsize - r + w
+        w, r, avail = self._readable()
         rec = records.data.cast("B")
         room = len(view)
         filled = count = 0
