@@ -9,7 +9,8 @@
  * Ring is the base class of ring.RingBuffer: write() and read() are called straight
  * into C (no Python frame on the hot path), the batch calls through RingBuffer's thin
  * Python wrappers.  An unattached Ring (the "python" engine, or after close) does
- * nothing itself.
+ * nothing itself.  Check is the base class of ring.HeaderCheck: its four per-request
+ * calls (check_tx, check_rx, note_tx, note_rx) in C, the same way (see its section).
  *
  * ring.py stays the reference and the ONE source of the rules.  This code only ever
  * does the common case, with the same checks in the same order; on anything else it
@@ -1013,6 +1014,220 @@ static PyTypeObject RingType = {
     .tp_methods = Ring_methods,
 };
 
+/* -- Check: the compiled fast path of ring.HeaderCheck ------------------------------------
+ *
+ * Check is the base class of ring.HeaderCheck, as Ring is of RingBuffer: check_tx(),
+ * check_rx(), note_tx() and note_rx() are called straight into C.  ring.py's HeaderCheck
+ * stays the reference and the one place that words a violation: this code loads the four
+ * header words of a ring, makes ring.py's checks in ring.py's order, and when all pass it
+ * does what ring.py does (the same state update, the same result).  When one fails it
+ * hands the words it loaded to HeaderCheck._check_tx_py / _check_rx_py, which run the
+ * rules on exactly those values and raise the RingCorrupt (and make the state update ring.py
+ * makes before it raises).  A check that is not attached (the "python" engine) or whose
+ * ring is not pinned (closed, or a "python" engine ring) calls the reference for the
+ * whole call.  The state (tx_write, tx_pending, rx_read, tx_read) lives here, as attributes
+ * the reference reads and writes too.
+ *
+ * Loads: the words the other side stores are seq_cst loads, our own relaxed (only we
+ * store them), as in the ring engine above.  Each word is loaded once, in address order
+ * (ring.py: one 16-byte copy); no ordering against other memory is needed: the check
+ * decides nothing the ring calls after it do not load and check again themselves. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *tx, *rx;                                   /* the two RingBuffers (_bind) */
+    unsigned int tx_write, tx_pending, rx_read, tx_read; /* ring.py's HeaderCheck state */
+    char fast;                                           /* the "c" engine */
+} CheckObject;
+
+static PyObject *str_check_tx_py, *str_check_rx_py, *str_note_tx_py, *str_note_rx_py;
+
+/* The ring to load from, or NULL: the reference takes the whole call. */
+static inline RingObject *
+check_ring(CheckObject *self, PyObject *ring)
+{
+    if (!self->fast)
+        return NULL;
+    RingObject *rb = (RingObject *)ring; /* _bind checked the type */
+    return rb->pinned ? rb : NULL;
+}
+
+/* Python's a % m (m > 0): never negative, as ring.py's modulo of two u32 differences. */
+static inline int64_t
+pymod(int64_t a, int64_t m)
+{
+    int64_t x = a % m;
+    return x < 0 ? x + m : x;
+}
+
+/* The reference on the words we loaded: it raises (the error path only). */
+static PyObject *
+check_fault(CheckObject *self, PyObject *name, uint32_t w, uint32_t r, uint32_t mask, uint32_t pending)
+{
+    PyObject *words = Py_BuildValue("(kkkk)", (unsigned long)w, (unsigned long)r, (unsigned long)mask,
+                                    (unsigned long)pending);
+    if (!words)
+        return NULL;
+    PyObject *res = PyObject_CallMethodOneArg((PyObject *)self, name, words);
+    Py_DECREF(words);
+    return res;
+}
+
+/* check_tx(): ring.py HeaderCheck._check_tx_py, its rules in its order. */
+static PyObject *
+Check_check_tx(CheckObject *self, PyObject *unused)
+{
+    RingObject *tx = check_ring(self, self->tx);
+    if (!tx)
+        return PyObject_CallMethodNoArgs((PyObject *)self, str_check_tx_py);
+    const uint32_t *h = tx->hdr;
+    uint32_t w = load_own(&h[W_WRITE]);       /* ours */
+    uint32_t r = load_acq(&h[W_READ]);        /* the host's */
+    uint32_t mask = load_acq(&h[W_MASK]);     /* the host's */
+    uint32_t pending = load_own(&h[W_PENDING]); /* ours */
+    int64_t dsize = tx->dsize, last = self->tx_read;
+    if (w != self->tx_write                                          /* we stored it */
+        || r >= dsize || (r & 7u)                                    /* in the data area, aligned */
+        || pymod((int64_t)r - last, dsize) > pymod((int64_t)w - last, dsize) /* not past our w */
+        || mask > 1                                                  /* 0 or 1 */
+        || pending != self->tx_pending)                              /* we stored it */
+        return check_fault(self, str_check_tx_py, w, r, mask, pending);
+    self->tx_read = r;
+    /* Bytes free, ring.py's int arithmetic (a garbage w we stored ourselves gives what
+     * ring.py gives, even a negative number). */
+    return PyLong_FromLongLong(w >= r ? dsize - ((int64_t)w - r) : (int64_t)r - w);
+}
+
+/* check_rx(): ring.py HeaderCheck._check_rx_py, its rules in its order. */
+static PyObject *
+Check_check_rx(CheckObject *self, PyObject *unused)
+{
+    RingObject *rx = check_ring(self, self->rx);
+    if (!rx)
+        return PyObject_CallMethodNoArgs((PyObject *)self, str_check_rx_py);
+    const uint32_t *h = rx->hdr;
+    uint32_t w = load_acq(&h[W_WRITE]);       /* the host's */
+    uint32_t r = load_own(&h[W_READ]);        /* ours */
+    uint32_t mask = load_acq(&h[W_MASK]);     /* ours, and the kernel's */
+    uint32_t pending = load_acq(&h[W_PENDING]); /* the host's */
+    int64_t dsize = rx->dsize;
+    if (w >= dsize || (w & 7u)  /* in the data area, aligned */
+        || r != self->rx_read   /* we stored it */
+        || mask > 1             /* 0 or 1 */
+        || pending >= dsize)    /* room the ring can have */
+        return check_fault(self, str_check_rx_py, w, r, mask, pending);
+    return PyLong_FromLongLong(w >= r ? (int64_t)w - r : dsize - r + w); /* bytes to read */
+}
+
+/* note_tx(): remember our TX words as they are now (ring.py _note_tx_py). */
+static PyObject *
+Check_note_tx(CheckObject *self, PyObject *unused)
+{
+    RingObject *tx = check_ring(self, self->tx);
+    if (!tx)
+        return PyObject_CallMethodNoArgs((PyObject *)self, str_note_tx_py);
+    self->tx_write = load_own(&tx->hdr[W_WRITE]);
+    self->tx_pending = load_own(&tx->hdr[W_PENDING]);
+    Py_RETURN_NONE;
+}
+
+/* note_rx(): remember our RX read index as it is now (ring.py _note_rx_py). */
+static PyObject *
+Check_note_rx(CheckObject *self, PyObject *unused)
+{
+    RingObject *rx = check_ring(self, self->rx);
+    if (!rx)
+        return PyObject_CallMethodNoArgs((PyObject *)self, str_note_rx_py);
+    self->rx_read = load_own(&rx->hdr[W_READ]);
+    Py_RETURN_NONE;
+}
+
+/* _bind(tx, rx, fast): the two rings (once); fast: check in C (the "c" engine). */
+static PyObject *
+Check_bind(CheckObject *self, PyObject *args)
+{
+    PyObject *tx, *rx;
+    int fast;
+    if (!PyArg_ParseTuple(args, "O!O!p", &RingType, &tx, &RingType, &rx, &fast))
+        return NULL;
+    if (self->tx) {
+        PyErr_SetString(PyExc_ValueError, "the header check is already bound to its rings");
+        return NULL;
+    }
+    self->tx = Py_NewRef(tx);
+    self->rx = Py_NewRef(rx);
+    self->fast = (char)fast;
+    Py_RETURN_NONE;
+}
+
+static int
+Check_traverse(CheckObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->tx);
+    Py_VISIT(self->rx);
+    return 0;
+}
+
+static int
+Check_clear(CheckObject *self)
+{
+    self->fast = 0; /* no ring left to load from: the reference raises what it raises */
+    Py_CLEAR(self->tx);
+    Py_CLEAR(self->rx);
+    return 0;
+}
+
+static void
+Check_dealloc(CheckObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Check_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Check_methods[] = {
+    {"_bind", (PyCFunction)Check_bind, METH_VARARGS,
+     "_bind(tx, rx, fast): the rings to check; fast: the compiled checks (the \"c\" engine)."},
+    {"check_tx", (PyCFunction)Check_check_tx, METH_NOARGS,
+     "check_tx() -> int\n\nCheck the TX header; the bytes free. The compiled fast path of\n"
+     "HeaderCheck._check_tx_py (ring.py), which documents it and raises every RingCorrupt."},
+    {"check_rx", (PyCFunction)Check_check_rx, METH_NOARGS,
+     "check_rx() -> int\n\nCheck the RX header; the bytes ready to read. The compiled fast path\n"
+     "of HeaderCheck._check_rx_py (ring.py), which documents it and raises every RingCorrupt."},
+    {"note_tx", (PyCFunction)Check_note_tx, METH_NOARGS,
+     "note_tx() -> None\n\nRemember our TX words as they are now (after our own store of them)."},
+    {"note_rx", (PyCFunction)Check_note_rx, METH_NOARGS,
+     "note_rx() -> None\n\nRemember our RX read index as it is now (after a read stored it)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Check_members[] = {
+    {"tx", T_OBJECT, offsetof(CheckObject, tx), READONLY, "The TX RingBuffer (we write it)."},
+    {"rx", T_OBJECT, offsetof(CheckObject, rx), READONLY, "The RX RingBuffer (we read it)."},
+    {"tx_write", T_UINT, offsetof(CheckObject, tx_write), 0, "Our TX write index as we last stored it."},
+    {"tx_pending", T_UINT, offsetof(CheckObject, tx_pending), 0,
+     "Our TX pending_send_sz as we last stored it."},
+    {"rx_read", T_UINT, offsetof(CheckObject, rx_read), 0, "Our RX read index as we last stored it."},
+    {"tx_read", T_UINT, offsetof(CheckObject, tx_read), 0,
+     "The host's TX read index at the last check that passed it."},
+    {"_fast", T_BOOL, offsetof(CheckObject, fast), READONLY, "The compiled checks run (the \"c\" engine)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject CheckType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pyvmbus._ring.Check",
+    .tp_basicsize = sizeof(CheckObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The compiled header checks: the base class of pyvmbus.ring.HeaderCheck.",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Check_dealloc,
+    .tp_traverse = (traverseproc)Check_traverse,
+    .tp_clear = (inquiry)Check_clear,
+    .tp_methods = Check_methods,
+    .tp_members = Check_members,
+};
+
 /* -- bind ----------------------------------------------------------------------------- */
 
 static Py_ssize_t
@@ -1069,17 +1284,23 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__ring(void)
 {
-    if (PyType_Ready(&RingType) < 0)
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&CheckType) < 0)
         return NULL;
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     str_write_py = PyUnicode_InternFromString("_write_py");
     str_read_py = PyUnicode_InternFromString("_read_py");
-    if (!empty_bytes || !str_write_py || !str_read_py)
+    str_check_tx_py = PyUnicode_InternFromString("_check_tx_py");
+    str_check_rx_py = PyUnicode_InternFromString("_check_rx_py");
+    str_note_tx_py = PyUnicode_InternFromString("_note_tx_py");
+    str_note_rx_py = PyUnicode_InternFromString("_note_rx_py");
+    if (!empty_bytes || !str_write_py || !str_read_py || !str_check_tx_py || !str_check_rx_py ||
+        !str_note_tx_py || !str_note_rx_py)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0 ||
+        PyModule_AddObjectRef(m, "Check", (PyObject *)&CheckType) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", RECORD_SIZE) < 0) {
         Py_DECREF(m);
         return NULL;

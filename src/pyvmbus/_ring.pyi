@@ -1,6 +1,7 @@
 # Type stub of the optional C extension pyvmbus._ring (src/pyvmbus/_ring.c).
 # Ring's write() and read() are not declared here: ring.RingBuffer declares them (as
-# _write_py / _read_py, whose signatures they share).
+# _write_py / _read_py, whose signatures they share). Likewise Check's check_tx(),
+# check_rx(), note_tx(), note_rx() and its state: ring.HeaderCheck declares them.
 from typing import Any
 
 RECORD_SIZE: int
@@ -12,5 +13,10 @@ class Ring:
     def _read_batch(self, max_count: int, /) -> Any: ...
     def _read_into(self, out: Any, records: Any, /) -> Any: ...
     def _write_from(self, data: Any, records: Any, /) -> Any: ...
+
+class Check:
+    @property
+    def _fast(self) -> bool: ...
+    def _bind(self, tx: Ring, rx: Ring, fast: bool, /) -> None: ...
 
 def bind(packet: type, ringbuffer: type, ring_corrupt: type, /) -> None: ...

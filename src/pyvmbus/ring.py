@@ -117,11 +117,14 @@ except ImportError:  # built without a C compiler: the pure-Python engine only
     _cring = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
+    from ._ring import Check as _CheckBase
     from ._ring import Ring as _RingBase
 elif _cring is not None:
     _RingBase = _cring.Ring  # write() and read() run in C, straight from the caller
+    _CheckBase = _cring.Check  # so do HeaderCheck's four methods
 else:
     _RingBase = object
+    _CheckBase = object
 
 ENGINES: tuple[str, ...] = ("c", "python") if _cring is not None else ("python",)
 """The ring engines this installation has, fastest first."""
@@ -1212,7 +1215,7 @@ if _cring is not None:
 _HEAD4 = struct.Struct("<4I").unpack_from  # write_index, read_index, interrupt_mask, pending_send_sz
 
 
-class HeaderCheck:
+class HeaderCheck(_CheckBase):
     """The one place that checks every header word of a channel's TX + RX ring pair.
 
     The ring engine checks what it uses as it uses it (indices in range and 8-aligned,
@@ -1243,15 +1246,50 @@ class HeaderCheck:
     holding the dispatch lead); :meth:`check_tx` / :meth:`note_tx` only under the lock the
     channel's TX writers hold (a writer between its store and its note would look like a
     host that wrote our word). A host that writes one of our words between our check and
-    our store is seen at the next check, not before: the check costs one 16-byte copy of
-    the header, not a check per load.
+    our store is seen at the next check, not before: the check costs one load of each
+    header word, not a check per load.
+
+    Engines, as for :class:`RingBuffer`: the methods here (``_check_tx_py`` ...) are the
+    reference and word every violation. With the C engine built, the base class
+    ``pyvmbus._ring.Check`` runs check_tx / check_rx / note_tx / note_rx in C (the same
+    rules in the same order; a violation hands the words it loaded to ``_check_tx_py`` /
+    ``_check_rx_py``, which raise) and keeps the state (tx_write, tx_pending, rx_read,
+    tx_read) that both read and write. ``engine`` defaults to the rings': "c" when both
+    run the C engine (it loads through their pinned memory), else "python".
     """
 
-    __slots__ = ("rx", "rx_read", "tx", "tx_pending", "tx_read", "tx_write")
+    # With the C engine the state lives in the base class (pyvmbus._ring.Check).
+    __slots__ = () if _cring is not None else ("rx", "rx_read", "tx", "tx_pending", "tx_read", "tx_write")
 
-    def __init__(self, tx: RingBuffer, rx: RingBuffer) -> None:
-        self.tx = tx
-        self.rx = rx
+    tx: RingBuffer
+    rx: RingBuffer
+    tx_write: int
+    """Our TX write index as we last stored it (note_tx)."""
+    tx_pending: int
+    """Our TX pending_send_sz as we last stored it (note_tx)."""
+    rx_read: int
+    """Our RX read index as we last stored it (note_rx)."""
+    tx_read: int
+    """The host's TX read index at the last check that passed it."""
+
+    def __init__(self, tx: RingBuffer, rx: RingBuffer, *, engine: str | None = None) -> None:
+        rings = "c" if tx.engine == rx.engine == "c" else "python"
+        if engine is None:
+            engine = rings
+        elif engine not in ENGINES:
+            raise ValueError(
+                f"header check engine {engine!r} is not available; this installation has {ENGINES}"
+            )
+        elif engine == "c" and rings != "c":
+            raise ValueError(
+                f"the C header check loads through the rings' C engine; these run {tx.engine!r} (tx) "
+                f"and {rx.engine!r} (rx)"
+            )
+        if _cring is not None:
+            self._bind(tx, rx, engine == "c")
+        else:
+            self.tx = tx
+            self.rx = rx
         self.tx_write = 0
         self.tx_pending = 0
         self.rx_read = 0
@@ -1259,22 +1297,31 @@ class HeaderCheck:
         self.note_tx()
         self.note_rx()
 
-    def note_tx(self) -> None:
+    @property
+    def engine(self) -> str:
+        """The engine of these checks: "c" (pyvmbus._ring) or "python"."""
+        return "c" if _cring is not None and self._fast else "python"
+
+    def _note_tx_py(self) -> None:
         """Remember our TX words as they are now (after our own store of them)."""
         w, _, _, pending = _HEAD4(self.tx._mv, 0)
         self.tx_write = w
         self.tx_pending = pending
 
-    def note_rx(self) -> None:
+    def _note_rx_py(self) -> None:
         """Remember our RX read index as it is now (after a read stored it)."""
         self.rx_read = _HEAD4(self.rx._mv, 0)[1]
 
-    def check_rx(self) -> int:
-        """Check the RX header; the bytes ready to read. RingCorrupt on a violation."""
+    def _check_rx_py(self, words: tuple[int, int, int, int] | None = None) -> int:
+        """Check the RX header; the bytes ready to read. RingCorrupt on a violation.
+
+        ``words``: the four header words as the C engine loaded them (it calls here on a
+        violation, so the message is worded here); else they are loaded now.
+        """
         rx = self.rx
         w: int
         r: int
-        w, r, mask, pending = _HEAD4(rx._mv, 0)
+        w, r, mask, pending = _HEAD4(rx._mv, 0) if words is None else words
         dsize = rx._dsize
         if w >= dsize or w & 7:
             raise _index_fault("rx", "write_index", w, dsize)
@@ -1289,12 +1336,15 @@ class HeaderCheck:
                               f"{dsize}-byte ring can ever have", "rx ring")
         return w - r if w >= r else dsize - r + w
 
-    def check_tx(self) -> int:
-        """Check the TX header; the bytes free (as :meth:`RingBuffer.available_to_write`)."""
+    def _check_tx_py(self, words: tuple[int, int, int, int] | None = None) -> int:
+        """Check the TX header; the bytes free (as :meth:`RingBuffer.available_to_write`).
+
+        ``words``: as for :meth:`_check_rx_py`.
+        """
         tx = self.tx
         w: int
         r: int
-        w, r, mask, pending = _HEAD4(tx._mv, 0)
+        w, r, mask, pending = _HEAD4(tx._mv, 0) if words is None else words
         dsize = tx._dsize
         if w != self.tx_write:
             raise RingCorrupt("write_index", w, f"ours, and we stored {self.tx_write}: the host "
@@ -1312,6 +1362,14 @@ class HeaderCheck:
             raise RingCorrupt("pending_send_sz", pending, f"ours, and we stored {self.tx_pending}: "
                               "the host wrote it", "tx ring")
         return dsize - (w - r) if w >= r else r - w
+
+    if TYPE_CHECKING or _cring is None:
+        # The public names. With the C engine built, the base class's methods take the
+        # call and come here for a violation or the "python" engine.
+        check_tx = _check_tx_py
+        check_rx = _check_rx_py
+        note_tx = _note_tx_py
+        note_rx = _note_rx_py
 
     def violations(self) -> list[RingCorrupt]:
         """Every rule above broken now that needs no memory of our stores, for an observer
