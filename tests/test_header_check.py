@@ -133,7 +133,7 @@ def ops(dsize: int) -> st.SearchStrategy[tuple[Any, ...]]:
     sizes = st.one_of(st.sampled_from([0, 1, 8, 40, 64]), st.integers(0, dsize))
     simple = st.sampled_from(
         ["check_tx", "check_rx", "note_tx", "note_rx", "violations", "host_read_tx", "read_rx",
-         "clear_pending", "check_tx", "check_rx"]
+         "clear_pending", "check_tx", "check_rx", "check_rings"]
     ).map(lambda name: (name,))
     return st.one_of(
         simple,
@@ -157,7 +157,7 @@ def apply(pairs: Pairs, op: tuple[Any, ...]) -> None:
     def run(fn: Callable[[tuple[str, str]], Any]) -> None:
         pairs.each(name, fn)
 
-    if name in ("check_tx", "check_rx", "note_tx", "note_rx"):
+    if name in ("check_tx", "check_rx", "check_rings", "note_tx", "note_rx"):
         run(lambda v: getattr(checks[v], name)())
     elif name == "violations":
         run(lambda v: [str(e) for e in checks[v].violations()])
@@ -225,7 +225,7 @@ def test_both_engines_agree(scenario: tuple[int, list[tuple[str, int, int]], lis
     for v in VARIANTS:
         pairs.rings[v]["tx"].close()
         pairs.rings[v]["rx"].close()
-    for name in ("check_tx", "check_rx", "note_tx", "note_rx"):
+    for name in ("check_tx", "check_rx", "check_rings", "note_tx", "note_rx"):
         pairs.each(f"{name} after close", lambda v, n=name: getattr(pairs.checks[v], n)())
 
 
@@ -239,8 +239,8 @@ def test_every_word_and_edge_value_agrees(dsize: int) -> None:
     half = max(8, dsize // 2 - 24)  # a packet of about half the ring
     traffic = [("write_tx", half), ("host_read_tx",), ("write_tx", 8), ("host_write_rx", half), ("read_rx",),
                ("host_write_rx", 8)]  # fmt: skip
-    calls = [("check_tx",), ("check_rx",), ("violations",), ("note_tx",), ("check_tx",), ("note_rx",),
-             ("check_rx",), ("write_tx", 8), ("read_rx",)]  # fmt: skip
+    calls = [("check_rings",), ("check_tx",), ("check_rx",), ("violations",), ("note_tx",), ("check_tx",),
+             ("note_rx",), ("check_rx",), ("write_tx", 8), ("read_rx",)]  # fmt: skip
     for side in ("tx", "rx"):
         for offset in (0, 4, 8, 12):
             sweep = (side, offset) == ("tx", 4) or (offset in (0, 4) and dsize <= 1000)
@@ -257,7 +257,7 @@ def test_the_rules_on_each_engine(engine: str) -> None:
     rx = RingBuffer.init(bytearray(HEADER + 2048), engine=engine)
     check = HeaderCheck(tx, rx)
     assert check.engine == engine
-    assert check.check_tx() == 2048 and check.check_rx() == 0
+    assert check.check_tx() == 2048 and check.check_rx() == 0 and check.check_rings() == 0
     tx.write(b"abc")
     check.note_tx()
     assert check.check_tx() == 2048 - 32

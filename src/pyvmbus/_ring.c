@@ -1119,6 +1119,17 @@ Check_check_rx(CheckObject *self, PyObject *unused)
     return PyLong_FromLongLong(w >= r ? (int64_t)w - r : dsize - r + w); /* bytes to read */
 }
 
+/* check_rings(): check_tx() then check_rx(), one call (ring.py _check_rings_py). */
+static PyObject *
+Check_check_rings(CheckObject *self, PyObject *unused)
+{
+    PyObject *free = Check_check_tx(self, NULL);
+    if (!free)
+        return NULL;
+    Py_DECREF(free);
+    return Check_check_rx(self, NULL);
+}
+
 /* note_tx(): remember our TX words as they are now (ring.py _note_tx_py). */
 static PyObject *
 Check_note_tx(CheckObject *self, PyObject *unused)
@@ -1194,6 +1205,8 @@ static PyMethodDef Check_methods[] = {
     {"check_rx", (PyCFunction)Check_check_rx, METH_NOARGS,
      "check_rx() -> int\n\nCheck the RX header; the bytes ready to read. The compiled fast path\n"
      "of HeaderCheck._check_rx_py (ring.py), which documents it and raises every RingCorrupt."},
+    {"check_rings", (PyCFunction)Check_check_rings, METH_NOARGS,
+     "check_rings() -> int\n\ncheck_tx() then check_rx() in one call; the bytes ready to read."},
     {"note_tx", (PyCFunction)Check_note_tx, METH_NOARGS,
      "note_tx() -> None\n\nRemember our TX words as they are now (after our own store of them)."},
     {"note_rx", (PyCFunction)Check_note_rx, METH_NOARGS,

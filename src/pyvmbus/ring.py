@@ -44,6 +44,8 @@ with the same checks in the same order, and hands everything else back to the co
 here before it touches anything, so every error and rare packet is handled (and every
 message worded) in this file. ``PYVMBUS_RING=c|python`` chooses the default engine,
 :data:`ENGINE` says which it is, ``RingBuffer(..., engine=...)`` picks one per ring.
+:class:`HeaderCheck` has the same two engines (its per-request calls in C, every
+violation worded here) and follows its rings'.
 """
 
 from __future__ import annotations
@@ -1363,11 +1365,18 @@ class HeaderCheck(_CheckBase):
                               "the host wrote it", "tx ring")
         return dsize - (w - r) if w >= r else r - w
 
+    def _check_rings_py(self) -> int:
+        """:meth:`check_tx` then :meth:`check_rx` in one call (the dispatcher's check, under
+        the TX writers' lock); the bytes ready to read."""
+        self.check_tx()
+        return self.check_rx()
+
     if TYPE_CHECKING or _cring is None:
         # The public names. With the C engine built, the base class's methods take the
         # call and come here for a violation or the "python" engine.
         check_tx = _check_tx_py
         check_rx = _check_rx_py
+        check_rings = _check_rings_py
         note_tx = _note_tx_py
         note_rx = _note_rx_py
 
