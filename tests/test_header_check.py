@@ -351,3 +351,26 @@ def test_the_channel_checks_with_its_rings_engine(ring_engine: str) -> None:
             assert ch.check_rings("in a test") == 0
         finally:
             ch.disable()
+
+
+@pytest.mark.timeout(60)
+def test_without_the_extension_the_reference_is_the_class() -> None:
+    """Where pyvmbus._ring is not built, HeaderCheck is plain ring.py (its own slots and
+    methods) and keeps the rules: the same unit run in a process without the extension."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pyvmbus._ring'] = None\n"  # the import fails: not built
+        "import pyvmbus.ring as ring\n"
+        "assert ring.ENGINES == ('python',) and ring.HeaderCheck.__mro__[1] is object\n"
+        "import test_header_check as t\n"
+        "t.test_the_rules_on_each_engine('python')\n"
+        "t.test_the_check_follows_its_rings_engine()\n"
+        "print('ok')\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYVMBUS_RING", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
