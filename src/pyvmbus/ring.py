@@ -123,7 +123,7 @@ if TYPE_CHECKING:
     from ._ring import Ring as _RingBase
 elif _cring is not None:
     _RingBase = _cring.Ring  # write() and read() run in C, straight from the caller
-    _CheckBase = _cring.Check  # so do HeaderCheck's four methods
+    _CheckBase = _cring.Check  # so do HeaderCheck's per-request checks and notes
 else:
     _RingBase = object
     _CheckBase = object
@@ -1253,7 +1253,7 @@ class HeaderCheck(_CheckBase):
 
     Engines, as for :class:`RingBuffer`: the methods here (``_check_tx_py`` ...) are the
     reference and word every violation. With the C engine built, the base class
-    ``pyvmbus._ring.Check`` runs check_tx / check_rx / note_tx / note_rx in C (the same
+    ``pyvmbus._ring.Check`` runs check_tx / check_rx / check_rings / note_tx / note_rx in C (the same
     rules in the same order; a violation hands the words it loaded to ``_check_tx_py`` /
     ``_check_rx_py``, which raise) and keeps the state (tx_write, tx_pending, rx_read,
     tx_read) that both read and write. ``engine`` defaults to the rings': "c" when both
