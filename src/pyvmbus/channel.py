@@ -727,9 +727,12 @@ class Channel:
 
     # -- receiving (runs on the thread holding the lead) -------------------------------------
 
-    def drain(self, rx: RingBuffer) -> int:
+    def drain(self, rx: RingBuffer, checked: bool = False) -> int:
         """Read every packet of the RX ring, route completions, deliver the rest (when the
-        state allows and no callback of this thread is running). Returns packets read."""
+        state allows and no callback of this thread is running). Returns packets read.
+
+        ``checked``: the dispatcher checked both rings just before (and found data), with
+        no ring access in between: the check would find what it found."""
         inbox = self._inbox
         pending = self._pending
         counters = self.counters
@@ -739,7 +742,7 @@ class Channel:
         check = self._check
         # Every header word of both rings, before the engine trusts our read index: an
         # interrupt is when a host that scribbled on a header wants us to look.
-        if check is not None and not self.check_rings("before a drain"):
+        if check is not None and not checked and not self.check_rings("before a drain"):
             return 0  # nothing to read, or a violation closed the device
         while True:
             try:
@@ -784,7 +787,7 @@ class Channel:
         if req.callback is not None:
             req.callback(req)
         disp = self._disp
-        if disp is not None:
+        if disp is not None and disp.followers:  # notify_followers, without its frame
             disp.notify_followers()
         return True
 
@@ -950,7 +953,7 @@ class Channel:
                     check.note_tx()
                 counters = self.counters  # under the lock: senders on several threads
                 counters.packets_out += 1
-                counters.bytes_out += _nbytes(payload)
+                counters.bytes_out += len(payload) if payload.__class__ is bytes else _nbytes(payload)
         if bad is not None:
             raise self._corrupt(bad, "in flow control" if pending else "in a send")
         if signal:
@@ -1114,8 +1117,11 @@ class Channel:
         t = self.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + t
         # Register, write (waiting for room as send() does), count; forget the request if
-        # the write raised. send() inlined: one frame less per request.
-        req = self.register_request()
+        # the write raised. send(), register_request() and count_request() inlined: three
+        # frames less per request (each ~0.3 us on an interpreter that every request's
+        # switch to the host's process leaves cold).
+        req = Request(self.new_txid())
+        self._pending[req.txid] = req
         try:
             tx = self.tx_ring
             if tx is None or not self._lc.policy.may_send:
@@ -1126,7 +1132,8 @@ class Channel:
         except BaseException:
             self.forget_request(req)
             raise
-        self.count_request()
+        with self._req_lock:
+            self.counters.requests += 1
         if not req.done:
             disp = self._disp
             assert disp is not None

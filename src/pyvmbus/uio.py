@@ -738,10 +738,15 @@ class UioDevice:
         except OSError as exc:
             raise self._translate(exc, "read") from None
 
-    def irqcontrol(self, enable: bool) -> None:
-        """Write 1 (unmask; on 6.10+ also signals a non-monitored host) or 0 (mask)."""
+    def irqcontrol(self, enable: bool, closed: str = "") -> None:
+        """Write 1 (unmask; on 6.10+ also signals a non-monitored host) or 0 (mask).
+
+        ``closed``: the detail of the :class:`ChannelClosed` raised when the device is
+        closed already (a sender racing the teardown says what it was doing)."""
         t = self._transport
         if t is None or self._gone is not None:
+            if t is None and closed:
+                raise ChannelClosed(self.device, closed)
             t = self._live()  # raises why
         try:
             t.write(1 if enable else 0)
