@@ -118,6 +118,25 @@ def test_bad_capture_files_say_what_is_wrong(tmp_path: Path) -> None:
     assert cap.records
 
 
+def test_gzip_captures_are_read_and_bombs_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+
+    from pyvmbus import capture
+
+    good = (FIXTURES / "echo.pcapng").read_bytes()
+    gz = tmp_path / "echo.pcapng.gz"
+    # two gzip members, as `cat a.gz b.gz` makes: read whole, as gzip.decompress does
+    gz.write_bytes(gzip.compress(good[:100]) + gzip.compress(good[100:]))
+    assert read_capture(gz).records == read_capture(FIXTURES / "echo.pcapng").records
+    # more than the limit once decompressed: refused, before it all sits in memory
+    monkeypatch.setattr(capture, "_MAX_GUNZIP", len(good) - 1)
+    with pytest.raises(CaptureError, match=r"once decompressed \(a gzip bomb\?\)"):
+        read_capture(gz)
+    gz.write_bytes(gzip.compress(good)[:-12])  # truncated
+    with pytest.raises(CaptureError, match="cannot be decompressed"):
+        read_capture(gz)
+
+
 @pytest.mark.timeout(60)
 def test_subchannels_get_their_own_interface(mock: MockVmbus, tmp_path: Path) -> None:
     guid = mock.add_device("echo")

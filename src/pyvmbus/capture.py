@@ -289,6 +289,28 @@ _MAX_STREAM = 64 << 20
 """The most :func:`read_capture` reads from something that is not a regular file."""
 
 
+_MAX_GUNZIP = 1 << 30
+"""The most :func:`read_capture` decompresses from a gzip-compressed capture: a few KiB of
+gzip can expand to GiBs (a "zip bomb"), which would take the guest's memory, not just ours."""
+
+
+def _gunzip(p: Path, blob: bytes) -> bytes:
+    """``blob`` decompressed (every gzip member, as gzip.decompress), at most :data:`_MAX_GUNZIP`."""
+    import gzip
+    import io
+
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(blob)) as z:
+            out = z.read(_MAX_GUNZIP + 1)
+    except (OSError, EOFError) as exc:
+        raise CaptureError(p, f"gzip-compressed but cannot be decompressed: {exc}") from None
+    if len(out) > _MAX_GUNZIP:
+        raise CaptureError(p, f"gzip-compressed, and more than {_MAX_GUNZIP >> 20} MiB once "
+                           "decompressed (a gzip bomb?); if it really is that large, gunzip it "
+                           "first and give the pcapng file")
+    return out
+
+
 def read_capture(path: str | os.PathLike[str]) -> Capture:
     """Read a pcapng file written by pyvmbus (or edited and saved by Wireshark / editcap;
     gzip-compressed too, as Wireshark reads them).
@@ -312,12 +334,7 @@ def read_capture(path: str | os.PathLike[str]) -> Capture:
     except ValueError as exc:  # a NUL byte in the path
         raise CaptureError(p, f"cannot read it: {exc}") from None
     if blob[:2] == b"\x1f\x8b":  # gzip-compressed, as Wireshark also reads (FILE.pcapng.gz)
-        import gzip
-
-        try:
-            blob = gzip.decompress(blob)
-        except (OSError, EOFError) as exc:
-            raise CaptureError(p, f"gzip-compressed but cannot be decompressed: {exc}") from None
+        blob = _gunzip(p, blob)
     cap = Capture(str(p))
     pos = 0
     endian = "<"
