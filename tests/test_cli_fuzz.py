@@ -217,7 +217,11 @@ def argv_cases(draw: st.DrawFn, sends: dict[str, str]) -> list[str]:
     elif command == "capture":
         argv += ["capture", "show", draw(st.sampled_from([v[1:] for v in sends.values()] + ["/dev/null"]))]
     elif command == "fault":
-        argv += ["mock", "fault", draw(dev), draw(st.sampled_from(["rescind", "stall", "bogus", ""]))]
+        argv += ["mock", "fault", draw(dev), draw(st.sampled_from(["rescind", "stall", "header", "descriptor",
+                                                                   "bogus", ""]))]
+        for _ in range(draw(st.sampled_from([0, 1, 2]))):
+            argv += ["--arg", draw(mostly(["field=read_index", "value=8", "len8=4", "offset8=0x1", "count=2"],
+                                          ["field", "=1", "value=-1", "len8=1e9", "x=y", *NASTY]))]
     # Stray tokens where the parser may least expect them (never one that lengthens a wait).
     for _ in range(draw(st.sampled_from([0, 0, 0, 0, 1, 2]))):
         argv.insert(draw(st.integers(0, len(argv))), draw(st.sampled_from(NASTY)))

@@ -175,7 +175,8 @@ def test_mock_fault_rescinds_a_device_under_a_running_enable(tmp_path: Path) -> 
         r = CliRunner().invoke(main, ["--json", "mock", "fault", "echo", "rescind", "--root", str(root)],
                                prog_name="vmbus")
         assert r.exit_code == 0, r.output
-        assert json.loads(r.stdout) == {"device": guid, "class": "echo", "kind": "rescind", "relid": None}
+        assert json.loads(r.stdout) == {"device": guid, "class": "echo", "kind": "rescind", "relid": None,
+                                        "args": {}}
         out, err = enable.communicate(timeout=30)
         assert enable.returncode == 9, err  # the host's doing: exit 9, one line, no traceback
         assert "rescinded" in err and "Traceback" not in err and err.count("\n") == 1
@@ -197,6 +198,53 @@ def test_mock_fault_rescinds_a_device_under_a_running_enable(tmp_path: Path) -> 
     finally:
         for proc in (serve, enable):
             if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert serve.returncode == 0
+
+
+@pytest.mark.timeout(90)
+def test_mock_fault_header_and_descriptor_from_the_shell(tmp_path: Path) -> None:
+    """The host faults with arguments, as a fuzzing user types them: the enable ends corrupt."""
+    root = tmp_path / "bus"
+    serve = start("--json", "mock", "serve", "--root", str(root), "--device", "echo", "--device", "echo")
+    procs: list[subprocess.Popen[str]] = [serve]
+    try:
+        assert serve.stdout is not None
+        devices = read_json_until(serve.stdout, "serving", 30)[-1]["devices"]
+        guids = [d["guid"] for d in devices]
+        cases = [("header", ["--arg", "field=interrupt_mask", "--arg", "value=0x7"], "interrupt_mask=0x7"),
+                 ("descriptor", ["--arg", "offset8=1", "--arg", "len8=4"], "offset8")]
+        for guid, (kind, args, word) in zip(guids, cases, strict=True):
+            enable = start("--root", str(root), "--json", "enable", guid)
+            procs.append(enable)
+            assert enable.stdout is not None
+            read_json_until(enable.stdout, "post_started", 30)
+            r = CliRunner().invoke(main, ["--json", "mock", "fault", guid, kind, *args, "--root", str(root)],
+                                   prog_name="vmbus")
+            assert r.exit_code == 0, r.output
+            reply = json.loads(r.stdout)
+            assert reply["kind"] == kind and reply["args"] == dict(a.split("=") for a in args[1::2])
+            _, err = enable.communicate(timeout=30)
+            assert enable.returncode == 9, err
+            assert "corrupt" in err and word in err and "Traceback" not in err, err
+        # the arguments are checked before anything is sent, each error naming the key
+        bad = [("header", ["--arg", "value=1"], "needs --arg field"),
+               ("header", ["--arg", "field=bogus", "--arg", "value=1"], "field must be one of"),
+               ("header", ["--arg", "field=read_index"], "exactly one of"),
+               ("descriptor", ["--arg", "offset8=x", "--arg", "len8=4"], "offset8 must be a number"),
+               ("stall", ["--arg", "count=3"], "takes no --arg"),
+               ("storm", ["--arg", "count"], "KEY=VALUE"),
+               ("storm", ["--arg", "count=0"], "between 1 and")]
+        for kind, args, says in bad:
+            r = CliRunner().invoke(main, ["mock", "fault", guids[0], kind, *args, "--root", str(root)],
+                                   prog_name="vmbus")
+            assert r.exit_code == 2 and says in r.stderr, (kind, args, r.stderr)
+        serve.send_signal(signal.SIGINT)
+        serve.communicate(timeout=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     assert serve.returncode == 0

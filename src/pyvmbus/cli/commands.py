@@ -11,6 +11,7 @@ it as text or JSON lines (:mod:`pyvmbus.cli.output`). Expected errors are caught
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import shutil
 import sys
@@ -28,7 +29,7 @@ from ..mock.generations import DEFAULT_GENERATION, GENERATIONS
 from ..sysfs import Sysfs
 from .enable import EnableOptions, SendSpec, StopFlag, parse_send, run_demo, run_enable, stop_on_signals
 from .errors import EXIT_INTERRUPTED, error_line, exit_code
-from .mock import FAULT_KINDS, MockControl, render_fault, send_fault
+from .mock import FAULT_ARGS, FAULT_KINDS, MockControl, parse_fault_args, render_fault, send_fault
 from .output import Output
 from .params import INTERVAL_MAX, SECONDS, RootPath, SafePath, Seconds
 from .state import MOCK_DEVICES, CliState, device_names, json_option, known_device_words, setup_logging
@@ -507,22 +508,46 @@ def render_replay(data: dict[str, Any]) -> str:
 @click.argument("kind", type=click.Choice(FAULT_KINDS))
 @click.option("--root", "fault_root", type=RootPath(), default=None,
               help="The folder of the running 'vmbus mock serve' [default: the global --root / VMBUS_ROOT].")
+@click.option("--arg", "fault_args", multiple=True, metavar="KEY=VALUE",
+              help="An argument of a host fault (repeatable): the list above.")
 @json_option
 @click.pass_obj
-def fault(state: CliState, device: str, kind: str, fault_root: Path | None) -> None:
+def fault(state: CliState, device: str, kind: str, fault_root: Path | None,
+          fault_args: tuple[str, ...]) -> None:
     """Make the host of a running 'vmbus mock serve' misbehave: KIND is rescind, reoffer or
-    remove (the device), or a host fault (corrupt, stall, resume, storm, crash).
+    remove (the device), or a host fault (corrupt, stall, resume, storm, crash, header,
+    descriptor).
 
     \b
     For example, while 'vmbus --root DIR enable echo' runs in another shell:
       vmbus mock fault echo rescind --root DIR     enable ends: closed, rescinded (exit 9)
       vmbus mock fault echo reoffer --root DIR     the host offers it again (a new relid)
+      vmbus mock fault echo header --arg field=interrupt_mask --arg value=7 --root DIR
+                                                   enable ends: closed, corrupt (exit 9)
+      vmbus mock fault echo descriptor --arg offset8=1 --arg len8=4 --root DIR
     """
     root = fault_root if fault_root is not None else state.root_option
     if root is None or state.mock:
         raise click.UsageError("give the folder of a running 'vmbus mock serve' with --root DIR")
-    data = send_fault(root, device, kind)
+    try:
+        parse_fault_args(kind, fault_args)  # the server parses them again: a typo fails here first
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    args = dict(item.partition("=")[::2] for item in fault_args)
+    data = send_fault(root, device, kind, args={k.strip(): v.strip() for k, v in args.items()})
     Output(state.json).emit(data, lambda: render_fault(data))
+
+
+def _fault_arg_help() -> str:
+    """The --arg list of ``vmbus mock fault --help``, from :data:`FAULT_ARGS` (one source)."""
+    lines = ["", "\b", "--arg KEY=VALUE, by KIND (numbers in decimal or 0x hex):"]
+    for kind, keys in FAULT_ARGS.items():
+        lines.append(f"  {kind}:")
+        lines.extend(f"    {key}: {text}" for key, text in keys.items())
+    return "\n".join(lines)
+
+
+fault.help = inspect.cleandoc(fault.help or "") + "\n" + _fault_arg_help()
 
 
 # -- plug-ins -----------------------------------------------------------------------------------

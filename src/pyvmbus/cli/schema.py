@@ -70,8 +70,9 @@ EVENT_COMMON: Final = {"event": "event name", "t": "seconds since the command st
 
 _FAULT: Final = {
     "device": "instance GUID", "class": "class short name",
-    "kind": "rescind, reoffer, remove, corrupt, stall, resume, storm or crash",
+    "kind": "rescind, reoffer, remove, corrupt, stall, resume, storm, crash, header or descriptor",
     "relid": "the new relid (reoffer), else null",
+    "args": "the --arg KEY=VALUE given, as strings ({} when none)",
 }
 
 _IC_SUMMARY: Final = {
