@@ -759,10 +759,11 @@ class Channel:
             got += len(pkts)
             for pkt in pkts:
                 nbytes += len(pkt.payload)
-                if pkt.type == comp and pending and self._complete_request(pkt):
-                    continue
-                if pkt.type == comp and self._cancelled and self._drop_late(pkt.transaction_id):
-                    continue
+                if pkt.type == comp:
+                    if pending and self._complete_request(pkt):
+                        continue
+                    if self._cancelled and self._drop_late(pkt.transaction_id):
+                        continue
                 inbox.append(pkt)
             if len(pkts) < READ_BATCH:
                 # Everything published at the batch's load of the write index is read;
