@@ -863,8 +863,7 @@ class Channel:
             return 0
         try:
             with self._tx_lock:  # a writer between its store and its note is not the host
-                check.check_tx()
-            return check.check_rx()
+                return check.check_rings()  # check_tx, then check_rx: one call
         except RingCorrupt as exc:
             self._corrupt(exc, where)
             return 0
