@@ -32,6 +32,7 @@ Figures (nothing is asserted):
     python scripts/bench_fcopy.py             # ~90 s
     python scripts/bench_fcopy.py --quick     # ~30 s
     python scripts/bench_fcopy.py --json      # one JSON object
+    python scripts/bench_fcopy.py --only daemon,raw --runs 6 --kernel 6.18   # the A/B figure
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ MIB = 1024 * 1024
 HEADER = 4096
 TARGET_S_PER_50_MIB = 0.16
 """Issue 11: the daemon's CPU per 50 MiB copied, startup excluded."""
+SECTIONS = ("ring", "service", "mock", "raw", "daemon", "latency")
+"""What ``--only`` may name (all run by default)."""
 C_DAEMON_S_PER_50_MIB = 0.08
 """tools/hv/hv_fcopy_uio_daemon against the same mock host (issue 11; not measured here)."""
 
@@ -149,10 +152,17 @@ def service_inproc(size: int) -> dict[str, Any]:
     return {"mib_s": round(size / dt / MIB, 1), "messages": msgs, "us_per_message": round(dt / msgs * 1e6, 1)}
 
 
-def _cpu(pid: int) -> float:
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` from /proc (clock ticks, 10 ms here)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _cpu(pid: int) -> float:
+    user, system = _cpu_split(pid)
+    return user + system
 
 
 def _self_cpu() -> float:
@@ -290,6 +300,7 @@ def daemon(kernel: str, size: int, runs: int) -> dict[str, Any]:
     from /proc, after negotiation (startup excluded), to the destination file's rename."""
     per_50 = 50 * MIB / size
     daemon_cpu: list[float] = []
+    daemon_user: list[float] = []
     host_cpu: list[float] = []
     walls: list[float] = []
     with tempfile.TemporaryDirectory(dir=_dest_base()) as d, MockVmbus(kernel=kernel) as mock:
@@ -319,7 +330,7 @@ def daemon(kernel: str, size: int, runs: int) -> dict[str, Any]:
             time.sleep(0.3)  # let the daemon settle into its idle poll
             for i in range(runs):
                 target = dest / f"f{i}.bin"
-                c0, h0, t0 = _cpu(proc.pid), _cpu(mock.pid or 0), time.perf_counter()
+                (u0, s0), h0, t0 = _cpu_split(proc.pid), _cpu(mock.pid or 0), time.perf_counter()
                 mock.command(guid, "send_file", source=str(src), file_name=target.name, dest=str(dest),
                              flags=1)
                 end = time.monotonic() + 120
@@ -331,8 +342,9 @@ def daemon(kernel: str, size: int, runs: int) -> dict[str, Any]:
                 # The host gets COMPLETE's answer just after the rename: wait for its state.
                 while mock.command(guid, "stats")["transfer"] == "completing":
                     time.sleep(0.002)
-                c1, h1 = _cpu(proc.pid), _cpu(mock.pid or 0)
-                daemon_cpu.append((c1 - c0) * per_50)
+                (u1, s1), h1 = _cpu_split(proc.pid), _cpu(mock.pid or 0)
+                daemon_cpu.append((u1 - u0 + s1 - s0) * per_50)
+                daemon_user.append((u1 - u0) * per_50)
                 host_cpu.append((h1 - h0) * per_50)
                 walls.append(t1 - t0)
                 if target.stat().st_size != size:
@@ -347,6 +359,8 @@ def daemon(kernel: str, size: int, runs: int) -> dict[str, Any]:
     med = statistics.median(daemon_cpu)
     return {"kernel": kernel, "file_mib": round(size / MIB, 1), "runs": runs,
             "daemon_cpu_s_per_50mib": round(med, 3), "daemon_cpu_runs": [round(x, 3) for x in daemon_cpu],
+            "daemon_cpu_mean_s_per_50mib": round(statistics.fmean(daemon_cpu), 3),
+            "daemon_user_s_per_50mib": round(statistics.median(daemon_user), 3),
             "host_cpu_s_per_50mib": round(statistics.median(host_cpu), 3),
             "mib_s_median": round(size / MIB / statistics.median(walls), 1),
             "target_s_per_50mib": TARGET_S_PER_50_MIB, "target_met": med <= TARGET_S_PER_50_MIB,
@@ -403,32 +417,37 @@ def machine() -> dict[str, Any]:
 def report(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [f"fcopy benchmark (Python {m['python']}, {m['cpus']} CPUs {m['machine']}, load {m['load']})", ""]
-    rf = res["ring_floor"]
-    lines.append(f"ring floor     {rf['mib_s']:8.1f} MiB/s   ({rf['pairs_per_s']} write+read pairs/s of "
-                 f"{rf['message_bytes']}-byte messages, ring {rf['ring_size']:#x})")
-    sv = res["service"]
-    lines.append(f"service        {sv['mib_s']:8.1f} MiB/s   (in-process host model + FcopyService, "
-                 f"{sv['us_per_message']} us a message)")
-    for mk in res["mock"]:
+    rf = res.get("ring_floor")
+    if rf:
+        lines.append(f"ring floor     {rf['mib_s']:8.1f} MiB/s   ({rf['pairs_per_s']} write+read pairs/s of "
+                     f"{rf['message_bytes']}-byte messages, ring {rf['ring_size']:#x})")
+    sv = res.get("service")
+    if sv:
+        lines.append(f"service        {sv['mib_s']:8.1f} MiB/s   (in-process host model + FcopyService, "
+                     f"{sv['us_per_message']} us a message)")
+    for mk in res.get("mock", []):
         name = f"mock {mk['kernel']}" + (" null" if mk["service"] == "null" else "")
         lines.append(f"{name:<14} {mk['mib_s_median']:8.1f} MiB/s   (best {mk['mib_s_best']}, "
                      f"{mk['file_mib']} MiB x {mk['runs']}; {mk['us_per_message']} us a message round trip; "
                      f"CPU s/MiB guest {mk['guest_cpu_s_per_mib']}, host {mk['host_cpu_s_per_mib']})")
     lines.append("")
-    for dm in res["daemon"]:
+    for dm in res.get("daemon", []):
         lines.append(f"vmbus fcopy-daemon, mock {dm['kernel']}, {dm['file_mib']} MiB x {dm['runs']}: "
                      f"CPU per 50 MiB daemon {dm['daemon_cpu_s_per_50mib']} s "
-                     f"(runs {dm['daemon_cpu_runs']}), "
+                     f"(mean {dm['daemon_cpu_mean_s_per_50mib']}, user {dm['daemon_user_s_per_50mib']}; "
+                     f"runs {dm['daemon_cpu_runs']}), "
                      f"mock host {dm['host_cpu_s_per_50mib']} s; {dm['mib_s_median']} MiB/s")
         lines.append(f"  target <= {dm['target_s_per_50mib']} s: {'met' if dm['target_met'] else 'NOT met'} "
                      f"(kernel C daemon ~{dm['c_daemon_s_per_50mib_cited']} s, cited)")
-    rw = res["raw"]
-    lines.append(f"raw floor, mock {rw['kernel']}, {rw['file_mib']} MiB x {rw['runs']}: FcopyService at the "
-                 f"ring level (RawGuest, no channel layer): guest CPU per 50 MiB "
-                 f"{rw['guest_cpu_s_per_50mib']} s "
-                 f"(runs {rw['guest_cpu_runs']}), mock host {rw['host_cpu_s_per_50mib']} s")
-    lines.append("")
-    for lt in res["latency"]:
+    rw = res.get("raw")
+    if rw:
+        lines.append(f"raw floor, mock {rw['kernel']}, {rw['file_mib']} MiB x {rw['runs']}: FcopyService "
+                     f"at the ring level (RawGuest, no channel layer): guest CPU per 50 MiB "
+                     f"{rw['guest_cpu_s_per_50mib']} s "
+                     f"(runs {rw['guest_cpu_runs']}), mock host {rw['host_cpu_s_per_50mib']} s")
+    if res.get("latency"):
+        lines.append("")
+    for lt in res.get("latency", []):
         extra = f", send_request {lt['send_request_rtt_us']} us" if "send_request_rtt_us" in lt else ""
         lines.append(f"echo {lt['kernel']} {'monitored    ' if lt['monitored'] else 'not monitored'} "
                      f"dispatch={lt['dispatch']:<6}: send from on_packet -> next on_packet "
@@ -446,20 +465,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-latency", action="store_true", help="leave out the echo latency section")
     p.add_argument("--kernel", action="append", default=None,
                    help="mock kernel generation(s) [6.18 and 6.10]")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} [all]")
+    p.add_argument("--runs", type=int, default=None,
+                   help="files copied per mock / raw / daemon figure [3; --quick: 2]")
     args = p.parse_args(argv)
+    only = set(SECTIONS if args.only is None else args.only.split(","))
+    if not only or only - set(SECTIONS):
+        p.error(f"--only takes sections of {','.join(SECTIONS)}, not {args.only!r}")
+    if args.runs is not None and args.runs < 1:
+        p.error(f"--runs must be at least 1, not {args.runs}")
     size = int((args.size or (8 if args.quick else 32)) * MIB)
-    runs = 2 if args.quick else 3
+    runs = args.runs or (2 if args.quick else 3)
     kernels = args.kernel or ["6.18", "6.10"]
     ring_size = generation("6.18").ring_size(class_by_name("fcopy"))  # header page included
+    dsize = int((args.daemon_size or (16 if args.quick else 50)) * MIB)
     res: dict[str, Any] = {"machine": machine()}
-    res["ring_floor"] = ring_floor(0.5 if args.quick else 2.0, ring_size)
-    res["service"] = service_inproc(size)
-    res["mock"] = [through_mock(k, size, runs) for k in kernels]
-    res["mock"].append(through_mock(kernels[0], size, runs, null=True))
-    res["raw"] = raw_floor(kernels[0], int((args.daemon_size or (16 if args.quick else 50)) * MIB), runs)
-    res["daemon"] = [daemon(kernels[0], int((args.daemon_size or (16 if args.quick else 50)) * MIB), runs)]
+    if "ring" in only:
+        res["ring_floor"] = ring_floor(0.5 if args.quick else 2.0, ring_size)
+    if "service" in only:
+        res["service"] = service_inproc(size)
+    if "mock" in only:
+        res["mock"] = [through_mock(k, size, runs) for k in kernels]
+        res["mock"].append(through_mock(kernels[0], size, runs, null=True))
+    if "raw" in only:
+        res["raw"] = raw_floor(kernels[0], dsize, runs)
+    if "daemon" in only:
+        res["daemon"] = [daemon(kernels[0], dsize, runs)]
     n = 100 if args.quick else 300
-    res["latency"] = [] if args.skip_latency else [
+    res["latency"] = [] if args.skip_latency or "latency" not in only else [
         echo_latency("6.18", True, "thread", n), echo_latency("6.18", False, "thread", n),
         echo_latency("6.18", True, "caller", n)]
     if args.json:

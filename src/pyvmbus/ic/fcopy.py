@@ -107,6 +107,9 @@ _MAX_RANGES = 1 << 16
 _WRITE_FIELDS = struct.Struct("<12xH14xI36xQI")
 _WRITE_DATA = ICMSG_HDR + DoFcopy.DATA_AT
 _U32 = struct.Struct("<I")
+_ZERO_STATUS = bytes(4)
+_FCOPY = int(IcMsgType.FCOPY)
+_WRITE_TO_FILE = int(FcopyOp.WRITE_TO_FILE)
 _STATUS_AT = IcMsgHdr.STATUS_AT
 _FLAGS_AT = IcMsgHdr.FLAGS_AT
 # Errors for which a hard link is not available on this file system: publish by rename.
@@ -454,20 +457,46 @@ class FcopyService(IcService):
 
     def answer(self, request: Buffer) -> bytearray | None:
         """WRITE_TO_FILE during a copy on a short path (it is ~all of the traffic); the rest
-        through :meth:`IcService.answer`. Same answers either way."""
+        through :meth:`IcService.answer`. Same answers either way.
+
+        The short path takes only a whole, in-range fragment written in one ``pwrite``
+        and appended to the byte ranges in order (what Hyper-V sends); anything else
+        (a short or failed write, an empty or out-of-order fragment, bad fields) goes
+        through :meth:`_write` and its checks, with the same statuses."""
         c = self._copy
         n = len(request)
         if c is None or n < _WRITE_DATA or n > self.max_request:
             return super().answer(request)
         msgtype, op, offset, size = _WRITE_FIELDS.unpack_from(request)
-        if msgtype != IcMsgType.FCOPY or op != FcopyOp.WRITE_TO_FILE:
+        if msgtype != _FCOPY or op != _WRITE_TO_FILE:
             return super().answer(request)
         stats = self.stats
         stats.requests += 1
         try:
-            status = self._write(c, request, n, offset, size)
+            end = offset + size
+            ends = c.ranges.ends
+            if (0 < size <= DATA_FRAGMENT and _WRITE_DATA + size <= n and end <= c.size
+                    and ends and ends[-1] == offset):
+                # c.size < 2**63 (checked at START), so offset fits pwrite's off_t.
+                view = memoryview(request)[_WRITE_DATA : _WRITE_DATA + size]
+                try:
+                    k = os.pwrite(c.fd, view, offset)
+                except OSError as exc:
+                    status = self._fail(_os_status(exc), f"writing {size} bytes at {offset}: {exc.strerror}")
+                else:
+                    if k == size:
+                        ends[-1] = end
+                        self.bytes_written += size
+                        status = HV_S_OK
+                    else:
+                        status = self._write(c, request, n, offset, size, k)
+            else:
+                status = self._write(c, request, n, offset, size)
             buf = bytearray(request)
-            _U32.pack_into(buf, _STATUS_AT, status)
+            if status:
+                _U32.pack_into(buf, _STATUS_AT, status)
+            else:
+                buf[_STATUS_AT : _STATUS_AT + 4] = _ZERO_STATUS
         except Exception as exc:  # a bug must not kill the channel: answer E_FAIL, as handle does
             buf = self._failed(request, exc)
         buf[_FLAGS_AT] = RESPONSE_FLAGS
@@ -628,9 +657,10 @@ class FcopyService(IcService):
 
     # --- WRITE_TO_FILE ------------------------------------------------------------------
 
-    def _write(self, c: _Copy, data: Buffer, n: int, offset: int, size: int) -> int:
+    def _write(self, c: _Copy, data: Buffer, n: int, offset: int, size: int, done: int = -1) -> int:
         """Write one fragment from the message ``data`` (``n`` bytes): one pwrite from a view
-        into it (more only on a short write), and record the range."""
+        into it (more only on a short write), and record the range. ``done``: the bytes a
+        first pwrite (in :meth:`answer`) already wrote, after the checks here passed."""
         if size > DATA_FRAGMENT or _WRITE_DATA + size > n:
             return self._fail(HV_INVALIDARG, f"fragment size {size} does not fit a {n}-byte message")
         end = offset + size
@@ -641,7 +671,7 @@ class FcopyService(IcService):
         # c.size < 2**63 (checked at START), so offset fits pwrite's off_t.
         view = memoryview(data)[_WRITE_DATA : _WRITE_DATA + size]
         try:
-            k = os.pwrite(c.fd, view, offset)
+            k = os.pwrite(c.fd, view, offset) if done < 0 else done
             while k < size:  # a short write: rare (the next call reports the error, if any)
                 more = os.pwrite(c.fd, view[k:], offset + k)
                 if not more:

@@ -163,7 +163,9 @@ class IcService:
         self.framework_version: int | None = None
         self.service_version: int | None = None
         self.stats = ServiceStats()
-        self._pending: deque[Callable[[], None]] = deque()
+        self.queue: deque[Callable[[], None]] = deque()
+        """The actions :meth:`_defer` queued for :meth:`run_pending` (read-only for others: a
+        runner tests it for truth after each answer, which costs no call per packet)."""
 
     @property
     def negotiated(self) -> bool:
@@ -222,8 +224,9 @@ class IcService:
         user's callback); the ones after it stay queued.
         """
         ran = 0
-        while self._pending:
-            action = self._pending.popleft()
+        queue = self.queue
+        while queue:
+            action = queue.popleft()
             action()
             ran += 1
         return ran
@@ -231,7 +234,7 @@ class IcService:
     @property
     def pending(self) -> int:
         """How many actions wait for :meth:`run_pending`."""
-        return len(self._pending)
+        return len(self.queue)
 
     def close(self) -> None:
         """Release what the service holds (the channel closed). Idempotent."""
@@ -243,7 +246,7 @@ class IcService:
         raise NotImplementedError
 
     def _defer(self, action: Callable[[], None]) -> None:
-        self._pending.append(action)
+        self.queue.append(action)
 
     def _drop(self, why: str) -> None:
         self.stats.dropped += 1
