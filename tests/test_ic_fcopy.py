@@ -799,3 +799,40 @@ def test_short_writes_are_completed_and_a_stuck_one_fails(root: Path,
     host.send_file(data, "g", str(root))
     pump(host, svc)
     assert host.failed_op == "write" and host.status == HV_E_FAIL and leftovers(root) == ["f"]
+
+
+def test_write_answers_are_the_request_with_status_and_flags(root: Path) -> None:
+    """Every WRITE_TO_FILE answer, on the short path (in order) or not (the first fragment, out
+    of order, a repeat, a bad one), is the request at its length with icflags 5 and the status
+    in place of whatever status the host sent (as hv_fcopy_uio_daemon answers)."""
+    _, svc = setup(root)
+    size = 3 * DATA_FRAGMENT + 7
+    data = os.urandom(size)
+    start = fc(StartFcopy("f", str(root), CopyFlags.OVER_WRITE, size).pack())
+    assert status_of(svc.handle(start)) == HV_S_OK
+
+    def write(offset: int, chunk: bytes, host_status: int = 0x1234) -> bytes:
+        return build_message(IcMsgType.FCOPY, DoFcopy(offset, chunk).pack(), status=host_status,
+                             transaction_id=offset & 0xFF)
+
+    def expected(req: bytes, status: int) -> bytes:
+        return req[:20] + struct.pack("<I", status) + req[24:25] + b"\x05" + req[26:]
+
+    frags = [(2 * DATA_FRAGMENT, data[2 * DATA_FRAGMENT : 3 * DATA_FRAGMENT]),  # out of order first
+             (0, data[:DATA_FRAGMENT]), (DATA_FRAGMENT, data[DATA_FRAGMENT : 2 * DATA_FRAGMENT]),
+             (DATA_FRAGMENT, data[DATA_FRAGMENT : 2 * DATA_FRAGMENT]),  # a repeat
+             (3 * DATA_FRAGMENT, data[3 * DATA_FRAGMENT :])]  # in order after the merge
+    for offset, chunk in frags:
+        req = write(offset, chunk)
+        resp = svc.answer(req)
+        assert resp is not None and bytes(resp) == expected(req, HV_S_OK)
+        assert bytes(resp) == svc.handle(req)  # handle() answers the same bytes
+    assert status_of(svc.handle(fc(FcopyHdr(FcopyOp.COMPLETE_FCOPY).pack()))) == HV_S_OK
+    assert (root / "f").read_bytes() == data
+    # A fragment past file_size during a copy: HV_INVALIDARG in place, the copy abandoned.
+    assert status_of(svc.handle(fc(StartFcopy("g", str(root), 0, 150).pack()))) == HV_S_OK
+    assert status_of(svc.handle(write(0, data[:100]))) == HV_S_OK
+    req = write(100, data[:100])
+    resp = svc.answer(req)
+    assert resp is not None and bytes(resp) == expected(req, HV_INVALIDARG) and not svc.active
+    assert svc.stats.requests == svc.stats.responses and svc.stats.errors == 0

@@ -478,25 +478,24 @@ class FcopyService(IcService):
             if (0 < size <= DATA_FRAGMENT and _WRITE_DATA + size <= n and end <= c.size
                     and ends and ends[-1] == offset):
                 # c.size < 2**63 (checked at START), so offset fits pwrite's off_t.
-                view = memoryview(request)[_WRITE_DATA : _WRITE_DATA + size]
                 try:
-                    k = os.pwrite(c.fd, view, offset)
+                    k = os.pwrite(c.fd, memoryview(request)[_WRITE_DATA : _WRITE_DATA + size], offset)
                 except OSError as exc:
                     status = self._fail(_os_status(exc), f"writing {size} bytes at {offset}: {exc.strerror}")
                 else:
                     if k == size:
                         ends[-1] = end
                         self.bytes_written += size
-                        status = HV_S_OK
-                    else:
-                        status = self._write(c, request, n, offset, size, k)
+                        buf = bytearray(request)
+                        buf[_STATUS_AT : _STATUS_AT + 4] = _ZERO_STATUS
+                        buf[_FLAGS_AT] = RESPONSE_FLAGS
+                        stats.responses += 1
+                        return buf
+                    status = self._write(c, request, n, offset, size, k)  # a short write: go on
             else:
                 status = self._write(c, request, n, offset, size)
             buf = bytearray(request)
-            if status:
-                _U32.pack_into(buf, _STATUS_AT, status)
-            else:
-                buf[_STATUS_AT : _STATUS_AT + 4] = _ZERO_STATUS
+            _U32.pack_into(buf, _STATUS_AT, status)
         except Exception as exc:  # a bug must not kill the channel: answer E_FAIL, as handle does
             buf = self._failed(request, exc)
         buf[_FLAGS_AT] = RESPONSE_FLAGS
