@@ -23,6 +23,9 @@ Figures (nothing is asserted):
 - ``raw``: the real service served at the ring level with the mock's ``RawGuest`` (read,
   unmask, fence, re-check, block; answer; signal), no Channel, dispatcher or runner: the
   guest CPU per 50 MiB without the channel layer (the service, the ring, the signalling);
+- ``bytecodes`` (only with ``--only``): Python bytecodes, calls and C calls per message on
+  the runner's thread during one copy through the mock (``--size``, default 4 MiB), by
+  module and function: unlike CPU time, the machine's load does not move it;
 - ``latency``: the round trip of a packet sent from inside on_packet (echo device), for the
   issue reported by the IC author: with the default background dispatch thread and a
   monitored channel it takes ~5 ms (the thread lingers after its own cycle, see
@@ -33,11 +36,13 @@ Figures (nothing is asserted):
     python scripts/bench_fcopy.py --quick     # ~30 s
     python scripts/bench_fcopy.py --json      # one JSON object
     python scripts/bench_fcopy.py --only daemon,raw --runs 6 --kernel 6.18   # the A/B figure
+    python scripts/bench_fcopy.py --only bytecodes --size 4   # per message, load-independent
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import itertools
 import json
@@ -52,6 +57,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from pyvmbus.bus import Vmbus
@@ -83,8 +89,8 @@ MIB = 1024 * 1024
 HEADER = 4096
 TARGET_S_PER_50_MIB = 0.16
 """Issue 11: the daemon's CPU per 50 MiB copied, startup excluded."""
-SECTIONS = ("ring", "service", "mock", "raw", "daemon", "latency")
-"""What ``--only`` may name (all run by default)."""
+SECTIONS = ("ring", "service", "mock", "raw", "daemon", "latency", "bytecodes")
+"""What ``--only`` may name (all but ``bytecodes`` run by default)."""
 C_DAEMON_S_PER_50_MIB = 0.08
 """tools/hv/hv_fcopy_uio_daemon against the same mock host (issue 11; not measured here)."""
 
@@ -289,6 +295,78 @@ def raw_floor(kernel: str, size: int, runs: int) -> dict[str, Any]:
             "host_cpu_s_per_50mib": round(statistics.median(host_cpu), 3)}
 
 
+def bytecodes(kernel: str, size: int) -> dict[str, Any]:
+    """Python bytecodes, calls and C calls per message on the runner's thread during one copy
+    through the mock (``sys.settrace`` opcode events): a figure the machine's load does not
+    move, for A/B comparisons on a shared machine. Slow (the tracer runs per bytecode)."""
+    ops: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    c_calls = [0]
+    counting = [False]
+
+    def per_op(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "opcode" and counting[0]:
+            code = frame.f_code
+            ops[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+        return per_op
+
+    def per_call(frame: FrameType, event: str, arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        if counting[0]:
+            code = frame.f_code
+            calls[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+        return per_op
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "c_call" and counting[0]:
+            c_calls[0] += 1
+
+    with tempfile.TemporaryDirectory(dir=_dest_base()) as d, MockVmbus(kernel=kernel) as mock:
+        guid = mock.add_device("fcopy", instance=FCOPY_INSTANCE_GUID)
+        src = Path(d) / "source.bin"
+        src.write_bytes(os.urandom(size))
+        dest = Path(d) / "dest"
+        dest.mkdir()
+        svc = FcopyService([dest], fsync=False, state_dir=Path(d) / "state")
+        runner = IcRunner(mock.root, guid, svc)
+        threading.settrace(per_call)
+        threading.setprofile(profile)
+        try:
+            thread = threading.Thread(target=runner.run, daemon=True)
+            thread.start()
+        finally:
+            threading.settrace(None)  # type: ignore[arg-type]
+            threading.setprofile(None)  # type: ignore[arg-type]
+        try:
+            deadline = time.monotonic() + 60
+            while not svc.negotiated:
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError("the fcopy channel did not come up")
+                time.sleep(0.01)
+            time.sleep(0.3)  # the runner back in its idle poll
+            counting[0] = True
+            mock.command(guid, "send_file", source=str(src), file_name="f.bin", dest=str(dest), flags=1)
+            while svc.files_completed < 1:
+                if time.monotonic() > deadline + 600 or not thread.is_alive():
+                    raise RuntimeError(f"the copy did not finish: {svc.last_event}")
+                time.sleep(0.01)
+            counting[0] = False
+        finally:
+            counting[0] = False
+            runner.stop()
+            thread.join(30)
+    msgs = -(-size // DATA_FRAGMENT) + 2
+    by_module: collections.Counter[str] = collections.Counter()
+    for key, n in ops.items():
+        by_module[key.split(":")[0]] += n
+    return {"kernel": kernel, "file_mib": round(size / MIB, 1), "messages": msgs,
+            "bytecodes_per_message": round(sum(ops.values()) / msgs, 1),
+            "python_calls_per_message": round(sum(calls.values()) / msgs, 2),
+            "c_calls_per_message": round(c_calls[0] / msgs, 2),
+            "by_module": {k: round(n / msgs, 1) for k, n in by_module.most_common() if n / msgs >= 0.5},
+            "by_function": {k: round(n / msgs, 1) for k, n in ops.most_common() if n / msgs >= 0.5}}
+
+
 def _vmbus_argv() -> list[str]:
     script = Path(sys.executable).with_name("vmbus")
     return [str(script)] if script.exists() else [
@@ -445,6 +523,13 @@ def report(res: dict[str, Any]) -> str:
                      f"at the ring level (RawGuest, no channel layer): guest CPU per 50 MiB "
                      f"{rw['guest_cpu_s_per_50mib']} s "
                      f"(runs {rw['guest_cpu_runs']}), mock host {rw['host_cpu_s_per_50mib']} s")
+    bc = res.get("bytecodes")
+    if bc:
+        lines.append(f"bytecodes, mock {bc['kernel']}, {bc['file_mib']} MiB ({bc['messages']} messages), "
+                     f"runner thread, per message: {bc['bytecodes_per_message']} bytecodes, "
+                     f"{bc['python_calls_per_message']} Python calls, {bc['c_calls_per_message']} C calls")
+        lines.append("  by module: " + ", ".join(f"{k} {v}" for k, v in bc["by_module"].items()))
+        lines.append("  by function: " + ", ".join(f"{k} {v}" for k, v in bc["by_function"].items()))
     if res.get("latency"):
         lines.append("")
     for lt in res.get("latency", []):
@@ -459,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller files, fewer runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--size", type=float, default=None, help="file size in MiB [32; --quick: 8]")
+    p.add_argument("--size", type=float, default=None,
+                   help="file size in MiB [32; --quick: 8; bytecodes: 4]")
     p.add_argument("--daemon-size", type=float, default=None,
                    help="file size in MiB for the vmbus fcopy-daemon figure [50; --quick: 16]")
     p.add_argument("--skip-latency", action="store_true", help="leave out the echo latency section")
@@ -470,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=None,
                    help="files copied per mock / raw / daemon figure [3; --quick: 2]")
     args = p.parse_args(argv)
-    only = set(SECTIONS if args.only is None else args.only.split(","))
+    only = set(SECTIONS[:-1] if args.only is None else args.only.split(","))
     if not only or only - set(SECTIONS):
         p.error(f"--only takes sections of {','.join(SECTIONS)}, not {args.only!r}")
     if args.runs is not None and args.runs < 1:
@@ -492,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         res["raw"] = raw_floor(kernels[0], dsize, runs)
     if "daemon" in only:
         res["daemon"] = [daemon(kernels[0], dsize, runs)]
+    if "bytecodes" in only:
+        res["bytecodes"] = bytecodes(kernels[0], int((args.size or 4) * MIB))
     n = 100 if args.quick else 300
     res["latency"] = [] if args.skip_latency or "latency" not in only else [
         echo_latency("6.18", True, "thread", n), echo_latency("6.18", False, "thread", n),
