@@ -108,6 +108,7 @@ _WRITE_FIELDS = struct.Struct("<12xH14xI36xQI")
 _WRITE_DATA = ICMSG_HDR + DoFcopy.DATA_AT
 _U32 = struct.Struct("<I")
 _ZERO_STATUS = bytes(4)
+_STATUS_SLICE = slice(IcMsgHdr.STATUS_AT, IcMsgHdr.STATUS_AT + 4)
 _FCOPY = int(IcMsgType.FCOPY)
 _WRITE_TO_FILE = int(FcopyOp.WRITE_TO_FILE)
 _STATUS_AT = IcMsgHdr.STATUS_AT
@@ -474,12 +475,12 @@ class FcopyService(IcService):
         stats.requests += 1
         try:
             end = offset + size
+            stop = _WRITE_DATA + size
             ends = c.ranges.ends
-            if (0 < size <= DATA_FRAGMENT and _WRITE_DATA + size <= n and end <= c.size
-                    and ends and ends[-1] == offset):
+            if size and size <= DATA_FRAGMENT and stop <= n and end <= c.size and ends and ends[-1] == offset:
                 # c.size < 2**63 (checked at START), so offset fits pwrite's off_t.
                 try:
-                    k = os.pwrite(c.fd, memoryview(request)[_WRITE_DATA : _WRITE_DATA + size], offset)
+                    k = os.pwrite(c.fd, memoryview(request)[_WRITE_DATA:stop], offset)
                 except OSError as exc:
                     status = self._fail(_os_status(exc), f"writing {size} bytes at {offset}: {exc.strerror}")
                 else:
@@ -487,7 +488,7 @@ class FcopyService(IcService):
                         ends[-1] = end
                         self.bytes_written += size
                         buf = bytearray(request)
-                        buf[_STATUS_AT : _STATUS_AT + 4] = _ZERO_STATUS
+                        buf[_STATUS_SLICE] = _ZERO_STATUS
                         buf[_FLAGS_AT] = RESPONSE_FLAGS
                         stats.responses += 1
                         return buf
