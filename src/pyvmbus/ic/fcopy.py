@@ -38,8 +38,10 @@ CREATE_PATH HV_E_FAIL) and differs on purpose where the daemon is unsafe:
 
 File I/O happens inside :meth:`handle` (writing the file is the service); the channel I/O
 does not, so the service runs the same in-process against the mock's host model. A
-WRITE_TO_FILE takes a short path: one unpack of its fields, one ``os.pwrite`` straight from
-the received packet (a memoryview, no copy), one bytearray for the answer.
+WRITE_TO_FILE that continues the file in order (what Hyper-V sends) takes a short path: one
+unpack of its fields, one ``os.pwrite`` straight from the received packet (a memoryview, no
+copy), the last byte range extended in place, one bytearray for the answer; anything else
+goes through the full checks, with the same answers.
 """
 
 from __future__ import annotations
