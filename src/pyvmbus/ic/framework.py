@@ -163,7 +163,7 @@ class IcService:
         self.framework_version: int | None = None
         self.service_version: int | None = None
         self.stats = ServiceStats()
-        self.queue: deque[Callable[[], None]] = deque()
+        self.deferred: deque[Callable[[], None]] = deque()
         """The actions :meth:`_defer` queued for :meth:`run_pending` (read-only for others: a
         runner tests it for truth after each answer, which costs no call per packet)."""
 
@@ -224,9 +224,9 @@ class IcService:
         user's callback); the ones after it stay queued.
         """
         ran = 0
-        queue = self.queue
-        while queue:
-            action = queue.popleft()
+        deferred = self.deferred
+        while deferred:
+            action = deferred.popleft()
             action()
             ran += 1
         return ran
@@ -234,7 +234,7 @@ class IcService:
     @property
     def pending(self) -> int:
         """How many actions wait for :meth:`run_pending`."""
-        return len(self.queue)
+        return len(self.deferred)
 
     def close(self) -> None:
         """Release what the service holds (the channel closed). Idempotent."""
@@ -246,7 +246,7 @@ class IcService:
         raise NotImplementedError
 
     def _defer(self, action: Callable[[], None]) -> None:
-        self.queue.append(action)
+        self.deferred.append(action)
 
     def _drop(self, why: str) -> None:
         self.stats.dropped += 1

@@ -163,7 +163,7 @@ class IcRunner:
         self._why = ""
         self._negotiations = service.stats.negotiations
         self._stats = service.stats
-        self._queue = service.queue  # the service's deferred actions: true when some wait
+        self._deferred = service.deferred  # the service's deferred actions: true when some wait
         # answer(): a fresh bytearray, sent as it is (no copy to bytes). A subclass that
         # overrides handle() (an older service) keeps being called through it.
         self._answer: Callable[[bytes], bytes | bytearray | None] = (
@@ -328,7 +328,7 @@ class IcRunner:
 
     def _on_packet(self, ch: Channel, pkt: Packet) -> None:
         # Per packet (fcopy: ~8,500 a 50 MiB copy): one call into the service, one send, the
-        # counters, two checks that cost no call (a counter compare and the action queue).
+        # counters, two checks that cost no call (a counter compare and the deferred actions).
         if pkt.type != _INBAND:
             self.result.ignored += 1
             return
@@ -350,7 +350,7 @@ class IcRunner:
             res.answered += 1
         if self._stats.negotiations != self._negotiations:
             self._negotiated()
-        if self._queue:
+        if self._deferred:
             self._run_pending()
 
     def _negotiated(self) -> None:
