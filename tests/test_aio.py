@@ -326,3 +326,69 @@ def test_async_send_waiting_for_room_fails_at_once_on_rescind(mock: MockVmbus) -
     finally:
         with contextlib.suppress(Exception):
             mock.remove_device(guid)
+
+
+@pytest.mark.timeout(30)
+def test_a_timeout_queue_dropped_by_the_timer_is_made_again(echo: Echo) -> None:
+    """The deadlines keep the last timeout's queue at hand; once the timer has emptied and
+    dropped that queue, the next request with the same timeout still gets its deadline."""
+    m, guid, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            await asyncio.to_thread(m.fault, guid, "stall")
+            for _ in range(2):  # the second one reuses the timeout after its queue was dropped
+                with pytest.raises(Timeout):
+                    await ch.request(b"slow", timeout=0.1)
+            assert ch.counters.cancelled == 2
+            await asyncio.to_thread(m.fault, guid, "resume")
+            assert await ch.request(b"again", timeout=0.1 + 5) == pad8(b"again")
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_request_is_a_coroutine_and_the_channel_serves_a_second_loop(echo: Echo) -> None:
+    """Channel.request returns the request's coroutine (a task, gather, or a plain await),
+    and the per-loop state is made again when the channel is enabled under another loop."""
+    _, _, ch = echo
+
+    async def main(tag: bytes) -> None:
+        async with ch.enabled():
+            coro = ch.request(tag + b"-await", timeout=5)
+            assert asyncio.iscoroutine(coro)
+            assert await coro == pad8(tag + b"-await")
+            task = asyncio.create_task(ch.request(tag + b"-task", timeout=5))
+            both = await asyncio.gather(task, ch.request(tag + b"-gather", timeout=5))
+            assert both == [pad8(tag + b"-task"), pad8(tag + b"-gather")]
+
+    asyncio.run(main(b"one"))
+    first = ch.aio_state
+    asyncio.run(main(b"two"))
+    assert ch.aio_state is not first
+    assert ch.counters.requests == 6  # the counters run on across enables
+
+
+@pytest.mark.timeout(30)
+def test_requests_in_flight_fail_when_another_thread_disables(echo: Echo) -> None:
+    """A close from another thread completes the requests there: their futures are settled
+    through the loop (call_soon_threadsafe), every awaiting task raises ChannelClosed."""
+    m, guid, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            await asyncio.to_thread(m.fault, guid, "stall")
+            tasks = [asyncio.create_task(ch.request(b"%d" % i, timeout=20)) for i in range(16)]
+            await asyncio.sleep(0.05)
+            disp = ch.dispatcher
+            assert disp is not None
+            # What a sender thread that found the device gone does (Channel._device_lost).
+            closer = threading.Thread(target=disp.request_close, args=("rescinded",))
+            closer.start()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            closer.join(5)
+            assert all(isinstance(r, ChannelClosed) and "rescinded" in str(r) for r in results), results
+            await asyncio.to_thread(m.fault, guid, "resume")
+        assert ch.state is S.DISABLED
+
+    asyncio.run(main())

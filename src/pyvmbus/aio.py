@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -49,6 +50,8 @@ class AsyncRequest(Protocol):
     done: bool
     payload: bytes
     error: BaseException | None
+    waiter: Any
+    """The future its completion settles (this module's, set at registration)."""
 
 
 class AsyncChannel(Protocol):
@@ -62,6 +65,8 @@ class AsyncChannel(Protocol):
     """A deferred write owes the host a signal (sent by :meth:`flush_signal`)."""
     flush_scheduled: bool
     """An end-of-turn flush is already scheduled on the loop."""
+    aio_state: Any
+    """This module's :class:`_LoopState` for the channel (None until its first request)."""
 
     @property
     def state(self) -> ChannelState: ...
@@ -83,6 +88,8 @@ class AsyncChannel(Protocol):
     def flush_signal(self) -> None: ...
     def waiting_for_room(self, tx: RingBuffer) -> contextlib.AbstractContextManager[None]: ...
     def register_request(self, callback: Callable[[Any], None]) -> AsyncRequest: ...
+    def begin_request(self, payload: Any, callback: Callable[[Any], None],
+                      waiter: Any) -> tuple[AsyncRequest, int]: ...
     def forget_request(self, req: Any) -> None: ...
     def count_request(self) -> None: ...
     def cancel_request(self, req: Any) -> bool: ...
@@ -126,17 +133,15 @@ def _schedule_signal(channel: AsyncChannel, loop: asyncio.AbstractEventLoop) -> 
     """
     if channel.signal_due and not channel.flush_scheduled:
         channel.flush_scheduled = True
-
-        def end_of_turn() -> None:
-            channel.flush_scheduled = False
-            channel.flush_signal()
-
-        loop.call_soon(end_of_turn)
+        loop.call_soon(_loop_state(channel, loop).end_of_turn)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+_Queue = collections.deque[tuple[float, "asyncio.Future[None]"]]
 
 
 class _Deadlines:
@@ -151,28 +156,38 @@ class _Deadlines:
     flight. One loop timer is armed at the earliest deadline still queued.
     """
 
-    __slots__ = ("armed_at", "queues")
+    __slots__ = ("armed_at", "last", "loop", "queues", "time")
 
-    def __init__(self) -> None:
-        self.queues: dict[float, collections.deque[tuple[float, asyncio.Future[None]]]] = {}
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queues: dict[float, _Queue] = {}
+        self.last: tuple[float, _Queue | None] = (math.nan, None)
+        """The queue of the last timeout added (most programs use one): no dict look-up."""
         self.armed_at = math.inf
+        # The loop's clock: asyncio's own loops read time.monotonic() through a Python
+        # method (loop.time); calling it directly is the same clock, one frame less.
+        self.time: Callable[[], float] = (
+            time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time)
 
-    def add(self, loop: asyncio.AbstractEventLoop, timeout: float, fut: asyncio.Future[None]) -> None:
-        queue = self.queues.get(timeout)
-        if queue is None:
-            queue = self.queues[timeout] = collections.deque()
+    def add(self, timeout: float, fut: asyncio.Future[None]) -> None:
+        last_timeout, queue = self.last
+        if timeout != last_timeout or queue is None:
+            queue = self.queues.get(timeout)
+            if queue is None:
+                queue = self.queues[timeout] = collections.deque()
+            self.last = (timeout, queue)
         while queue and queue[0][1].done():
             queue.popleft()
-        deadline = loop.time() + timeout
+        deadline = self.time() + timeout
         queue.append((deadline, fut))
         if deadline < self.armed_at:
             self.armed_at = deadline
-            loop.call_at(deadline, self.fire, loop, deadline)
+            self.loop.call_at(deadline, self.fire, deadline)
 
-    def fire(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+    def fire(self, at: float) -> None:
         if at != self.armed_at:
             return  # an earlier deadline re-armed the timer meanwhile: that one runs
-        now = loop.time()
+        now = self.loop.time()
         nxt = math.inf
         for timeout, queue in list(self.queues.items()):
             while queue and (queue[0][0] <= now or queue[0][1].done()):
@@ -181,9 +196,11 @@ class _Deadlines:
                 nxt = min(nxt, queue[0][0])
             else:
                 del self.queues[timeout]
+                if self.last[1] is queue:
+                    self.last = (math.nan, None)  # add() must not append to a dropped queue
         self.armed_at = nxt
         if nxt != math.inf:
-            loop.call_at(nxt, self.fire, loop, nxt)
+            self.loop.call_at(nxt, self.fire, nxt)
 
 
 _DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
@@ -192,8 +209,48 @@ _DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = w
 def _deadlines(loop: asyncio.AbstractEventLoop) -> _Deadlines:
     found = _DEADLINES.get(loop)
     if found is None:
-        found = _DEADLINES[loop] = _Deadlines()
+        found = _DEADLINES[loop] = _Deadlines(loop)
     return found
+
+
+class _LoopState:
+    """What a channel's requests need of the running loop, found once per loop, not per
+    request: the loop, its thread, its deadlines, a future factory, the completion
+    callback (one bound method: the request keeps its future in ``waiter``) and the
+    end-of-turn signal flush (one bound method, no closure per turn)."""
+
+    __slots__ = ("channel", "deadlines", "loop", "new_future", "thread")
+
+    def __init__(self, channel: AsyncChannel, loop: asyncio.AbstractEventLoop) -> None:
+        self.channel = channel
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self.deadlines = _deadlines(loop)
+        # asyncio's loops make a future with Future(loop=loop), through a Python method.
+        self.new_future: Callable[[], asyncio.Future[None]] = (
+            functools.partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is asyncio.BaseEventLoop.create_future else loop.create_future)
+
+    def complete(self, req: AsyncRequest) -> None:
+        """A request is done (completed, or failed by a close): wake its awaiting task."""
+        fut = req.waiter
+        if threading.get_ident() == self.thread:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            self.loop.call_soon_threadsafe(_settle, fut)
+
+    def end_of_turn(self) -> None:
+        channel = self.channel
+        channel.flush_scheduled = False
+        channel.flush_signal()
+
+
+def _loop_state(channel: AsyncChannel, loop: asyncio.AbstractEventLoop) -> _LoopState:
+    st: _LoopState | None = channel.aio_state
+    if st is None or st.loop is not loop:
+        st = channel.aio_state = _LoopState(channel, loop)
+    return st
 
 
 async def send(channel: AsyncChannel, payload: Any, completion_requested: bool = False, *,
@@ -255,40 +312,30 @@ async def request(channel: AsyncChannel, payload: Any, timeout: float | None = N
     completion is dropped and counted, and :class:`Timeout` is raised;
     :class:`ChannelClosed` if the channel closes first.
     """
-    if not channel.may_wait:
-        raise channel.not_open("send a request on")
-    t = channel.request_timeout if timeout is None else timeout
     loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def done(req: AsyncRequest) -> None:
-        # (_resolver's rule, inlined: no closure per completion on the hot path)
-        if threading.get_ident() == loop_thread:
-            if not fut.done():
-                fut.set_result(None)
-        else:
-            loop.call_soon_threadsafe(_settle, fut)
-
-    req = channel.register_request(done)
-    try:
-        tx = channel.tx_ring
-        # The common case without a second coroutine: the packet fits now (send()'s first
-        # step). A full ring, or a channel not open, goes through send(), which waits for
-        # room or raises as it always did; nothing was written by the attempt here.
-        if tx is not None and channel.may_send and not channel.write_packet(
-                tx, payload, PacketType.DATA_INBAND, 1, req.txid, 0, defer=True):
-            _schedule_signal(channel, loop)
-        else:
+    st = channel.aio_state
+    if st is None or st.loop is not loop:
+        st = _loop_state(channel, loop)
+    t = channel.request_timeout if timeout is None else timeout
+    fut = st.new_future()
+    # Register and write in one call (the common case: the packet fits now, send()'s
+    # first step, signal deferred). A full ring, or a channel not open for sending, goes
+    # through send(), which waits for room or raises as it always did.
+    req, needed = channel.begin_request(payload, st.complete, fut)
+    if needed:
+        try:
             await send(channel, payload, True, transaction_id=req.txid, timeout=t)
-    except BaseException:
-        channel.forget_request(req)
-        raise
-    channel.count_request()
+        except BaseException:
+            channel.forget_request(req)
+            raise
+        channel.count_request()
+    elif channel.signal_due and not channel.flush_scheduled:
+        channel.flush_scheduled = True  # _schedule_signal, inlined
+        loop.call_soon(st.end_of_turn)
     if not req.done:
         # The loop's shared deadline timer instead of asyncio.wait_for (no extra task) or
         # a call_later each (see _Deadlines).
-        _deadlines(loop).add(loop, t, fut)
+        st.deadlines.add(t, fut)
         try:
             await fut
         except asyncio.CancelledError:

@@ -56,7 +56,7 @@ from .signal import HostSignal
 from .uio import PAGE_SIZE, UioDevice
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable
+    from collections.abc import AsyncIterator, Coroutine
 
     import numpy as np
     import numpy.typing as npt
@@ -173,16 +173,19 @@ class Request:
     """One outstanding request: completed by the channel's drain, or failed on close.
 
     ``callback(request)`` runs once it is done (on the dispatching thread, or on the
-    thread that closes the channel): the asyncio driver resolves a future there."""
+    thread that closes the channel): the asyncio driver resolves a future there, the
+    one it keeps in ``waiter`` (so its callback is one bound method, not a closure each)."""
 
-    __slots__ = ("callback", "done", "error", "payload", "txid")
+    __slots__ = ("callback", "done", "error", "payload", "txid", "waiter")
 
-    def __init__(self, txid: int, callback: Callable[[Request], None] | None = None) -> None:
+    def __init__(self, txid: int, callback: Callable[[Request], None] | None = None,
+                 waiter: Any = None) -> None:
         self.txid = txid
         self.done = False
         self.payload = b""
         self.error: BaseException | None = None
         self.callback = callback
+        self.waiter = waiter
 
     def is_done(self) -> bool:
         return self.done
@@ -209,7 +212,7 @@ def split_rings(buf: npt.NDArray[np.uint8], what: str, page_size: int = PAGE_SIZ
 
 
 @functools.cache
-def _aio_request() -> Callable[[Channel, Payload, float | None], Awaitable[bytes]]:
+def _aio_request() -> Callable[[Channel, Payload, float | None], Coroutine[Any, Any, bytes]]:
     """pyvmbus.aio.request, imported on first use (asyncio stays unimported for threads);
     cached, because a ``from .aio import`` statement per request costs ~1 us."""
     from .aio import request
@@ -309,6 +312,8 @@ class Channel:
         self._blocked_senders = 0
         self.signal_due = False
         self.flush_scheduled = False
+        self.aio_state: Any = None
+        """pyvmbus.aio's per-loop state for this channel (its loop, deadlines, callbacks)."""
         self._pending: dict[int, Request] = {}
         self._cancelled: dict[int, None] = {}
         self._txids = itertools.count(1)
@@ -1077,6 +1082,34 @@ class Channel:
         self._pending[req.txid] = req
         return req
 
+    def begin_request(self, payload: Payload, callback: Callable[[Request], None],
+                      waiter: Any) -> tuple[Request, int]:
+        """For the asyncio driver, one call per request: register it and write its packet
+        now, the signal deferred (``signal_due``, see :meth:`write_packet`).
+
+        (request, 0) once the packet is in the ring (counted as :meth:`count_request`
+        does); (request, non-zero) when it could not be written now (a full ring, or the
+        channel cannot send): the caller then goes through the waiting send, which writes
+        it or raises, and counts it itself. A write that raised forgets the request.
+        :meth:`not_open` if the channel cannot wait for a completion.
+        """
+        if not self._lc.policy.may_wait:
+            raise self.not_open("send a request on")
+        req = Request(self.new_txid(), callback, waiter)
+        self._pending[req.txid] = req
+        tx = self.tx_ring
+        if tx is None or not self._lc.policy.may_send:
+            return req, -1
+        try:
+            needed = self.write_packet(tx, payload, PacketType.DATA_INBAND, 1, req.txid, 0, defer=True)
+        except BaseException:
+            self.forget_request(req)
+            raise
+        if not needed:
+            with self._req_lock:
+                self.counters.requests += 1
+        return req, needed
+
     def forget_request(self, req: Request) -> None:
         """Drop a request whose packet never went out (the send raised)."""
         with self._req_lock:
@@ -1313,9 +1346,12 @@ class Channel:
 
     # -- asyncio (pyvmbus.aio) ---------------------------------------------------------------
 
-    async def request(self, payload: Payload, timeout: float | None = None) -> bytes:
-        """``await channel.request(payload)``: send_request without blocking the loop."""
-        return await _aio_request()(self, payload, timeout)
+    def request(self, payload: Payload, timeout: float | None = None) -> Coroutine[Any, Any, bytes]:
+        """``await channel.request(payload)``: send_request without blocking the loop.
+
+        The coroutine of :func:`pyvmbus.aio.request` itself (not a coroutine around it:
+        one frame less on every resume of a pipelined request)."""
+        return _aio_request()(self, payload, timeout)
 
     def packets(self) -> AsyncIterator[Packet]:
         """``async for packet in channel.packets():`` every packet on_packet would get."""
