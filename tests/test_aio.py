@@ -9,17 +9,20 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pyvmbus import ChannelClosed, Timeout
 from pyvmbus.aio import send
 from pyvmbus.bus import Vmbus
+from pyvmbus.capture import Direction, read_capture
 from pyvmbus.channel import Channel
 from pyvmbus.lifecycle import ChannelState
 from pyvmbus.mock import MockVmbus
 from pyvmbus.mock.generations import GENERATIONS
 from pyvmbus.packet import Packet
+from pyvmbus.ring import MAX_PACKET_SIZE
 
 GENS = list(GENERATIONS)
 S = ChannelState
@@ -390,5 +393,78 @@ def test_requests_in_flight_fail_when_another_thread_disables(echo: Echo) -> Non
             assert all(isinstance(r, ChannelClosed) and "rescinded" in str(r) for r in results), results
             await asyncio.to_thread(m.fault, guid, "resume")
         assert ch.state is S.DISABLED
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_requests_of_a_turn_go_out_in_order_before_a_later_send(echo: Echo, tmp_path: Path) -> None:
+    """The packets of a loop turn's requests are written together at its end, but in the
+    order the requests were made and before any packet a later send writes."""
+    _, _, ch = echo
+    path = tmp_path / "order.pcapng"
+
+    async def main() -> None:
+        got: list[Packet] = []
+        ch.on_packet(lambda c, p: got.append(p))
+        async with ch.enabled():
+            tasks = [asyncio.create_task(ch.request(b"req-%d" % i, timeout=5)) for i in range(3)]
+            await asyncio.sleep(0)  # the three ran their first step; the turn has not ended
+            assert len(ch.deferred) == 3
+            ch.send(b"after")  # writes the queued requests first
+            assert not ch.deferred
+            await ch.request(b"last", timeout=5)
+            assert await asyncio.gather(*tasks) == [pad8(b"req-%d" % i) for i in range(3)]
+            while not got:
+                await asyncio.sleep(0.005)
+
+    ch.capture(path)
+    asyncio.run(main())
+    ch.stop_capture()
+    tx = [r.packet.payload for r in read_capture(path).packets() if r.direction is Direction.GUEST_TO_HOST]
+    assert tx == [pad8(b"req-0"), pad8(b"req-1"), pad8(b"req-2"), pad8(b"after"), pad8(b"last")]
+    assert ch.counters.requests == 4
+
+
+@pytest.mark.timeout(30)
+def test_requests_a_full_ring_cannot_take_wait_for_room(echo: Echo) -> None:
+    """A turn's requests that do not fit the TX ring (the host stalled) go out one by one
+    as far as they fit; the rest wait for room as a send does, and all complete."""
+    m, guid, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            tx = ch.tx_ring
+            assert tx is not None
+            await asyncio.to_thread(m.fault, guid, "stall")
+            n = tx.data_size // 2024 + 6
+            msgs = [i.to_bytes(4, "little") + b"r" * 1996 for i in range(n)]
+            tasks = [asyncio.create_task(ch.request(msg, timeout=20)) for msg in msgs]
+            while ch.counters.ring_full_waits == 0:
+                await asyncio.sleep(0.002)
+            assert not any(t.done() for t in tasks) and tx.pending_send_size > 0
+            await asyncio.to_thread(m.fault, guid, "resume")
+            assert await asyncio.gather(*tasks) == [pad8(msg) for msg in msgs]
+            assert tx.pending_send_size == 0
+        assert ch.counters.requests == n and ch.counters.cancelled == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_payload_the_ring_refuses_fails_only_its_own_request(echo: Echo) -> None:
+    """One request of a turn with a payload no packet can carry raises ValueError, as a
+    write of it would; the requests queued with it still go out and complete."""
+    _, _, ch = echo
+
+    async def main() -> None:
+        async with ch.enabled():
+            big = b"x" * (MAX_PACKET_SIZE + 8)
+            tasks = [asyncio.create_task(ch.request(p, timeout=5)) for p in (b"one", big, b"two")]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert results[0] == pad8(b"one") and results[2] == pad8(b"two")
+            assert isinstance(results[1], ValueError) and "VMBus maximum" in str(results[1])
+            assert await ch.request(b"after", timeout=5) == pad8(b"after")
+        assert ch.counters.requests == 3
 
     asyncio.run(main())

@@ -86,6 +86,7 @@ class AsyncChannel(Protocol):
     def write_packet(self, tx: RingBuffer, payload: Any, packet_type: int, flags: int, txid: int,
                      pending: int, defer: bool = False) -> int: ...
     def flush_signal(self) -> None: ...
+    def write_deferred(self) -> None: ...
     def waiting_for_room(self, tx: RingBuffer) -> contextlib.AbstractContextManager[None]: ...
     def register_request(self, callback: Callable[[Any], None]) -> AsyncRequest: ...
     def begin_request(self, payload: Any, callback: Callable[[Any], None],
@@ -136,9 +137,9 @@ def _schedule_signal(channel: AsyncChannel, loop: asyncio.AbstractEventLoop) -> 
         loop.call_soon(_loop_state(channel, loop).end_of_turn)
 
 
-def _settle(fut: asyncio.Future[None]) -> None:
+def _settle(fut: asyncio.Future[Any], value: Any = None) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(value)
 
 
 _Queue = collections.deque[tuple[float, "asyncio.Future[None]"]]
@@ -203,6 +204,8 @@ class _Deadlines:
             self.loop.call_at(nxt, self.fire, nxt)
 
 
+_get_ident = threading.get_ident
+
 _DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
 
 
@@ -232,17 +235,21 @@ class _LoopState:
             if type(loop).create_future is asyncio.BaseEventLoop.create_future else loop.create_future)
 
     def complete(self, req: AsyncRequest) -> None:
-        """A request is done (completed, or failed by a close): wake its awaiting task."""
+        """A request is done (completed, or failed by a close): wake its awaiting task
+        (None). Not done: its deferred packet was not written at the end of the turn
+        (True: the task writes it itself, waiting for room)."""
         fut = req.waiter
-        if threading.get_ident() == self.thread:
+        if _get_ident() == self.thread:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(None if req.done else True)
         else:
-            self.loop.call_soon_threadsafe(_settle, fut)
+            self.loop.call_soon_threadsafe(_settle, fut, None if req.done else True)
 
     def end_of_turn(self) -> None:
+        """The turn's requests go out together, then the one signal they owe."""
         channel = self.channel
         channel.flush_scheduled = False
+        channel.write_deferred()
         channel.flush_signal()
 
 
@@ -318,34 +325,52 @@ async def request(channel: AsyncChannel, payload: Any, timeout: float | None = N
         st = _loop_state(channel, loop)
     t = channel.request_timeout if timeout is None else timeout
     fut = st.new_future()
-    # Register and write in one call (the common case: the packet fits now, send()'s
-    # first step, signal deferred). A full ring, or a channel not open for sending, goes
-    # through send(), which waits for room or raises as it always did.
+    # Register and queue the packet in one call: the packets of a loop turn are written
+    # together at its end (Channel.write_deferred), then signalled once. A channel not
+    # open for sending goes through send(), which raises as it always did.
     req, needed = channel.begin_request(payload, st.complete, fut)
     if needed:
-        try:
-            await send(channel, payload, True, transaction_id=req.txid, timeout=t)
-        except BaseException:
-            channel.forget_request(req)
-            raise
-        channel.count_request()
-    elif channel.signal_due and not channel.flush_scheduled:
-        channel.flush_scheduled = True  # _schedule_signal, inlined
+        await _send_request(channel, req, payload, t)
+    elif not channel.flush_scheduled:
+        channel.flush_scheduled = True
         loop.call_soon(st.end_of_turn)
     if not req.done:
         # The loop's shared deadline timer instead of asyncio.wait_for (no extra task) or
         # a call_later each (see _Deadlines).
         st.deadlines.add(t, fut)
         try:
-            await fut
+            unsent = await fut
         except asyncio.CancelledError:
             channel.cancel_request(req)
             raise
+        if unsent and not req.done:
+            # The end of the turn found no room for it: wait for room as send() does,
+            # then for the completion with a deadline of its own, as before the queue.
+            fut = req.waiter = st.new_future()
+            await _send_request(channel, req, payload, t)
+            if not req.done:
+                st.deadlines.add(t, fut)
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    channel.cancel_request(req)
+                    raise
     if not req.done and channel.cancel_request(req):
         raise Timeout(f"the completion of request {req.txid} on channel {channel.name}", t)
     if req.error is not None:
         raise req.error
     return req.payload
+
+
+async def _send_request(channel: AsyncChannel, req: AsyncRequest, payload: Any, t: float) -> None:
+    """Write a registered request's packet through send() (waiting for room); count it.
+    A send that raised forgets the request."""
+    try:
+        await send(channel, payload, True, transaction_id=req.txid, timeout=t)
+    except BaseException:
+        channel.forget_request(req)
+        raise
+    channel.count_request()
 
 
 async def packets(channel: AsyncChannel) -> AsyncIterator[Packet]:

@@ -174,7 +174,11 @@ class Request:
 
     ``callback(request)`` runs once it is done (on the dispatching thread, or on the
     thread that closes the channel): the asyncio driver resolves a future there, the
-    one it keeps in ``waiter`` (so its callback is one bound method, not a closure each)."""
+    one it keeps in ``waiter`` (so its callback is one bound method, not a closure each).
+    It also runs, with ``done`` still False, when the packet of a request the asyncio
+    driver deferred (:meth:`Channel.begin_request`) could not be written at the end of
+    the loop turn (a full ring, a channel no longer open): the requester writes it
+    itself then, waiting for room as a send does."""
 
     __slots__ = ("callback", "done", "error", "payload", "txid", "waiter")
 
@@ -314,6 +318,11 @@ class Channel:
         self.flush_scheduled = False
         self.aio_state: Any = None
         """pyvmbus.aio's per-loop state for this channel (its loop, deadlines, callbacks)."""
+        self.deferred: list[Request] = []
+        """asyncio requests registered in this loop turn whose packets are written together
+        at its end (:meth:`write_deferred`), in order, before any other packet."""
+        self._deferred_specs: list[tuple[Payload, int, int, int]] = []
+        self._defer_thread = 0
         self._pending: dict[int, Request] = {}
         self._cancelled: dict[int, None] = {}
         self._txids = itertools.count(1)
@@ -727,6 +736,8 @@ class Channel:
         self._guard = None
         self._inbox.clear()
         self._cancelled.clear()
+        self.deferred = []
+        self._deferred_specs = []
         if self.parent is None:
             self._subs = []
 
@@ -932,6 +943,8 @@ class Channel:
         ``defer``: do not signal now, set ``signal_due`` for :meth:`flush_signal` (the
         asyncio face signals once per loop turn for all the packets written in it).
         """
+        if self.deferred:  # the asyncio requests of this turn go first, in order
+            self.write_deferred()
         check = self._check
         with self._tx_lock:
             tap = self._tap
@@ -1035,6 +1048,8 @@ class Channel:
         if tx is None or not self._lc.policy.may_send:
             raise self.not_open("send")
         flags = 1 if completion_requested else 0
+        if self.deferred:  # the asyncio requests of this turn go first, in order
+            self.write_deferred()
         txids = [self.new_txid() for _ in payloads]
         specs = [(p, packet_type, flags, t) for p, t in zip(payloads, txids, strict=True)]
         check = self._check
@@ -1084,31 +1099,108 @@ class Channel:
 
     def begin_request(self, payload: Payload, callback: Callable[[Request], None],
                       waiter: Any) -> tuple[Request, int]:
-        """For the asyncio driver, one call per request: register it and write its packet
-        now, the signal deferred (``signal_due``, see :meth:`write_packet`).
+        """For the asyncio driver, one call per request: register it and queue its packet
+        for :meth:`write_deferred` at the end of the loop turn.
 
-        (request, 0) once the packet is in the ring (counted as :meth:`count_request`
-        does); (request, non-zero) when it could not be written now (a full ring, or the
-        channel cannot send): the caller then goes through the waiting send, which writes
-        it or raises, and counts it itself. A write that raised forgets the request.
-        :meth:`not_open` if the channel cannot wait for a completion.
+        The packets of a turn then go out with one header check, one index update and
+        one signal decision (a write each was ~1 us of Python per request), still in
+        order and before any other packet of the channel (every write writes the queue
+        first). (request, 0) once queued; (request, -1) when the channel cannot send:
+        the caller goes through the waiting send, which raises as it always did.
+        :meth:`not_open` if the channel cannot wait for a completion. Loop thread only.
         """
         if not self._lc.policy.may_wait:
             raise self.not_open("send a request on")
         req = Request(self.new_txid(), callback, waiter)
         self._pending[req.txid] = req
+        if self.tx_ring is None or not self._lc.policy.may_send:
+            return req, -1
+        if not self.deferred:
+            self._defer_thread = threading.get_ident()
+        self.deferred.append(req)
+        self._deferred_specs.append((payload, PacketType.DATA_INBAND, 1, req.txid))
+        return req, 0
+
+    def write_deferred(self) -> None:
+        """Write the packets :meth:`begin_request` queued, in order; the signal is left
+        due for :meth:`flush_signal`. On the queuing thread only (elsewhere: nothing).
+
+        All of them with one ``write_batch`` when they fit; else one by one, and from
+        the first that does not fit (or if the channel closed meanwhile) each request's
+        callback runs with ``done`` False: its requester waits for room and writes it
+        itself, as a send does. A payload the ring refuses (ValueError, TypeError) fails
+        only its own request; a corrupt ring closes the channel (every request fails).
+        """
+        reqs = self.deferred
+        if not reqs or threading.get_ident() != self._defer_thread:
+            return
+        specs = self._deferred_specs
+        self.deferred = []
+        self._deferred_specs = []
         tx = self.tx_ring
         if tx is None or not self._lc.policy.may_send:
-            return req, -1
-        try:
-            needed = self.write_packet(tx, payload, PacketType.DATA_INBAND, 1, req.txid, 0, defer=True)
-        except BaseException:
-            self.forget_request(req)
-            raise
-        if not needed:
+            self._hand_back(reqs, 0)
+            return
+        check = self._check
+        bad: RingCorrupt | None = None
+        with self._tx_lock:
+            tap = self._tap
+            try:
+                if check is not None:
+                    check.check_tx()
+                signal = tx.write_batch(specs) if tap is None else tap.write_batch(tx, specs)
+            except (RingFull, ValueError, TypeError):
+                signal = None
+            except RingCorrupt as exc:
+                bad = exc
+            else:
+                if check is not None:
+                    check.note_tx()
+                nbytes = 0
+                for spec in specs:
+                    payload = spec[0]
+                    nbytes += len(payload) if payload.__class__ is bytes else _nbytes(payload)
+                counters = self.counters
+                counters.packets_out += len(specs)
+                counters.bytes_out += nbytes
+        if bad is not None:
+            self._corrupt(bad, "in a send")
+            return  # closed: every request failed with ChannelClosed
+        if signal is None:
+            self._write_one_by_one(tx, reqs, specs)
+            return
+        if signal:
+            self.signal_due = True
+        with self._req_lock:
+            self.counters.requests += len(reqs)
+
+    def _write_one_by_one(self, tx: RingBuffer, reqs: list[Request],
+                          specs: list[tuple[Payload, int, int, int]]) -> None:
+        for i, (req, spec) in enumerate(zip(reqs, specs, strict=True)):
+            try:
+                needed = self.write_packet(tx, spec[0], spec[1], spec[2], spec[3], 0, defer=True)
+            except (ValueError, TypeError) as exc:
+                with self._req_lock:
+                    if self._pending.pop(req.txid, None) is None:
+                        continue  # cancelled or failed meanwhile
+                    req.error = exc
+                    req.done = True
+                if req.callback is not None:
+                    req.callback(req)
+                continue
+            except VmbusError:  # the channel closed (a corrupt ring): the close failed them
+                self._hand_back(reqs, i + 1)
+                return
+            if needed:
+                self._hand_back(reqs, i)
+                return
             with self._req_lock:
                 self.counters.requests += 1
-        return req, needed
+
+    def _hand_back(self, reqs: list[Request], start: int) -> None:
+        for req in reqs[start:]:
+            if not req.done and req.callback is not None:
+                req.callback(req)  # done False: write it yourself (see Request)
 
     def forget_request(self, req: Request) -> None:
         """Drop a request whose packet never went out (the send raised)."""
