@@ -9,6 +9,12 @@ and completions, packets and "room in the ring" reach coroutines through futures
         async for packet in channel.packets():    # every packet on_packet would get
             ...
 
+Pipelined requests cost little per request: the requests of a loop turn are queued and
+written together at its end (one header check, one index update, one signal decision:
+:meth:`Channel.begin_request` / :meth:`Channel.write_deferred`), in the order they were
+made and before any other packet of the channel; their timeouts share one loop timer
+(:class:`_Deadlines`); a completion settles its future through one bound method.
+
 The same lifecycle callbacks run, on the loop's thread. A synchronous call that waits
 (``send_request`` in on_post_started) still works: it drives the dispatch on the loop's
 thread while it blocks. Use the channel from the loop's thread only.
@@ -88,7 +94,6 @@ class AsyncChannel(Protocol):
     def flush_signal(self) -> None: ...
     def write_deferred(self) -> None: ...
     def waiting_for_room(self, tx: RingBuffer) -> contextlib.AbstractContextManager[None]: ...
-    def register_request(self, callback: Callable[[Any], None]) -> AsyncRequest: ...
     def begin_request(self, payload: Any, callback: Callable[[Any], None],
                       waiter: Any) -> tuple[AsyncRequest, int]: ...
     def forget_request(self, req: Any) -> None: ...
@@ -380,11 +385,16 @@ async def packets(channel: AsyncChannel) -> AsyncIterator[Packet]:
     another reason (a rescind, a dead host, a corrupt ring).
     """
     loop = asyncio.get_running_loop()
-    resolve = _resolver(loop)
+    loop_thread = _get_ident()
     queue: asyncio.Queue[Packet | None] = asyncio.Queue()
+    put = queue.put_nowait
 
     def sink(pkt: Packet | None) -> None:
-        resolve(lambda: queue.put_nowait(pkt))
+        # (_resolver's rule, inlined: no closure per packet)
+        if _get_ident() == loop_thread:
+            put(pkt)
+        else:
+            loop.call_soon_threadsafe(put, pkt)
 
     if channel.state in (ChannelState.DISABLED, ChannelState.CLOSING):
         return
