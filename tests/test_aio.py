@@ -468,3 +468,18 @@ def test_a_payload_the_ring_refuses_fails_only_its_own_request(echo: Echo) -> No
         assert ch.counters.requests == 3
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_flush_left_scheduled_by_a_stopped_loop_does_not_hold_the_next(echo: Echo) -> None:
+    """A loop that stopped before its end-of-turn flush ran leaves the flag set; the
+    channel's requests under the next loop still get written and signalled."""
+    _, _, ch = echo
+
+    async def main(tag: bytes) -> None:
+        async with ch.enabled():
+            assert await ch.request(tag, timeout=5) == pad8(tag)
+
+    asyncio.run(main(b"first"))
+    ch.flush_scheduled = True  # as a loop stopped between a request and its turn's end
+    asyncio.run(main(b"second"))

@@ -262,6 +262,9 @@ def _loop_state(channel: AsyncChannel, loop: asyncio.AbstractEventLoop) -> _Loop
     st: _LoopState | None = channel.aio_state
     if st is None or st.loop is not loop:
         st = channel.aio_state = _LoopState(channel, loop)
+        # An end-of-turn flush scheduled on another loop that stopped before running it
+        # must not keep this loop's requests from scheduling their own.
+        channel.flush_scheduled = False
     return st
 
 
