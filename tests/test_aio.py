@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,6 +358,8 @@ def test_request_is_a_coroutine_and_the_channel_serves_a_second_loop(echo: Echo)
     and the per-loop state is made again when the channel is enabled under another loop."""
     _, _, ch = echo
 
+    states: list[object] = []
+
     async def main(tag: bytes) -> None:
         async with ch.enabled():
             coro = ch.request(tag + b"-await", timeout=5)
@@ -364,12 +368,34 @@ def test_request_is_a_coroutine_and_the_channel_serves_a_second_loop(echo: Echo)
             task = asyncio.create_task(ch.request(tag + b"-task", timeout=5))
             both = await asyncio.gather(task, ch.request(tag + b"-gather", timeout=5))
             assert both == [pad8(tag + b"-task"), pad8(tag + b"-gather")]
+            states.append(ch.aio_state)
 
     asyncio.run(main(b"one"))
-    first = ch.aio_state
+    assert ch.aio_state is None  # dropped with the rings: no closed loop kept alive
     asyncio.run(main(b"two"))
-    assert ch.aio_state is not first
+    assert states[0] is not states[1]
     assert ch.counters.requests == 6  # the counters run on across enables
+
+
+@pytest.mark.timeout(30)
+def test_a_finished_loop_is_not_kept_alive(mock: MockVmbus) -> None:
+    """The shared deadlines (a weak-keyed table) and the per-loop state keep no loop
+    alive: once its channel is gone, a loop that ran requests and closed is freed."""
+    guid, ch = echo_channel(mock)
+    held = [ch]
+    del ch
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async with held[0].enabled():
+            assert await held[0].request(b"x", timeout=5) == pad8(b"x")
+
+    asyncio.run(main())
+    held.clear()
+    gc.collect()
+    assert loops[0]() is None
+    mock.remove_device(guid)
 
 
 @pytest.mark.timeout(30)

@@ -34,7 +34,6 @@ import functools
 import math
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -151,7 +150,8 @@ _Queue = collections.deque[tuple[float, "asyncio.Future[None]"]]
 
 
 class _Deadlines:
-    """The request timeouts of one loop: one timer for all, not a ``call_later`` each.
+    """The request timeouts of a channel's requests on one loop: one timer for all, not a
+    ``call_later`` each.
 
     A timer per request (a TimerHandle, a heap push, a cancel and the heap's clean-up) was
     a quarter of a pipelined request's own CPU. Requests with the same timeout end in the
@@ -160,22 +160,23 @@ class _Deadlines:
     and the request then finds itself not done and times out. Futures already done are
     dropped from the front as new ones come, so the FIFOs hold about the requests in
     flight. One loop timer is armed at the earliest deadline still queued.
+
+    Kept on the channel's per-loop state, not in a table keyed by loop: the futures
+    queued here hold their loop, so a weak-keyed table would never let a loop go.
     """
 
-    __slots__ = ("armed_at", "last", "loop", "queues", "time")
+    __slots__ = ("armed_at", "last", "monotonic", "queues")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
         self.queues: dict[float, _Queue] = {}
         self.last: tuple[float, _Queue | None] = (math.nan, None)
         """The queue of the last timeout added (most programs use one): no dict look-up."""
         self.armed_at = math.inf
         # The loop's clock: asyncio's own loops read time.monotonic() through a Python
         # method (loop.time); calling it directly is the same clock, one frame less.
-        self.time: Callable[[], float] = (
-            time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time)
+        self.monotonic = type(loop).time is asyncio.BaseEventLoop.time
 
-    def add(self, timeout: float, fut: asyncio.Future[None]) -> None:
+    def add(self, loop: asyncio.AbstractEventLoop, timeout: float, fut: asyncio.Future[None]) -> None:
         last_timeout, queue = self.last
         if timeout != last_timeout or queue is None:
             queue = self.queues.get(timeout)
@@ -184,16 +185,16 @@ class _Deadlines:
             self.last = (timeout, queue)
         while queue and queue[0][1].done():
             queue.popleft()
-        deadline = self.time() + timeout
+        deadline = (time.monotonic() if self.monotonic else loop.time()) + timeout
         queue.append((deadline, fut))
         if deadline < self.armed_at:
             self.armed_at = deadline
-            self.loop.call_at(deadline, self.fire, deadline)
+            loop.call_at(deadline, self.fire, loop, deadline)
 
-    def fire(self, at: float) -> None:
+    def fire(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if at != self.armed_at:
             return  # an earlier deadline re-armed the timer meanwhile: that one runs
-        now = self.loop.time()
+        now = loop.time()
         nxt = math.inf
         for timeout, queue in list(self.queues.items()):
             while queue and (queue[0][0] <= now or queue[0][1].done()):
@@ -206,24 +207,14 @@ class _Deadlines:
                     self.last = (math.nan, None)  # add() must not append to a dropped queue
         self.armed_at = nxt
         if nxt != math.inf:
-            self.loop.call_at(nxt, self.fire, nxt)
+            loop.call_at(nxt, self.fire, loop, nxt)
 
 
 _get_ident = threading.get_ident
 
-_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
-
-
-def _deadlines(loop: asyncio.AbstractEventLoop) -> _Deadlines:
-    found = _DEADLINES.get(loop)
-    if found is None:
-        found = _DEADLINES[loop] = _Deadlines(loop)
-    return found
-
-
 class _LoopState:
     """What a channel's requests need of the running loop, found once per loop, not per
-    request: the loop, its thread, its deadlines, a future factory, the completion
+    request: the loop, its thread, the deadlines, a future factory, the completion
     callback (one bound method: the request keeps its future in ``waiter``) and the
     end-of-turn signal flush (one bound method, no closure per turn)."""
 
@@ -233,7 +224,7 @@ class _LoopState:
         self.channel = channel
         self.loop = loop
         self.thread = threading.get_ident()
-        self.deadlines = _deadlines(loop)
+        self.deadlines = _Deadlines(loop)
         # asyncio's loops make a future with Future(loop=loop), through a Python method.
         self.new_future: Callable[[], asyncio.Future[None]] = (
             functools.partial(asyncio.Future, loop=loop)
@@ -345,7 +336,7 @@ async def request(channel: AsyncChannel, payload: Any, timeout: float | None = N
     if not req.done:
         # The loop's shared deadline timer instead of asyncio.wait_for (no extra task) or
         # a call_later each (see _Deadlines).
-        st.deadlines.add(t, fut)
+        st.deadlines.add(loop, t, fut)
         try:
             unsent = await fut
         except asyncio.CancelledError:
@@ -357,7 +348,7 @@ async def request(channel: AsyncChannel, payload: Any, timeout: float | None = N
             fut = req.waiter = st.new_future()
             await _send_request(channel, req, payload, t)
             if not req.done:
-                st.deadlines.add(t, fut)
+                st.deadlines.add(loop, t, fut)
                 try:
                     await fut
                 except asyncio.CancelledError:

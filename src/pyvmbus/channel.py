@@ -738,6 +738,7 @@ class Channel:
         self._cancelled.clear()
         self.deferred = []
         self._deferred_specs = []
+        self.aio_state = None  # keeps no loop alive once the channel is closed
         if self.parent is None:
             self._subs = []
 
