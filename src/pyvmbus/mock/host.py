@@ -30,11 +30,12 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import itertools
 import mmap
 import struct
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,7 +46,7 @@ from ..classes import HYPERV_INSTANCE_GUIDS, DeviceClass, lookup_class
 from ..errors import ChannelClosed, DeviceNotFound, RingCorrupt, RingFull
 from ..guid import Guid, parse_guid
 from ..packet import PacketType
-from ..ring import RingBuffer
+from ..ring import PacketSpec, RingBuffer
 from ..shm import fence, load32, store32
 from .models import (
     DeviceModel,
@@ -95,12 +96,15 @@ MAX_MONITOR_ID = 128
 IC_CLASSES = frozenset({"heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy"})
 """Integration services: offered without a monitor id (the "low speed" devices)."""
 _READ_BATCH = 64
+_WRITE_BATCH = 64  # packets per write_batch of post_batch and flush
+_INBAND = int(PacketType.DATA_INBAND)  # plain ints: an enum member costs a lookup per use
 _DRAIN_BUDGET = 1024  # packets per turn of the loop, so one busy channel cannot starve the rest
 _MAX_QUEUED_BEFORE_STOP = 1  # stop reading TX as soon as one reply waits for room
 _STORM_DEFAULT = 1000
 HEADER_WORDS = {"write_index": 0, "read_index": 4, "interrupt_mask": 8, "pending_send_sz": 12,
                 "feature_bits": 64}
 """Byte offsets of the header words the "header" fault can write."""
+_PENDING_OFF = HEADER_WORDS["pending_send_sz"]
 
 
 def monitor_word(monitor_id: int) -> tuple[int, int]:
@@ -234,6 +238,9 @@ class _Chan(HostChannel):
         self.tx = RingBuffer(ring[:ring_size], header_size=mmap.PAGESIZE)  # guest -> host
         self.rx = RingBuffer(ring[ring_size:2 * ring_size], header_size=mmap.PAGESIZE)  # host -> guest
         self.rx_raw = ring[ring_size:2 * ring_size]
+        self._write = self.rx.write
+        self.notify = host.kernel.interrupt
+        """The kernel's interrupt (hv_uio_channel_cb), bound once."""
         self.queue: collections.deque[tuple[Payload, int, int, int, bytes]] = collections.deque()
         self.open = True
         self.broken = ""
@@ -245,8 +252,9 @@ class _Chan(HostChannel):
         self.int_bit = 1 << (offer.relid % 32)
 
     # -- HostChannel ------------------------------------------------------------------------
-    def send(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
+    def send(self, payload: Payload, type: int = _INBAND, flags: int = 0,
              transaction_id: int = 0, extra_header: bytes = b"") -> bool:
+        # Every packet the host writes comes here: plain attribute and dict work only.
         if not self.open:
             raise ChannelClosed(self.instance, f"relid {self.relid} is not open")
         if self.dev.corrupt_pending:
@@ -260,7 +268,7 @@ class _Chan(HostChannel):
             if extra_header:
                 signal = self.rx.write(payload, type, flags, transaction_id, extra_header=extra_header)
             else:
-                signal = self.rx.write(payload, type, flags, transaction_id)
+                signal = self._write(payload, type, flags, transaction_id)
         except RingFull as exc:
             # Ask the guest to signal once it has read enough, then try once more: the
             # guest may have drained the ring before it could see the request.
@@ -273,14 +281,16 @@ class _Chan(HostChannel):
                 self._count("ring_full")
                 return False
             self.rx.clear_pending_send_size()
-        n = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
+        stats = self.stats
+        stats["packets_out"] += 1
+        stats["bytes_out"] += len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
             else sum(len(p) for p in payload)
-        self._count2("packets_out", 1, "bytes_out", n)
         if signal:
-            self.host.interrupt(self)
+            stats["interrupts"] += 1  # MockHost.interrupt, inlined
+            self.notify(self.relid)
         return True
 
-    def post(self, payload: Payload, type: int = PacketType.DATA_INBAND, flags: int = 0,
+    def post(self, payload: Payload, type: int = _INBAND, flags: int = 0,
              transaction_id: int = 0, extra_header: bytes = b"") -> None:
         if self.queue or not self.send(payload, type, flags, transaction_id, extra_header):
             if isinstance(payload, (bytearray, memoryview)):
@@ -288,6 +298,38 @@ class _Chan(HostChannel):
             elif not isinstance(payload, bytes):
                 payload = [bytes(p) for p in payload]
             self.queue.append((payload, type, flags, transaction_id, extra_header))
+
+    def post_batch(self, packets: Sequence[PacketSpec]) -> None:
+        """post() each of ``packets`` in order; what fits goes out in write_batch chunks.
+
+        A chunk is one write-index update and one signal decision (the kernel's rule,
+        applied to the chunk), as a host that commits several writes at once does
+        (openvmm's OutgoingRing.commit_write). Where a chunk does not fit, or a fault
+        wants one packet at a time, the rest take post()'s own path: they fill the ring
+        packet by packet, ask for room through pending_send_size and queue the others.
+        """
+        i = 0
+        count = len(packets)
+        while i < count and not self.queue and self.open and not self.dev.corrupt_pending:
+            chunk = packets[i:i + _WRITE_BATCH]
+            try:
+                signal = self.rx.write_batch(chunk)
+            except RingFull:
+                break
+            self._sent(chunk, signal)
+            i += len(chunk)
+        for payload, type_, flags, tid in packets[i:] if i else packets:
+            self.post(payload, type_, flags, tid)
+
+    def _sent(self, chunk: Sequence[PacketSpec], signal: bool) -> None:
+        """Count what one write_batch wrote, and interrupt if it said so."""
+        stats = self.stats
+        stats["packets_out"] += len(chunk)
+        stats["bytes_out"] += sum(len(p) if isinstance(p, (bytes, bytearray, memoryview))
+                                  else sum(len(q) for q in p) for p, _, _, _ in chunk)
+        if signal:
+            stats["interrupts"] += 1
+            self.notify(self.relid)
 
     @property
     def queued(self) -> int:
@@ -312,32 +354,52 @@ class _Chan(HostChannel):
     def _count(self, name: str, n: int = 1) -> None:
         self.stats[name] += n
 
-    def _count2(self, name: str, n: int, name2: str, n2: int) -> None:
-        """Two counters at once (packets and bytes): the per-packet path's bookkeeping."""
-        stats = self.stats
-        stats[name] += n
-        stats[name2] += n2
-
     def flush(self) -> None:
-        """Send queued packets while they fit (after the guest signalled it read some)."""
-        while self.queue and self.open:
-            payload, type_, flags, tid, extra = self.queue[0]
+        """Send queued packets while they fit (after the guest signalled it read some).
+
+        In write_batch chunks while whole chunks fit (see :meth:`post_batch`), then one
+        at a time (the last ones that fit, then pending_send_size for the next)."""
+        queue = self.queue
+        batch = True
+        while queue and self.open:
+            if batch and len(queue) > 1 and not self.dev.corrupt_pending:
+                chunk = []
+                for payload, type_, flags, tid, extra in itertools.islice(queue, _WRITE_BATCH):
+                    if extra:
+                        break  # written by write() below, in its turn
+                    chunk.append((payload, type_, flags, tid))
+                if len(chunk) > 1:
+                    try:
+                        signal = self.rx.write_batch(chunk)
+                    except RingFull:
+                        batch = False  # near full: one at a time from here
+                    else:
+                        for _ in chunk:
+                            queue.popleft()
+                        self._sent(chunk, signal)
+                        continue
+            payload, type_, flags, tid, extra = queue[0]
             if not self.send(payload, type_, flags, tid, extra):
                 return
-            self.queue.popleft()
-        if not self.queue:
+            queue.popleft()
+        if not queue:
             self.rx.clear_pending_send_size()
 
     def drain(self) -> None:
         """Read the guest's TX ring (the host was signalled), unless stalled or backed up."""
         budget = _DRAIN_BUDGET
-        while self.open and not self.broken and not self.dev.stalled and \
-                len(self.queue) < _MAX_QUEUED_BEFORE_STOP:
+        queue = self.queue
+        dev = self.dev
+        read_batch = self.tx.read_batch
+        handle = self.model.packet
+        stats = self.stats
+        while self.open and not self.broken and not dev.stalled and \
+                len(queue) < _MAX_QUEUED_BEFORE_STOP:
             if budget <= 0:
                 self.host.more_to_drain.add(self)  # go on in the next turn of the loop
                 return
             try:
-                packets, signal = self.tx.read_batch(_READ_BATCH)
+                packets, signal = read_batch(_READ_BATCH)
             except RingCorrupt as exc:
                 self.broken = str(exc)
                 self.dev.last_error = f"relid {self.relid}: guest TX ring corrupt: {exc}"
@@ -349,10 +411,10 @@ class _Chan(HostChannel):
                 self.host.interrupt(self)  # the guest waits for TX room (pending_send_size)
             if not packets:
                 return
-            budget -= len(packets)
-            nbytes = len(packets[0].payload) if len(packets) == 1 else sum(len(p.payload) for p in packets)
-            self._count2("packets_in", len(packets), "bytes_in", nbytes)
-            handle = self.model.packet
+            n = len(packets)
+            budget -= n
+            stats["packets_in"] += n
+            stats["bytes_in"] += len(packets[0].payload) if n == 1 else sum(len(p.payload) for p in packets)
             for pkt in packets:
                 # call_model's rule inlined (no frame per packet): an exception is logged
                 # and counted there, never fatal.
@@ -448,6 +510,8 @@ class MockHost:
         self._last_monitor_signal = 0.0
         self.more_to_drain: set[_Chan] = set()
         """Channels whose drain used up its budget: continued at the next scan."""
+        self._storming = False
+        """Some device may have storm_left: scan walks the devices for it (else it need not)."""
 
     # -- allocation -------------------------------------------------------------------------
     def _alloc_relid(self) -> int:
@@ -585,6 +649,7 @@ class MockHost:
             dev.corrupt_pending += int(args.get("count", 1))
         elif kind == "storm":
             dev.storm_left += int(args.get("count", _STORM_DEFAULT))
+            self._storming = True
         elif kind in ("header", "descriptor"):
             index = int(args.get("subchannel", 0))
             chans = [c for c in self._device_channels(dev) if c.subchannel_index == index]
@@ -664,8 +729,11 @@ class MockHost:
         ch = self.channels.get(relid)
         if ch is None:
             return
-        ch._count("signals")
-        ch.flush()
+        ch.stats["signals"] += 1
+        if ch.queue:
+            ch.flush()
+        else:  # flush() with nothing queued: clear_pending_send_size, the same store
+            store32(ch.rx_raw, _PENDING_OFF, 0)
         ch.drain()
 
     def interrupt(self, ch: _Chan) -> None:
@@ -689,15 +757,20 @@ class MockHost:
 
     # -- the loop's scan hook ---------------------------------------------------------------
     def scan(self, now: float) -> float | None:
-        """Scan monitor bits, run ticks and storms; how long the loop may sleep."""
-        page, ints = self.monitor_page, self.int_page
-        for ch in self._monitored:
-            if load32(page, ch.mon_off) & ch.mon_bit:
-                clear_bits(page, ch.mon_off, ch.mon_bit)
-                if load32(ints, ch.int_off) & ch.int_bit:
-                    clear_bits(ints, ch.int_off, ch.int_bit)
-                self._last_monitor_signal = now
-                self.signal(ch.relid)
+        """Scan monitor bits, run ticks and storms; how long the loop may sleep.
+
+        Runs at every turn of the loop (every wake-up of the mock): what is not there
+        (monitored channels, leftovers of a drain, storms) costs one test each."""
+        monitored = self._monitored
+        if monitored:
+            page, ints = self.monitor_page, self.int_page
+            for ch in monitored:
+                if load32(page, ch.mon_off) & ch.mon_bit:
+                    clear_bits(page, ch.mon_off, ch.mon_bit)
+                    if load32(ints, ch.int_off) & ch.int_bit:
+                        clear_bits(ints, ch.int_off, ch.int_bit)
+                    self._last_monitor_signal = now
+                    self.signal(ch.relid)
         wait: float | None = None
         if self.more_to_drain:
             pending, self.more_to_drain = self.more_to_drain, set()
@@ -711,17 +784,23 @@ class MockHost:
                 for ch in list(self.channels.values()):
                     if ch.open:
                         self.call_model(ch, ch.model.tick, ch, now)
-            until_tick = max(0.0, self._next_tick - now)
-            wait = until_tick if wait is None else min(wait, until_tick)
-        for dev in self.devices.values():
-            if dev.storm_left:
-                chans = self._device_channels(dev)
-                if not chans:
-                    dev.storm_left = 0
-                    continue
-                dev.storm_left -= 1
-                self.interrupt(chans[0])
-                wait = STORM_PERIOD if wait is None else min(wait, STORM_PERIOD)
+            until_tick = self._next_tick - now
+            if until_tick < 0.0:
+                until_tick = 0.0
+            wait = until_tick if wait is None or until_tick < wait else wait
+        if self._storming:
+            storming = False
+            for dev in self.devices.values():
+                if dev.storm_left:
+                    chans = self._device_channels(dev)
+                    if not chans:
+                        dev.storm_left = 0
+                        continue
+                    dev.storm_left -= 1
+                    storming = storming or dev.storm_left != 0
+                    self.interrupt(chans[0])
+                    wait = STORM_PERIOD if wait is None else min(wait, STORM_PERIOD)
+            self._storming = storming
         if self._monitored:
             period = SCAN_PERIOD if now - self._last_monitor_signal < ACTIVE_WINDOW else IDLE_SCAN_PERIOD
             wait = period if wait is None else min(wait, period)

@@ -1,23 +1,34 @@
 """The mock process's event loop: readers, timers and a fast scan hook, one thread.
 
 Why not selectors/asyncio: Hyper-V scans the monitor page about every 100 µs, and epoll
-and poll take their timeout in whole milliseconds. select() takes microseconds, so the
-loop sleeps in select() with a 100 µs timeout while something needs scanning and blocks
-without a timeout otherwise. (select() is limited to fds below FD_SETSIZE; past that the
-loop falls back to poll() and 1 ms scans.)
+and poll take their timeout in whole milliseconds. select() takes microseconds but walks
+(and hooks into the wait queue of) every fd it is given, each call. So the readers live
+in an epoll set (level-triggered, like select), and the loop waits:
+
+- in ``epoll_wait`` itself when it may sleep long (no timeout, or one of at least
+  :data:`EPOLL_MIN_TIMEOUT`: the few hundred µs its ms rounding adds do not matter for
+  the timers and ticks that ask for those), one system call;
+- in select() on the one epoll fd when it needs a shorter sleep (the monitor scan), then
+  ``epoll_wait(0)`` for the ready list if something is.
+
+(The epoll fd is created first, so it is always below FD_SETSIZE: the 100 µs scans hold
+however many fds the mock has open.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import select
 import time
 from collections.abc import Callable
 
-__all__ = ["FD_SETSIZE", "Loop", "TimerHandle"]
+__all__ = ["EPOLL_MIN_TIMEOUT", "Loop", "TimerHandle"]
 
-FD_SETSIZE = 1024
+EPOLL_MIN_TIMEOUT = 2e-3
+"""Timeouts from here up are waited in epoll_wait (rounded up to the next ms)."""
+_EVENTS = select.EPOLLIN  # EPOLLHUP and EPOLLERR are always reported, as select() sees them
 
 
 class TimerHandle:
@@ -38,8 +49,9 @@ class Loop:
     """Single-threaded loop: fd readers, one-shot timers and a per-iteration scan hook."""
 
     def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._epfd = [self._epoll.fileno()]
         self._readers: dict[int, Callable[[], None]] = {}
-        self._fds: list[int] = []
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._stopped = False
@@ -51,12 +63,14 @@ class Loop:
         exception ends :meth:`run`."""
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(FileExistsError):  # the same open file: a new callback
+            self._epoll.register(fd, _EVENTS)
         self._readers[fd] = callback
-        self._fds = list(self._readers)
 
     def remove_reader(self, fd: int) -> None:
-        self._readers.pop(fd, None)
-        self._fds = list(self._readers)
+        if self._readers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):  # closed: gone from the set with its file
+                self._epoll.unregister(fd)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         handle = TimerHandle(time.monotonic() + max(0.0, delay), callback)
@@ -76,7 +90,10 @@ class Loop:
             self.run_once()
 
     def run_once(self) -> None:
-        now = time.monotonic()
+        # One turn, on every packet's path: kept to few calls (no helpers for the
+        # common case, the callbacks called here directly).
+        monotonic = time.monotonic
+        now = monotonic()
         timeout: float | None = None
         if self.scan is not None:
             try:
@@ -86,24 +103,43 @@ class Loop:
                     raise
                 self.on_error(exc)
                 timeout = 0.001
-        while self._timers and self._timers[0][2].cancelled:
-            heapq.heappop(self._timers)
-        if self._timers:
-            until = max(0.0, self._timers[0][0] - now)
-            timeout = until if timeout is None else min(timeout, until)
-        for fd in self._wait(timeout):
-            callback = self._readers.get(fd)
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        if timers:
+            until = timers[0][0] - now
+            if until < 0.0:
+                until = 0.0
+            if timeout is None or until < timeout:
+                timeout = until
+        if timeout is None or timeout >= EPOLL_MIN_TIMEOUT:
+            ready = self._epoll.poll(-1 if timeout is None else timeout)
+        elif timeout <= 0.0 or select.select(self._epfd, [], [], timeout)[0]:
+            ready = self._epoll.poll(0)
+        else:
+            ready = []
+        readers = self._readers
+        on_error = self.on_error
+        for fd, _ in ready:
+            callback = readers.get(fd)
             if callback is not None:
-                self._call(callback)
+                if on_error is None:
+                    callback()
+                else:
+                    try:
+                        callback()
+                    except Exception as exc:
+                        on_error(exc)
             if self._stopped:
                 return
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, handle = heapq.heappop(self._timers)
-            if not handle.cancelled:
-                self._call(handle.callback)
-            if self._stopped:
-                return
+        if timers:
+            now = monotonic()
+            while timers and timers[0][0] <= now:
+                _, _, handle = heapq.heappop(timers)
+                if not handle.cancelled:
+                    self._call(handle.callback)
+                if self._stopped:
+                    return
 
     def _call(self, callback: Callable[[], None]) -> None:
         if self.on_error is None:
@@ -113,14 +149,3 @@ class Loop:
             callback()
         except Exception as exc:
             self.on_error(exc)
-
-    def _wait(self, timeout: float | None) -> list[int]:
-        fds = self._fds
-        if fds and max(fds) >= FD_SETSIZE:
-            poller = select.poll()
-            for fd in fds:
-                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-            ms = None if timeout is None else max(1, int(timeout * 1000 + 0.999))
-            return [fd for fd, _ in poller.poll(ms)]
-        ready, _, _ = select.select(fds, [], [], timeout)
-        return ready

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ..guid import Guid, parse_guid
-from ..packet import Packet, PacketType
+from ..packet import COMPLETION_REQUESTED, Packet, PacketType
+from ..ring import PacketSpec
 
 __all__ = [
     "ECHO_CLASS_GUID",
@@ -38,6 +39,8 @@ ECHO_CLASS_GUID = parse_guid("6563686f-7079-4762-8573-6d6f636b0001")
 """Class GUID the ``echo`` device is offered with ("echo" "pyvmbus mock" in hex). No kernel
 knows it, so Linux treats it as HV_UNKNOWN (pref ring 0x11000 on 6.10+)."""
 
+_INBAND = int(PacketType.DATA_INBAND)
+_COMP = int(PacketType.COMP)
 _M = TypeVar("_M", bound=type["DeviceModel"])
 
 Payload = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
@@ -82,6 +85,14 @@ class HostChannel:
     def post_complete(self, pkt: Packet, payload: Payload = b"") -> None:
         """:meth:`post` of a VM_PKT_COMP for ``pkt``."""
         self.post(payload, PacketType.COMP, 0, pkt.transaction_id)
+
+    def post_batch(self, packets: Sequence[PacketSpec]) -> None:
+        """:meth:`post` each (payload, type, flags, transaction_id) of ``packets``, in order.
+
+        The mock host writes what fits with one index update (and one signal decision)
+        per chunk, as a host that commits several writes at once; the rest as post()."""
+        for payload, type_, flags, tid in packets:
+            self.post(payload, type_, flags, tid)
 
     @property
     def queued(self) -> int:
@@ -131,9 +142,9 @@ class DeviceModel:
         if name == "send":
             payload = bytes(args.get("payload", b""))
             count = int(args.get("count", 1))
-            for _ in range(count):
-                chan.post(payload, int(args.get("type", PacketType.DATA_INBAND)),
-                          int(args.get("flags", 0)), int(args.get("transaction_id", 0)))
+            spec = (payload, int(args.get("type", PacketType.DATA_INBAND)), int(args.get("flags", 0)),
+                    int(args.get("transaction_id", 0)))
+            chan.post_batch([spec] * max(0, count))
             return count
         raise KeyError(f"model {self.name!r} has no command {name!r}")
 
@@ -192,12 +203,13 @@ class EchoModel(DeviceModel):
     monitored = True
 
     def packet(self, chan: HostChannel, pkt: Packet) -> None:
-        if pkt.type != PacketType.DATA_INBAND:
+        # post_complete / completion_requested, inlined: this runs for every packet.
+        if pkt.type != _INBAND:
             return
-        if pkt.completion_requested:
-            chan.post_complete(pkt, pkt.payload)
+        if pkt.flags & COMPLETION_REQUESTED:
+            chan.post(pkt.payload, _COMP, 0, pkt.transaction_id)
         else:
-            chan.post(pkt.payload, PacketType.DATA_INBAND, 0, pkt.transaction_id)
+            chan.post(pkt.payload, _INBAND, 0, pkt.transaction_id)
 
 
 @register_model
