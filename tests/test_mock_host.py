@@ -307,3 +307,65 @@ def test_big_backlog_is_drained_in_turns() -> None:
                 pkt = g.recv(5)
                 assert pkt is not None and pkt.transaction_id == i
             assert mock.host_stats(guid)["packets_out"] == count
+
+
+_BURST_MODEL = '''
+from pyvmbus.mock.models import DeviceModel, register_model
+
+@register_model
+class Burst(DeviceModel):
+    name = "burst"
+    class_name = "2a6a7b3e-3c5e-4bd4-9a07-1e1b6f9e0a56"
+
+    def command(self, chan, name, args):
+        if name != "burst":
+            return super().command(chan, name, args)
+        first, count = args["first"], args["count"]
+        specs = [(b"%07d" % i * 8, 6, 0, i) for i in range(first, first + count)]
+        half = count // 2
+        chan.post_batch(specs[:half])
+        # a packet with an extra header in the middle: queued as it is, written in its turn
+        chan.post(b"x" * 8, 6, 0, 10**9 + first, extra_header=b"E" * 8)
+        chan.post_batch(specs[half:])
+        return chan.queued
+'''
+
+
+@pytest.mark.timeout(60)
+def test_post_batch_fills_the_ring_then_queues_in_order(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """post_batch writes whole chunks while they fit, then packet by packet, then queues;
+    flush sends the queue in write_batch chunks around a queued extra-header packet.
+    Every packet arrives once, in order, with its bytes; the counters add up; a pending
+    corrupt fault still hits exactly the next packet written."""
+    (tmp_path / "burst_model.py").write_text(_BURST_MODEL)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with MockVmbus(models=["burst_model"]) as mock:
+        guid = mock.add_device("burst", monitored=False)
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            count = 3000  # 80 bytes each: several times what the 64 KiB ring holds
+            assert mock.command(guid, "burst", first=0, count=count) > 0  # some had to wait
+            stats = mock.host_stats(guid)
+            assert 0 < stats["packets_out"] < count and stats["ring_full"] >= 1
+            expect = [*range(count // 2), 10**9, *range(count // 2, count)]
+            got: list[int] = []
+            while len(got) < len(expect):
+                pkt = g.recv(5)
+                assert pkt is not None, f"stalled after {len(got)} packets"
+                got.append(pkt.transaction_id)
+                if pkt.transaction_id == 10**9:
+                    assert pkt.extra_header == b"E" * 8 and pkt.payload == b"x" * 8
+                else:
+                    assert pkt.payload == b"%07d" % pkt.transaction_id * 8
+            assert got == expect
+            assert g.primary.read() is None
+            stats = mock.host_stats(guid)
+            assert stats["packets_out"] == count + 1 and stats["queued"] == 0
+            assert stats["bytes_out"] == count * 56 + 8
+            mock.fault(guid, "corrupt")
+            mock.command(guid, "burst", first=5000, count=4)
+            assert g.unmask_all() or g.dev.wait(5)
+            with pytest.raises(RingCorrupt):
+                g.primary.read()
+            assert mock.host_stats(guid)["corrupt_sent"] == 1

@@ -37,7 +37,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -105,6 +105,25 @@ HEADER_WORDS = {"write_index": 0, "read_index": 4, "interrupt_mask": 8, "pending
                 "feature_bits": 64}
 """Byte offsets of the header words the "header" fault can write."""
 _PENDING_OFF = HEADER_WORDS["pending_send_sz"]
+
+
+_Queued = PacketSpec | tuple[Any, int, int, int, bytes]
+"""A packet in post()'s queue: see _Chan.queue."""
+
+
+def _payload_len(payload: Payload) -> int:
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return len(payload)
+    return sum(len(p) for p in payload)
+
+
+def _queued(payload: Payload, type_: int, flags: int, tid: int, extra: bytes) -> _Queued:
+    """A packet as post()'s queue keeps it: its own bytes (the model may reuse its buffer)."""
+    if isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
+    elif not isinstance(payload, bytes):
+        payload = [bytes(p) for p in payload]
+    return (payload, type_, flags, tid, extra) if extra else (payload, type_, flags, tid)
 
 
 def monitor_word(monitor_id: int) -> tuple[int, int]:
@@ -241,7 +260,10 @@ class _Chan(HostChannel):
         self._write = self.rx.write
         self.notify = host.kernel.interrupt
         """The kernel's interrupt (hv_uio_channel_cb), bound once."""
-        self.queue: collections.deque[tuple[Payload, int, int, int, bytes]] = collections.deque()
+        self.queue: collections.deque[_Queued] = collections.deque()
+        """post()'s packets waiting for room: a PacketSpec (payload, type, flags,
+        transaction_id), or that plus the extra header when there is one, so a run of
+        plain packets goes to write_batch as it is."""
         self.open = True
         self.broken = ""
         self.stats = dev.counters(offer.relid)
@@ -293,11 +315,7 @@ class _Chan(HostChannel):
     def post(self, payload: Payload, type: int = _INBAND, flags: int = 0,
              transaction_id: int = 0, extra_header: bytes = b"") -> None:
         if self.queue or not self.send(payload, type, flags, transaction_id, extra_header):
-            if isinstance(payload, (bytearray, memoryview)):
-                payload = bytes(payload)  # the model may reuse its buffer
-            elif not isinstance(payload, bytes):
-                payload = [bytes(p) for p in payload]
-            self.queue.append((payload, type, flags, transaction_id, extra_header))
+            self.queue.append(_queued(payload, type, flags, transaction_id, extra_header))
 
     def post_batch(self, packets: Sequence[PacketSpec]) -> None:
         """post() each of ``packets`` in order; what fits goes out in write_batch chunks.
@@ -310,7 +328,8 @@ class _Chan(HostChannel):
         """
         i = 0
         count = len(packets)
-        while i < count and not self.queue and self.open and not self.dev.corrupt_pending:
+        queue = self.queue
+        while i < count and not queue and self.open and not self.dev.corrupt_pending:
             chunk = packets[i:i + _WRITE_BATCH]
             try:
                 signal = self.rx.write_batch(chunk)
@@ -318,15 +337,23 @@ class _Chan(HostChannel):
                 break
             self._sent(chunk, signal)
             i += len(chunk)
-        for payload, type_, flags, tid in packets[i:] if i else packets:
+        while i < count and not queue:  # near full: as post(), packet by packet
+            payload, type_, flags, tid = packets[i]
             self.post(payload, type_, flags, tid)
+            i += 1
+        if i < count:  # the ring is full: the rest wait, in order (no tuple per packet
+            queue.extend(spec if spec.__class__ is tuple and spec[0].__class__ is bytes  # for bytes)
+                         else _queued(*spec, b"") for spec in packets[i:])
 
-    def _sent(self, chunk: Sequence[PacketSpec], signal: bool) -> None:
+    def _sent(self, chunk: Sequence[_Queued], signal: bool) -> None:
         """Count what one write_batch wrote, and interrupt if it said so."""
         stats = self.stats
         stats["packets_out"] += len(chunk)
-        stats["bytes_out"] += sum(len(p) if isinstance(p, (bytes, bytearray, memoryview))
-                                  else sum(len(q) for q in p) for p, _, _, _ in chunk)
+        nbytes = 0
+        for spec in chunk:
+            p = spec[0]
+            nbytes += len(p) if p.__class__ is bytes else _payload_len(p)
+        stats["bytes_out"] += nbytes
         if signal:
             stats["interrupts"] += 1
             self.notify(self.relid)
@@ -363,23 +390,23 @@ class _Chan(HostChannel):
         batch = True
         while queue and self.open:
             if batch and len(queue) > 1 and not self.dev.corrupt_pending:
-                chunk = []
-                for payload, type_, flags, tid, extra in itertools.islice(queue, _WRITE_BATCH):
-                    if extra:
-                        break  # written by write() below, in its turn
-                    chunk.append((payload, type_, flags, tid))
+                chunk = list(itertools.islice(queue, _WRITE_BATCH))
+                for i, spec in enumerate(chunk):
+                    if len(spec) != 4:  # an extra header: written by send() below, in its turn
+                        del chunk[i:]
+                        break
                 if len(chunk) > 1:
                     try:
-                        signal = self.rx.write_batch(chunk)
+                        signal = self.rx.write_batch(cast("list[PacketSpec]", chunk))
                     except RingFull:
                         batch = False  # near full: one at a time from here
                     else:
+                        popleft = queue.popleft
                         for _ in chunk:
-                            queue.popleft()
+                            popleft()
                         self._sent(chunk, signal)
                         continue
-            payload, type_, flags, tid, extra = queue[0]
-            if not self.send(payload, type_, flags, tid, extra):
+            if not self.send(*queue[0]):
                 return
             queue.popleft()
         if not queue:

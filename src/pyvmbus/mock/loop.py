@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 __all__ = ["EPOLL_MIN_TIMEOUT", "Loop", "TimerHandle"]
 
-EPOLL_MIN_TIMEOUT = 2e-3
+EPOLL_MIN_TIMEOUT = 1e-3
 """Timeouts from here up are waited in epoll_wait (rounded up to the next ms)."""
 _EVENTS = select.EPOLLIN  # EPOLLHUP and EPOLLERR are always reported, as select() sees them
 
