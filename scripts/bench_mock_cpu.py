@@ -54,24 +54,36 @@ def task_cpu_ns(pid: int) -> int:
     return total
 
 
+def user_sys(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` so far (/proc/<pid>/stat: 10 ms ticks, so only
+    a long run splits its CPU time between Python and the kernel usefully)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def echo(mock: MockVmbus, model: str = "echo") -> str:
     guid = mock.add_device(ECHO_CLASS_GUID, monitored=False, model=model)
     Vmbus(mock.root).bind(guid)
     return str(guid)
 
 
-def measure(mock: MockVmbus, n: int, work: Callable[[], None]) -> dict[str, float]:
+def measure(mock: MockVmbus, n: int, work: Callable[[], None]) -> dict[str, Any]:
     pid = mock.pid
     assert pid is not None
+    u0, s0 = user_sys(pid)
     m0, c0, t0 = task_cpu_ns(pid), time.process_time(), time.perf_counter()
     work()
     t1, c1, m1 = time.perf_counter(), time.process_time(), task_cpu_ns(pid)
+    u1, s1 = user_sys(pid)
     return {"n": n, "mock_cpu_us": round((m1 - m0) / n / 1e3, 2),
+            "mock_user_sys_us": (round((u1 - u0) / n * 1e6, 1), round((s1 - s0) / n * 1e6, 1)),
             "guest_cpu_us": round((c1 - c0) / n * 1e6, 2), "wall_us": round((t1 - t0) / n * 1e6, 2),
             "per_s": round(n / (t1 - t0))}
 
 
-def caller(mock: MockVmbus, n: int) -> dict[str, float]:
+def caller(mock: MockVmbus, n: int) -> dict[str, Any]:
     ch = Vmbus(mock.root).channel(echo(mock), dispatch="caller")
     ch.enable()
     try:
@@ -88,7 +100,7 @@ def caller(mock: MockVmbus, n: int) -> dict[str, float]:
         ch.disable()
 
 
-def raw(mock: MockVmbus, n: int) -> dict[str, float]:
+def raw(mock: MockVmbus, n: int) -> dict[str, Any]:
     guest = RawGuest(mock.root, echo(mock), unmask_with_write=False)
     try:
         payload = b"x" * 64
@@ -110,9 +122,9 @@ def raw(mock: MockVmbus, n: int) -> dict[str, float]:
         guest.close()
 
 
-def pipelined(mock: MockVmbus, n: int, window: int = 64) -> dict[str, float]:
+def pipelined(mock: MockVmbus, n: int, window: int = 64) -> dict[str, Any]:
     ch = Vmbus(mock.root).channel(echo(mock))
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
 
     async def main() -> None:
         nxt = 0
@@ -128,10 +140,13 @@ def pipelined(mock: MockVmbus, n: int, window: int = 64) -> dict[str, float]:
             nxt = 0
             pid = mock.pid
             assert pid is not None
+            u0, s0 = user_sys(pid)
             m0, c0, t0 = task_cpu_ns(pid), time.process_time(), time.perf_counter()
             await asyncio.gather(*(lane(n) for _ in range(window)))
             t1, c1, m1 = time.perf_counter(), time.process_time(), task_cpu_ns(pid)
+            u1, s1 = user_sys(pid)
             out.update(n=n, mock_cpu_us=round((m1 - m0) / n / 1e3, 2),
+                       mock_user_sys_us=(round((u1 - u0) / n * 1e6, 1), round((s1 - s0) / n * 1e6, 1)),
                        guest_cpu_us=round((c1 - c0) / n * 1e6, 2), wall_us=round((t1 - t0) / n * 1e6, 2),
                        per_s=round(n / (t1 - t0)))
 
@@ -139,7 +154,7 @@ def pipelined(mock: MockVmbus, n: int, window: int = 64) -> dict[str, float]:
     return out
 
 
-def stream_in(mock: MockVmbus, n: int, size: int = 64) -> dict[str, float]:
+def stream_in(mock: MockVmbus, n: int, size: int = 64) -> dict[str, Any]:
     guid = echo(mock)
     ch = Vmbus(mock.root).channel(guid, dispatch="caller")
     got = 0
@@ -168,7 +183,7 @@ def stream_in(mock: MockVmbus, n: int, size: int = 64) -> dict[str, float]:
         ch.disable()
 
 
-def stream_out(mock: MockVmbus, n: int, size: int = 64) -> dict[str, float]:
+def stream_out(mock: MockVmbus, n: int, size: int = 64) -> dict[str, Any]:
     guid = echo(mock, "null")
     ch = Vmbus(mock.root).channel(guid, dispatch="caller")
     ch.enable()
@@ -187,7 +202,7 @@ def stream_out(mock: MockVmbus, n: int, size: int = 64) -> dict[str, float]:
         ch.disable()
 
 
-WORKLOADS: dict[str, tuple[Callable[[MockVmbus, int], dict[str, float]], int]] = {
+WORKLOADS: dict[str, tuple[Callable[[MockVmbus, int], dict[str, Any]], int]] = {
     "caller": (caller, 5000),
     "raw": (raw, 5000),
     "pipelined": (pipelined, 20000),

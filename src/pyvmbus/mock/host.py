@@ -257,6 +257,8 @@ class _Chan(HostChannel):
         self.tx = RingBuffer(ring[:ring_size], header_size=mmap.PAGESIZE)  # guest -> host
         self.rx = RingBuffer(ring[ring_size:2 * ring_size], header_size=mmap.PAGESIZE)  # host -> guest
         self.rx_raw = ring[ring_size:2 * ring_size]
+        self.tx_raw = ring[:ring_size]
+        self.tx_dsize = ring_size - mmap.PAGESIZE
         self._write = self.rx.write
         self.notify = host.kernel.interrupt
         """The kernel's interrupt (hv_uio_channel_cb), bound once."""
@@ -376,7 +378,7 @@ class _Chan(HostChannel):
         self.tx.close()
         self.rx.close()
         empty = np.zeros(0, dtype=np.uint8)
-        self.ring = self.rx_raw = empty
+        self.ring = self.rx_raw = self.tx_raw = empty
 
     def _count(self, name: str, n: int = 1) -> None:
         self.stats[name] += n
@@ -420,6 +422,7 @@ class _Chan(HostChannel):
         read_batch = self.tx.read_batch
         handle = self.model.packet
         stats = self.stats
+        tx_raw, dsize = self.tx_raw, self.tx_dsize
         while self.open and not self.broken and not dev.stalled and \
                 len(queue) < _MAX_QUEUED_BEFORE_STOP:
             if budget <= 0:
@@ -449,6 +452,16 @@ class _Chan(HostChannel):
                     handle(self, pkt)
                 except Exception as exc:
                     self.host.model_failed(self, exc)
+            # Read again unless the ring is empty now. On an empty ring read_batch loads
+            # the write index (acquire), finds it at our read index (ours, committed by
+            # the batch above) and returns nothing, storing nothing: these two seq_cst
+            # loads, in the same order, decide the same without its list and frame
+            # (indices out of range or unaligned still go to read_batch, which raises).
+            # Stopping on an empty ring is safe: our read index is published, so the
+            # guest's next write sees empty -> non-empty and signals (hv_signal_on_write).
+            w = load32(tx_raw, 0)
+            if w == load32(tx_raw, 4) and w < dsize and not w & 7:
+                return
 
     def write_header(self, ring: str, name: str, value: int | None, add: int | None = None) -> None:
         """Fault "header": store ``value`` (or the word's value now + ``add``, mod 2**32) in
