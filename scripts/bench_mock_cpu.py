@@ -11,7 +11,8 @@ time:
 - ``raw``: the same echo round trip at the ring level (:class:`pyvmbus.mock.guest.RawGuest`);
 - ``pipelined``: asyncio ``ch.request`` 64 deep;
 - ``stream_in``: the host posts 64 B packets, the guest's on_packet counts them;
-- ``stream_out``: the guest sends 64 B packets to a host that only reads (null model).
+- ``stream_out``: the guest sends 64 B packets to a host that only reads (null model);
+  ``stream_out_batch``: the same with ``send_batch`` of 16.
 
     python scripts/bench_mock_cpu.py                 # every workload once
     python scripts/bench_mock_cpu.py caller pipelined --repeat 3
@@ -183,17 +184,23 @@ def stream_in(mock: MockVmbus, n: int, size: int = 64) -> dict[str, Any]:
         ch.disable()
 
 
-def stream_out(mock: MockVmbus, n: int, size: int = 64) -> dict[str, Any]:
+def stream_out(mock: MockVmbus, n: int, size: int = 64, batch: int = 1) -> dict[str, Any]:
     guid = echo(mock, "null")
     ch = Vmbus(mock.root).channel(guid, dispatch="caller")
     ch.enable()
     try:
         payload = b"s" * size
+        n = n // batch * batch
 
         def work() -> None:
             base = mock.host_stats(guid)["packets_in"]
-            for _ in range(n):
-                ch.send(payload, timeout=10)
+            if batch == 1:
+                for _ in range(n):
+                    ch.send(payload, timeout=10)
+            else:
+                group = [payload] * batch
+                for _ in range(n // batch):
+                    ch.send_batch(group, timeout=10)
             while mock.host_stats(guid)["packets_in"] < base + n:
                 ch.poll(0.001)
 
@@ -208,6 +215,7 @@ WORKLOADS: dict[str, tuple[Callable[[MockVmbus, int], dict[str, Any]], int]] = {
     "pipelined": (pipelined, 20000),
     "stream_in": (stream_in, 20000),
     "stream_out": (stream_out, 20000),
+    "stream_out_batch": (lambda mock, n: stream_out(mock, n, batch=16), 40000),
 }
 
 

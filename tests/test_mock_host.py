@@ -328,6 +328,14 @@ class Burst(DeviceModel):
         chan.post(b"x" * 8, 6, 0, 10**9 + first, extra_header=b"E" * 8)
         chan.post_batch(specs[half:])
         return chan.queued
+
+    def packet(self, chan, pkt):
+        chan.post(b"one:" + pkt.payload, 6, 0, pkt.transaction_id)
+
+    def packets(self, chan, pkts):
+        if any(p.payload.startswith(b"boom") for p in pkts):
+            raise RuntimeError("batch model bug")
+        chan.post_batch([(b"many:" + p.payload, 6, 0, p.transaction_id) for p in pkts])
 '''
 
 
@@ -369,3 +377,32 @@ def test_post_batch_fills_the_ring_then_queues_in_order(tmp_path: Path,
             with pytest.raises(RingCorrupt):
                 g.primary.read()
             assert mock.host_stats(guid)["corrupt_sent"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_model_may_answer_a_read_batch_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeviceModel.packets gets what one read of the TX ring found (two or more packets),
+    packet() a single one; an exception in packets() is counted once and the host goes on."""
+    (tmp_path / "burst_model.py").write_text(_BURST_MODEL)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with MockVmbus(models=["burst_model"]) as mock:
+        guid = mock.add_device("burst", monitored=False)
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            for batch in ([b"a", b"b", b"c"], [b"boom", b"d"]):
+                mock.fault(guid, "stall")  # the host reads them in one batch on resume
+                for i, payload in enumerate(batch):
+                    g.primary.send(payload, PacketType.DATA_INBAND, 0, i)
+                mock.fault(guid, "resume")
+            got = []
+            for _ in range(3):
+                pkt = g.recv(5)
+                assert pkt is not None
+                got.append(pkt.payload.rstrip(b"\0"))
+            assert got == [b"many:a", b"many:b", b"many:c"]
+            g.primary.send(b"e", PacketType.DATA_INBAND, 0, 9)
+            pkt = g.recv(5)
+            assert pkt is not None and pkt.payload.rstrip(b"\0") == b"one:e"
+            stats = mock.host_stats(guid)
+            assert stats["packets_in"] == 6 and stats["packets_out"] == 4 and stats["model_errors"] == 1
+            assert "batch model bug" in stats["last_error"]

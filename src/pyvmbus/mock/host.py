@@ -270,6 +270,8 @@ class _Chan(HostChannel):
         self.broken = ""
         self.stats = dev.counters(offer.relid)
         self.model: DeviceModel = model_class(offer.model)()
+        self.batch_model = type(self.model).packets is not DeviceModel.packets
+        """The model answers a read batch at once (it overrides DeviceModel.packets)."""
         if offer.monitor_id is not None:
             self.mon_off, self.mon_bit = monitor_word(offer.monitor_id)
         self.int_off = INT_PAGE_SEND_OFFSET + 4 * (offer.relid // 32)
@@ -445,13 +447,19 @@ class _Chan(HostChannel):
             budget -= n
             stats["packets_in"] += n
             stats["bytes_in"] += len(packets[0].payload) if n == 1 else sum(len(p.payload) for p in packets)
-            for pkt in packets:
-                # call_model's rule inlined (no frame per packet): an exception is logged
-                # and counted there, never fatal.
+            if n > 1 and self.batch_model:
                 try:
-                    handle(self, pkt)
+                    self.model.packets(self, packets)
                 except Exception as exc:
                     self.host.model_failed(self, exc)
+            else:
+                for pkt in packets:
+                    # call_model's rule inlined (no frame per packet): an exception is
+                    # logged and counted there, never fatal.
+                    try:
+                        handle(self, pkt)
+                    except Exception as exc:
+                        self.host.model_failed(self, exc)
             # Read again unless the ring is empty now. On an empty ring read_batch loads
             # the write index (acquire), finds it at our read index (ours, committed by
             # the batch above) and returns nothing, storing nothing: these two seq_cst

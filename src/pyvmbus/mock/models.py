@@ -129,6 +129,16 @@ class DeviceModel:
     def packet(self, chan: HostChannel, pkt: Packet) -> None:
         """A guest packet arrived (already copied out of the ring)."""
 
+    def packets(self, chan: HostChannel, pkts: list[Packet]) -> None:
+        """Two or more guest packets arrived, read in one batch: :meth:`packet` for each.
+
+        Override it to answer a batch at once (e.g. with :meth:`HostChannel.post_batch`);
+        a single packet still goes to :meth:`packet`. An exception it raises is logged and
+        counted once for the batch, where the default counts it per packet and goes on
+        with the next."""
+        for pkt in pkts:
+            self.packet(chan, pkt)
+
     def tick(self, chan: HostChannel, now: float) -> None:
         """Called every ~5 ms while the channel is open (``now`` is time.monotonic())."""
 
@@ -210,6 +220,14 @@ class EchoModel(DeviceModel):
             chan.post(pkt.payload, _COMP, 0, pkt.transaction_id)
         else:
             chan.post(pkt.payload, _INBAND, 0, pkt.transaction_id)
+
+    def packets(self, chan: HostChannel, pkts: list[Packet]) -> None:
+        # The replies to one read batch go out as one post_batch: what fits in one
+        # index update and signal decision per chunk, in order, the rest queued.
+        replies = [(p.payload, _COMP if p.flags & COMPLETION_REQUESTED else _INBAND, 0, p.transaction_id)
+                   for p in pkts if p.type == _INBAND]
+        if replies:
+            chan.post_batch(replies)
 
 
 @register_model
