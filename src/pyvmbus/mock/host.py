@@ -260,8 +260,6 @@ class _Chan(HostChannel):
         self.tx_raw = ring[:ring_size]
         self.tx_dsize = ring_size - mmap.PAGESIZE
         self._write = self.rx.write
-        self.notify = host.kernel.interrupt
-        """The kernel's interrupt (hv_uio_channel_cb), bound once."""
         self.queue: collections.deque[_Queued] = collections.deque()
         """post()'s packets waiting for room: a PacketSpec (payload, type, flags,
         transaction_id), or that plus the extra header when there is one, so a run of
@@ -313,7 +311,7 @@ class _Chan(HostChannel):
             else sum(len(p) for p in payload)
         if signal:
             stats["interrupts"] += 1  # MockHost.interrupt, inlined
-            self.notify(self.relid)
+            self.host.kernel.interrupt(self.relid)
         return True
 
     def post(self, payload: Payload, type: int = _INBAND, flags: int = 0,
@@ -360,7 +358,7 @@ class _Chan(HostChannel):
         stats["bytes_out"] += nbytes
         if signal:
             stats["interrupts"] += 1
-            self.notify(self.relid)
+            self.host.kernel.interrupt(self.relid)
 
     @property
     def queued(self) -> int:
