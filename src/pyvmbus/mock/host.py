@@ -335,7 +335,9 @@ class _Chan(HostChannel):
             chunk = packets[i:i + _WRITE_BATCH]
             try:
                 signal = self.rx.write_batch(chunk)
-            except RingFull:
+            except (RingFull, ValueError, TypeError):
+                # all or nothing: post() writes what fits, and raises for a bad packet
+                # only after the ones before it went out, as it always did
                 break
             self._sent(chunk, signal)
             i += len(chunk)
@@ -400,8 +402,8 @@ class _Chan(HostChannel):
                 if len(chunk) > 1:
                     try:
                         signal = self.rx.write_batch(cast("list[PacketSpec]", chunk))
-                    except RingFull:
-                        batch = False  # near full: one at a time from here
+                    except (RingFull, ValueError, TypeError):
+                        batch = False  # near full (or a bad packet): one at a time from here
                     else:
                         popleft = queue.popleft
                         for _ in chunk:
