@@ -153,3 +153,26 @@ def test_unknown_device_errors_carry_the_guid() -> None:
         assert info.value.query == "12345678-1234-1234-1234-123456789abc"
         with pytest.raises(ValueError, match="rescind it first"):
             mock.reoffer(mock.add_device("echo"))
+
+
+@pytest.mark.timeout(60)
+def test_the_mock_process_can_profile_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PYVMBUS_MOCK_PROFILE=<prefix>: the mock's loop runs under cProfile and its stats are
+    in <prefix>.<pid> once it stopped (a debugging aid, documented in docs/performance.md)."""
+    import pstats
+
+    from pyvmbus import binding
+    from pyvmbus.mock.guest import RawGuest
+    from pyvmbus.mock.kernel import PROFILE_ENV
+    from pyvmbus.packet import PacketType
+
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "mock"))
+    with MockVmbus() as mock:
+        pid = mock.pid
+        guid = mock.add_device("echo", monitored=False)
+        binding.bind(mock.root, guid)
+        with RawGuest(mock.root, guid) as g:
+            g.primary.send(b"ping", PacketType.DATA_INBAND, 1, 1)
+            assert g.recv(5) is not None
+    stats = pstats.Stats(str(tmp_path / f"mock.{pid}"))
+    assert any(func[2] == "drain" for func in stats.stats)  # type: ignore[attr-defined]
