@@ -6,8 +6,8 @@ and poll take their timeout in whole milliseconds. select() takes microseconds b
 in an epoll set (level-triggered, like select), and the loop waits:
 
 - in ``epoll_wait`` itself when it may sleep long (no timeout, or one of at least
-  :data:`EPOLL_MIN_TIMEOUT`: the few hundred µs its ms rounding adds do not matter for
-  the timers and ticks that ask for those), one system call;
+  :data:`EPOLL_MIN_TIMEOUT`: its rounding up to whole ms makes a timer or a tick at most
+  1 ms late, which none of them minds), one system call;
 - in select() on the one epoll fd when it needs a shorter sleep (the monitor scan), then
   ``epoll_wait(0)`` for the ready list if something is.
 
@@ -27,7 +27,8 @@ from collections.abc import Callable
 __all__ = ["EPOLL_MIN_TIMEOUT", "Loop", "TimerHandle"]
 
 EPOLL_MIN_TIMEOUT = 1e-3
-"""Timeouts from here up are waited in epoll_wait (rounded up to the next ms)."""
+"""Timeouts from here up are waited in epoll_wait (rounded up to the next ms); shorter
+ones (the monitor scan's 100 µs, the storm's 50 µs) in select() on the epoll fd."""
 _EVENTS = select.EPOLLIN  # EPOLLHUP and EPOLLERR are always reported, as select() sees them
 
 
