@@ -53,3 +53,13 @@ def test_every_exception_named_in_a_docstring_exists() -> None:
                 if name not in known:
                     missing.append((mod.__name__, name))
     assert not missing
+
+
+def test_ring_corrupt_is_located_once_with_its_ring() -> None:
+    engine = errors.RingCorrupt("len8", 0, "shorter than the descriptor")  # as the engine raises it
+    assert engine.where == ""
+    named = engine.in_ring("rx ring")
+    assert named.located("channel X relid 1, in a drain").detail == (
+        "len8=0x0 (0): shorter than the descriptor (rx ring of channel X relid 1, in a drain)")
+    check = errors.RingCorrupt("interrupt_mask", 2, "only 0 or 1", "tx ring")  # the header check: named
+    assert check.in_ring("rx ring") is check

@@ -765,7 +765,7 @@ class Channel:
             try:
                 pkts, signal = rx.read_batch(READ_BATCH)
             except RingCorrupt as exc:
-                self._corrupt(exc, "in a drain")
+                self._corrupt(exc.in_ring("rx ring"), "in a drain")
                 return 0
             if self._tap is not None and pkts:
                 self._tap.rx(pkts)
@@ -974,7 +974,7 @@ class Channel:
                 counters.packets_out += 1
                 counters.bytes_out += len(payload) if payload.__class__ is bytes else _nbytes(payload)
         if bad is not None:
-            raise self._corrupt(bad, "in flow control" if pending else "in a send")
+            raise self._corrupt(bad.in_ring("tx ring"), "in flow control" if pending else "in a send")
         if signal:
             if defer:
                 self.signal_due = True
@@ -1072,7 +1072,7 @@ class Channel:
                 counters.packets_out += len(specs)
                 counters.bytes_out += sum(_nbytes(p) for p in payloads)
         if bad is not None:
-            raise self._corrupt(bad, "in a send")
+            raise self._corrupt(bad.in_ring("tx ring"), "in a send")
         if signal is None:
             for p, t in zip(payloads, txids, strict=True):
                 self.send(p, completion_requested, packet_type=packet_type, transaction_id=t,
@@ -1165,7 +1165,7 @@ class Channel:
                 counters.packets_out += len(specs)
                 counters.bytes_out += nbytes
         if bad is not None:
-            self._corrupt(bad, "in a send")
+            self._corrupt(bad.in_ring("tx ring"), "in a send")
             return  # closed: every request failed with ChannelClosed
         if signal is None:
             self._write_one_by_one(tx, reqs, specs)
@@ -1263,7 +1263,11 @@ class Channel:
         if not req.done:
             disp = self._disp
             assert disp is not None
-            disp.wait_for(req.is_done, deadline)
+            # One cycle led by this thread usually finds the completion; wait_for (its
+            # loop, predicate calls and clock reads) only when it did not, or another
+            # thread leads. The remaining time is ~t here unless the write waited for room.
+            if needed or disp.lead_cycle(t) is None or not req.done:
+                disp.wait_for(req.is_done, deadline)
         if not req.done and self.cancel_request(req):
             raise Timeout(f"the completion of request {req.txid} on channel {self.name}", t)
         if req.error is not None:

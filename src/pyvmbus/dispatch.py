@@ -320,7 +320,7 @@ class Dispatcher:
             return True
         return False
 
-    def _lead_cycle(self, timeout: float | None, ready: bool = False) -> int | None:
+    def lead_cycle(self, timeout: float | None, ready: bool = False) -> int | None:
         """One cycle if the lead is free (then let go); None if another thread holds it."""
         if not self._lead.acquire(False):  # _try_lead, inlined (once per request)
             return None
@@ -390,7 +390,7 @@ class Dispatcher:
                 return False
             if self._leader == me:
                 self._cycle(remaining)  # nested: a callback on the dispatching thread waits
-            elif self._lead_cycle(remaining) is None:
+            elif self.lead_cycle(remaining) is None:
                 with self._cond:
                     self.followers += 1
                     try:
@@ -416,7 +416,7 @@ class Dispatcher:
             return 0
         if self._leader == threading.get_ident():
             return self._cycle(timeout)
-        delivered = self._lead_cycle(timeout)
+        delivered = self.lead_cycle(timeout)
         if delivered is not None:
             return delivered
         self.wait_for(self.next_cycle(), None if timeout is None else time.monotonic() + timeout)
@@ -433,7 +433,7 @@ class Dispatcher:
         if self._loop is not None and me != self._loop_thread:
             self._loop.call_soon_threadsafe(self.kick)  # asyncio: callbacks on the loop only
             return
-        if self._lead_cycle(0) is None:
+        if self.lead_cycle(0) is None:
             self._wake()
 
     def _wake(self) -> None:
@@ -625,7 +625,7 @@ class Dispatcher:
                     break
                 # A quiet second is a cycle too: it checks every header (a host that stored
                 # garbage in a mask never interrupts).
-                self._lead_cycle(0)
+                self.lead_cycle(0)
         except Exception:  # pragma: no cover - a bug; do not die silently
             _log.exception("dispatcher thread of %s failed", self.name)
             self.request_close("error: dispatcher thread failed")
@@ -636,7 +636,7 @@ class Dispatcher:
         """asyncio: look at the polled (masked) channels every ``poll_interval``."""
         if self.stopping or self._loop is None:
             return
-        self._lead_cycle(0)
+        self.lead_cycle(0)
         self._loop.call_later(self.poll_interval, self._aio_poll_tick)
 
     def _aio_recheck_tick(self) -> None:
@@ -644,12 +644,12 @@ class Dispatcher:
         if self.stopping or self._loop is None:
             return
         if not self.polled:  # the poll tick runs cycles often enough
-            self._lead_cycle(0)
+            self.lead_cycle(0)
         self._loop.call_later(RECHECK, self._aio_recheck_tick)
 
     def _on_readable(self) -> None:
         """asyncio reader callback: one non-blocking cycle when the fd is readable."""
-        self._lead_cycle(0, ready=True)
+        self.lead_cycle(0, ready=True)
 
     # -- closing -----------------------------------------------------------------------------
 

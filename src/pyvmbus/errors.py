@@ -70,6 +70,11 @@ class RingCorrupt(HostError):
         text = f"{self.field}={self.value:#x} ({self.value}): {self.reason}"
         return f"{text} ({self.where})" if self.where else text
 
+    def in_ring(self, ring: str) -> RingCorrupt:
+        """The same fault naming ``ring`` ("rx ring", "tx ring") if the ring engine raised
+        it, which does not know which ring it runs (the header check names its own)."""
+        return self if self.where else RingCorrupt(self.field, self.value, self.reason, ring)
+
     def located(self, where: str) -> RingCorrupt:
         """The same fault, saying where it was seen: "<ring> of <where>" (``where`` names the
         channel and the point, e.g. "channel X relid 5, before a drain")."""
