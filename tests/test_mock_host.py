@@ -256,12 +256,17 @@ class Shout(DeviceModel):
 '''
 
 
+def user_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str) -> None:
+    """Put a model module of the user's own where the mock host process will import it."""
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 @pytest.mark.timeout(30)
 def test_model_plug_in_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model in a module of the user's own, registered in the host process; a model that
     raises is logged and counted, and the host goes on."""
-    (tmp_path / "shout_model.py").write_text(_MODEL)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    user_model(tmp_path, monkeypatch, "shout_model", _MODEL)
     with MockVmbus(models=["shout_model"]) as mock:
         guid = mock.add_device("shout", monitored=False)
         binding.bind(mock.root, guid)
@@ -346,8 +351,7 @@ def test_post_batch_fills_the_ring_then_queues_in_order(tmp_path: Path,
     flush sends the queue in write_batch chunks around a queued extra-header packet.
     Every packet arrives once, in order, with its bytes; the counters add up; a pending
     corrupt fault still hits exactly the next packet written."""
-    (tmp_path / "burst_model.py").write_text(_BURST_MODEL)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    user_model(tmp_path, monkeypatch, "burst_model", _BURST_MODEL)
     with MockVmbus(models=["burst_model"]) as mock:
         guid = mock.add_device("burst", monitored=False)
         binding.bind(mock.root, guid)
@@ -383,8 +387,7 @@ def test_post_batch_fills_the_ring_then_queues_in_order(tmp_path: Path,
 def test_a_model_may_answer_a_read_batch_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeviceModel.packets gets what one read of the TX ring found (two or more packets),
     packet() a single one; an exception in packets() is counted once and the host goes on."""
-    (tmp_path / "burst_model.py").write_text(_BURST_MODEL)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    user_model(tmp_path, monkeypatch, "burst_model", _BURST_MODEL)
     with MockVmbus(models=["burst_model"]) as mock:
         guid = mock.add_device("burst", monitored=False)
         binding.bind(mock.root, guid)

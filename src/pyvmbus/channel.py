@@ -1053,26 +1053,7 @@ class Channel:
             self.write_deferred()
         txids = [self.new_txid() for _ in payloads]
         specs = [(p, packet_type, flags, t) for p, t in zip(payloads, txids, strict=True)]
-        check = self._check
-        bad: RingCorrupt | None = None
-        with self._tx_lock:
-            tap = self._tap
-            try:
-                if check is not None:
-                    check.check_tx()
-                signal = tx.write_batch(specs) if tap is None else tap.write_batch(tx, specs)
-            except RingFull:
-                signal = None
-            except RingCorrupt as exc:
-                bad = exc
-            else:
-                if check is not None:
-                    check.note_tx()
-                counters = self.counters
-                counters.packets_out += len(specs)
-                counters.bytes_out += sum(_nbytes(p) for p in payloads)
-        if bad is not None:
-            raise self._corrupt(bad.in_ring("tx ring"), "in a send")
+        signal = self._write_specs(tx, specs, (RingFull,))
         if signal is None:
             for p, t in zip(payloads, txids, strict=True):
                 self.send(p, completion_requested, packet_type=packet_type, transaction_id=t,
@@ -1142,16 +1123,34 @@ class Channel:
         if tx is None or not self._lc.policy.may_send:
             self._hand_back(reqs, 0)
             return
+        try:
+            signal = self._write_specs(tx, specs, (RingFull, ValueError, TypeError))
+        except ChannelClosed:
+            return  # a corrupt ring closed the channel: every request failed with it
+        if signal is None:
+            self._write_one_by_one(tx, reqs, specs)
+            return
+        if signal:
+            self.signal_due = True
+        with self._req_lock:
+            self.counters.requests += len(reqs)
+
+    def _write_specs(self, tx: RingBuffer, specs: list[tuple[Payload, int, int, int]],
+                     refused: tuple[type[Exception], ...]) -> bool | None:
+        """One checked ``write_batch`` of ``specs`` under the TX writers' lock (check every
+        TX word, write, note, count): the signal decision, or None when the ring refused
+        the batch with one of ``refused`` (nothing written; RingFull at least, and what
+        else the caller then writes packet by packet). A corrupt ring closes the channel:
+        :class:`ChannelClosed` (raised after the lock is let go: the teardown may need it)."""
         check = self._check
-        bad: RingCorrupt | None = None
         with self._tx_lock:
             tap = self._tap
             try:
                 if check is not None:
                     check.check_tx()
                 signal = tx.write_batch(specs) if tap is None else tap.write_batch(tx, specs)
-            except (RingFull, ValueError, TypeError):
-                signal = None
+            except refused:
+                return None
             except RingCorrupt as exc:
                 bad = exc
             else:
@@ -1164,16 +1163,8 @@ class Channel:
                 counters = self.counters
                 counters.packets_out += len(specs)
                 counters.bytes_out += nbytes
-        if bad is not None:
-            self._corrupt(bad.in_ring("tx ring"), "in a send")
-            return  # closed: every request failed with ChannelClosed
-        if signal is None:
-            self._write_one_by_one(tx, reqs, specs)
-            return
-        if signal:
-            self.signal_due = True
-        with self._req_lock:
-            self.counters.requests += len(reqs)
+                return signal
+        raise self._corrupt(bad.in_ring("tx ring"), "in a send")
 
     def _write_one_by_one(self, tx: RingBuffer, reqs: list[Request],
                           specs: list[tuple[Payload, int, int, int]]) -> None:
