@@ -399,6 +399,27 @@ def test_a_finished_loop_is_not_kept_alive(mock: MockVmbus) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_closed_channel_still_held_keeps_no_loop(mock: MockVmbus) -> None:
+    """A channel the caller keeps after its loop ended (to read its reason, its counters,
+    or enable it again) holds its last dispatcher, and that must not hold the loop."""
+    guid, ch = echo_channel(mock)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async with ch.enabled():
+            assert await ch.request(b"x", timeout=5) == pad8(b"x")
+
+    asyncio.run(main())
+    gc.collect()
+    assert ch.dispatcher is not None and ch.counters.requests == 1
+    assert loops[0]() is None
+    asyncio.run(main())  # and it runs on a new loop as before
+    assert ch.counters.requests == 2
+    mock.remove_device(guid)
+
+
+@pytest.mark.timeout(30)
 def test_requests_in_flight_fail_when_another_thread_disables(echo: Echo) -> None:
     """A close from another thread completes the requests there: their futures are settled
     through the loop (call_soon_threadsafe), every awaiting task raises ChannelClosed."""

@@ -714,6 +714,10 @@ class Dispatcher:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._uio_fd)
+            # A closed channel keeps its last dispatcher (for its reason and counters):
+            # it must not keep the loop, and all that loop holds, alive through it. The
+            # loop's pending ticks see ``stopping`` and end; kick() returns before it.
+            self._loop = None
         for ch in self.channels:
             ch.release()
         self.guard.close()  # waits for a sender's fd write in progress
