@@ -263,6 +263,28 @@ def _bad_field(exc: struct.error, type: int, flags: int, transaction_id: int) ->
     )
 
 
+def _batch_buffer(buf: Any, what: str, writable: bool) -> memoryview:
+    """``buf`` as a flat byte view for the batch APIs; ValueError naming ``what`` otherwise."""
+    view = memoryview(buf)
+    if (writable and view.readonly) or not view.c_contiguous:
+        raise ValueError(f"{what} must be a {'writable ' if writable else ''}contiguous buffer")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _check_records(records: Any, what: str, writable: bool) -> None:
+    """ValueError naming ``what`` unless ``records`` is a flat array of READ_RECORD."""
+    if (
+        not isinstance(records, np.ndarray)
+        or records.dtype != READ_RECORD
+        or records.ndim != 1
+        or not records.flags.c_contiguous
+        or (writable and not records.flags.writeable)
+    ):
+        raise ValueError(f"{what} must be a {'writable ' if writable else ''}1-D C-contiguous numpy "
+                         "array of ring.READ_RECORD")
+
 class RingBuffer(_RingBase):
     """One direction of a VMBus channel: struct hv_ring_buffer + data (include/linux/hyperv.h).
 
@@ -716,18 +738,8 @@ class RingBuffer(_RingBase):
         ValueError, naming the record, for a record outside ``data``, an extra header not
         a multiple of 8 or a packet over 524,280 bytes; nothing is written then.
         """
-        view = memoryview(data)
-        if not view.c_contiguous:
-            raise ValueError("write_from: data must be a contiguous buffer")
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if (
-            not isinstance(records, np.ndarray)
-            or records.dtype != READ_RECORD
-            or records.ndim != 1
-            or not records.flags.c_contiguous
-        ):
-            raise ValueError("write_from: records must be a 1-D C-contiguous numpy array of ring.READ_RECORD")
+        view = _batch_buffer(data, "write_from: data", writable=False)
+        _check_records(records, "write_from: records", writable=False)
         if self._engine == "c":
             signal = self._write_from(view, records)
             if signal is not NotImplemented:
@@ -1097,21 +1109,8 @@ class RingBuffer(_RingBase):
         (``out[o : o + n]``) are safe to keep; nothing here is a view of the ring, which
         the other side may rewrite as soon as the read index moves.
         """
-        view = memoryview(out)
-        if view.readonly or not view.c_contiguous:
-            raise ValueError("read_into: out must be a writable contiguous buffer")
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if (
-            not isinstance(records, np.ndarray)
-            or records.dtype != READ_RECORD
-            or records.ndim != 1
-            or not records.flags.c_contiguous
-            or not records.flags.writeable
-        ):
-            raise ValueError(
-                "read_into: records must be a writable 1-D C-contiguous numpy array of ring.READ_RECORD"
-            )
+        view = _batch_buffer(out, "read_into: out", writable=True)
+        _check_records(records, "read_into: records", writable=True)
         if not len(records):
             raise ValueError("read_into: records has room for no packet")
         if self._engine == "c":
