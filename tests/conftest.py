@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from pyvmbus import ring as _ring_mod
+from pyvmbus.bus import Vmbus
+from pyvmbus.mock import MockVmbus
 
 
 def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -59,3 +61,20 @@ def ring_engine(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         _ring_mod.ENGINE = saved
+
+
+def mock_of_generation(request: pytest.FixtureRequest) -> Iterator[MockVmbus]:
+    """A module's mock on the kernel generation ``request.param``. Test modules that run
+    on every generation make it their ``mock`` fixture:
+    ``mock = pytest.fixture(scope="module", params=GENS, name="mock")(mock_of_generation)``."""
+    with MockVmbus(kernel=request.param) as m:
+        yield m
+
+
+def bound_monitored_echo(mock: MockVmbus) -> Iterator[str]:
+    """A monitored echo device bound to uio_hv_generic on ``mock``, removed afterwards
+    (``device = pytest.fixture(name="device")(bound_monitored_echo)``)."""
+    guid = mock.add_device("echo", monitored=True)
+    Vmbus(mock.root).bind(guid)
+    yield guid
+    mock.remove_device(guid)

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import bound_monitored_echo, mock_of_generation
 from pyvmbus import ChannelClosed
 from pyvmbus.bus import Vmbus
 from pyvmbus.channel import Channel
@@ -49,18 +50,8 @@ pipelined asyncio (measured: 2 runs in ~40 missed 20 tries in a row). 60 makes a
 ~1e-7 per case; a try that misses costs 0.3 s."""
 
 
-@pytest.fixture(scope="module", params=GENS)
-def mock(request: pytest.FixtureRequest) -> Iterator[MockVmbus]:
-    with MockVmbus(kernel=request.param) as m:
-        yield m
-
-
-@pytest.fixture
-def device(mock: MockVmbus) -> Iterator[str]:
-    guid = mock.add_device("echo", monitored=True)
-    Vmbus(mock.root).bind(guid)
-    yield guid
-    mock.remove_device(guid)
+mock = pytest.fixture(scope="module", params=GENS, name="mock")(mock_of_generation)
+device = pytest.fixture(name="device")(bound_monitored_echo)
 
 
 @pytest.fixture

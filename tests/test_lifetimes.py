@@ -20,12 +20,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import bound_monitored_echo, mock_of_generation
 from pyvmbus import ChannelClosed
 from pyvmbus.bus import Vmbus
 from pyvmbus.channel import Channel
@@ -39,18 +39,8 @@ from pyvmbus.sysfs import Sysfs
 S = ChannelState
 
 
-@pytest.fixture(scope="module", params=list(GENERATIONS))
-def mock(request: pytest.FixtureRequest) -> Iterator[MockVmbus]:
-    with MockVmbus(kernel=request.param) as m:
-        yield m
-
-
-@pytest.fixture
-def device(mock: MockVmbus) -> Iterator[str]:
-    guid = mock.add_device("echo", monitored=True)
-    Vmbus(mock.root).bind(guid)
-    yield guid
-    mock.remove_device(guid)
+mock = pytest.fixture(scope="module", params=list(GENERATIONS), name="mock")(mock_of_generation)
+device = pytest.fixture(name="device")(bound_monitored_echo)
 
 
 def ring_marker(guid: str) -> str:
